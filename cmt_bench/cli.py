@@ -1,0 +1,60 @@
+"""`cmt-bench STAGE`: the single entry point DVC calls for every stage.
+
+Parameters are loaded and validated before anything else happens, so a bad params.yaml is
+refused with the offending key before any work or logging starts.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import config
+
+STAGES = ("data", "pretrain", "trajectories", "midtrain", "posttrain", "evaluate", "report")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cmt-bench", description=__doc__.splitlines()[0])
+    p.add_argument("--params", default="params.yaml", help="parameter file (default: params.yaml)")
+    sub = p.add_subparsers(dest="command", required=True)
+    for stage in STAGES:
+        s = sub.add_parser(stage, help=f"run the {stage} stage")
+        if stage in ("posttrain", "evaluate"):
+            s.add_argument("--init", required=True, choices=config.INITS)
+    sub.add_parser("check", help="validate the parameter file and exit")
+    sub.add_parser("summary", help="print the report's short summary")
+    pre = sub.add_parser("preset", help="write params.yaml from experiments/NAME.yaml")
+    pre.add_argument("name")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "preset":
+            params = config.preset(args.name)
+            Path(args.params).write_text(config.to_yaml(params))
+            print(f"wrote {args.params} from experiments/{args.name}.yaml")
+            return 0
+        params = config.load(args.params)
+    except config.ParamsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "check":
+        print(f"{args.params}: valid (preset {params.preset})")
+        return 0
+    if args.command in ("report", "summary"):
+        from . import report
+        if args.command == "report":
+            report.build(params)
+        print(report.summary(params))
+        return 0
+    from . import stages
+    run = getattr(stages, f"run_{args.command}")
+    run(params, args.init) if args.command in ("posttrain", "evaluate") else run(params)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

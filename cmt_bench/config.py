@@ -1,0 +1,223 @@
+"""Typed parameters: `params.yaml` is validated here before any stage does work.
+
+Every section is a pydantic model with `extra="forbid"`, so a misspelt key or a value outside
+its allowed set is refused with its dotted path and what would have been accepted.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+Probability = Annotated[float, Field(gt=0, lt=1)]
+
+INITS = ("random", "diffusion", "cmt")
+METRICS = ("fd_raw_1step", "fd_raw_2step", "sw_1step", "sw_2step")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TrackingConfig(Section):
+    uri: str | None = None  # None: MLFLOW_TRACKING_URI, else sqlite:///<repo root>/mlflow.db
+    experiment: str = "cmt_bench"
+
+
+class DataConfig(Section):
+    dataset: Literal["checkerboard", "eight_gaussians", "two_moons"] = "checkerboard"
+    train_size: PositiveInt = 20_000
+    heldout_size: PositiveInt = 4_000
+    samples_per_record: PositiveInt = 1_000  # several points per tar member: headers cost 512 B
+    records_per_shard: PositiveInt = 10
+
+
+class NetConfig(Section):
+    hidden: PositiveInt = 128
+    depth: PositiveInt = 3
+    time_features: PositiveInt = 32
+
+
+class TimeSampling(Section):
+    """Logit-normal t on (0, 1): logit(t) ~ N(mean, std). On the linear path logit(t) = log(sigma),
+    so this is EDM/ECT's log-normal sigma density."""
+    mean: float = 0.0
+    std: PositiveFloat = 1.0
+
+
+class TrainConfig(Section):
+    budget_images: PositiveInt = 1_000_000
+    batch_size: PositiveInt = 512
+    lr: PositiveFloat = 1e-3
+    ema_decay: Annotated[float, Field(ge=0, lt=1)] = 0.999
+    log_every_images: PositiveInt = 50_000
+    checkpoint_every_images: PositiveInt = 100_000
+
+    @model_validator(mode="after")
+    def _budget_covers_a_step(self):
+        if self.budget_images < self.batch_size:
+            raise ValueError(f"budget_images ({self.budget_images}) is smaller than batch_size "
+                             f"({self.batch_size}): not one step would run")
+        return self
+
+
+class Distance(Section):
+    kind: Literal["l2", "pseudo_huber"] = "l2"
+    huber_c: PositiveFloat = 0.01  # pseudo-Huber sqrt(|d|^2 + c^2) - c
+
+
+class PretrainConfig(Section):
+    train: TrainConfig = TrainConfig()
+    t_sampling: TimeSampling = TimeSampling()
+
+
+class TrajectoriesConfig(Section):
+    count: PositiveInt = 8192
+    steps: PositiveInt = 16
+    solver: Literal["euler", "heun"] = "heun"
+    grid: Literal["uniform", "edm"] = "uniform"
+    rho: PositiveFloat = 7.0  # EDM grid exponent, used when grid == "edm"
+    batch_size: PositiveInt = 4096
+
+
+class MidtrainConfig(Section):
+    train: TrainConfig = TrainConfig()
+    distance: Distance = Distance()
+
+
+class EctConfig(Section):
+    """ECT (Geng et al. 2024): r = t - dt, dt = t * (1 + k*sigmoid(-b*sigma(t))) / q**(stage+1),
+    stage = images_seen // stage_images (0 keeps stage 0), r clamped at 0."""
+    q: Annotated[float, Field(gt=1)] = 2.0
+    k: Annotated[float, Field(ge=0)] = 8.0
+    b: Annotated[float, Field(ge=0)] = 1.0
+    stage_images: Annotated[int, Field(ge=0)] = 100_000
+    t_sampling: TimeSampling = TimeSampling(mean=-1.1, std=2.0)
+
+
+class PosttrainConfig(Section):
+    train: TrainConfig = TrainConfig()
+    distance: Distance = Distance()
+    ect: EctConfig = EctConfig()
+
+
+class SamplingConfig(Section):
+    t_mid: Probability = 0.5  # the intermediate time of 2-step sampling
+
+
+class EvaluateConfig(Section):
+    samples: PositiveInt = 4000
+    inloop_samples: PositiveInt = 1000
+    seed: int = 1234
+    sw_projections: PositiveInt = 256
+
+
+class ReportConfig(Section):
+    metric: Literal[METRICS] = "sw_2step"  # type: ignore[valid-type]
+
+
+class Params(Section):
+    preset: str = "toy"
+    seed: int = 0
+    tracking: TrackingConfig = TrackingConfig()
+    data: DataConfig = DataConfig()
+    net: NetConfig = NetConfig()
+    pretrain: PretrainConfig = PretrainConfig()
+    trajectories: TrajectoriesConfig = TrajectoriesConfig()
+    midtrain: MidtrainConfig = MidtrainConfig()
+    posttrain: PosttrainConfig = PosttrainConfig()
+    sampling: SamplingConfig = SamplingConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    report: ReportConfig = ReportConfig()
+
+
+class ParamsError(ValueError):
+    """A parameter file that cannot be used; the message names each bad key."""
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    for part in loc[:-1]:
+        field = model.model_fields.get(part)
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return []
+        model = field.annotation
+    return sorted(model.model_fields)
+
+
+def _describe(err: dict) -> str:
+    loc = tuple(str(p) for p in err["loc"])
+    key = ".".join(loc) or "<top level>"
+    if err["type"] == "extra_forbidden":
+        allowed = ", ".join(_allowed_keys(Params, loc))
+        return f"{key}: unknown key; allowed keys here: {allowed}"
+    got = err.get("input")
+    got = "" if isinstance(got, dict) else f" (got {got!r})"
+    return f"{key}: {err['msg']}{got}"
+
+
+def validate(raw: Any, source: str = "params") -> Params:
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        lines = "\n".join(f"  - {_describe(e)}" for e in exc.errors())
+        raise ParamsError(f"{source}: {exc.error_count()} invalid parameter(s):\n{lines}") from None
+
+
+def load(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: no such parameter file") from None
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+    return validate(raw, str(path))
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def preset(name: str, root: Path = Path(".")) -> Params:
+    """A named preset: `experiments/<name>.yaml` holds overrides of the defaults above."""
+    path = root / "experiments" / f"{name}.yaml"
+    if not path.exists():
+        known = sorted(p.stem for p in (root / "experiments").glob("*.yaml"))
+        raise ParamsError(f"preset {name!r} not found; known presets: {', '.join(known)}")
+    overrides = yaml.safe_load(path.read_text()) or {}
+    return validate(deep_merge(Params().model_dump(), {**overrides, "preset": name}), str(path))
+
+
+def to_yaml(params: Params) -> str:
+    header = (f"# Preset `{params.preset}` (experiments/{params.preset}.yaml over the defaults in "
+              f"cmt_bench/config.py), written by `cmt-bench preset {params.preset}`.\n")
+    return header + yaml.safe_dump(params.model_dump(), sort_keys=False)
+
+
+def fingerprint(*parts: Any) -> str:
+    """A short stable hash of config sections and other JSON-able values."""
+    blob = json.dumps([p.model_dump() if isinstance(p, BaseModel) else p for p in parts], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def flatten(params: BaseModel | dict, prefix: str = "") -> dict[str, Any]:
+    data = params.model_dump() if isinstance(params, BaseModel) else params
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out

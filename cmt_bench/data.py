@@ -1,0 +1,95 @@
+"""Datasets as webdataset shards: 2-D toy distributions and arrays of teacher trajectories.
+
+Small samples are packed several to a tar member (`samples_per_record`), since each member costs
+a 512-byte header. A manifest beside the shards records counts, seed and each shard's sha256.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+
+from .config import DataConfig
+
+
+def toy(name: str, n: int, rng: np.random.Generator) -> np.ndarray:
+    if name == "checkerboard":  # 8 squares of a 4x4 board on [-2, 2]^2
+        x = rng.uniform(-2, 2, n)
+        y = rng.uniform(0, 1, n) - 2 * rng.integers(0, 2, n) + np.floor(x) % 2
+        pts = np.stack([x, y], 1)
+    elif name == "eight_gaussians":
+        angles = 2 * np.pi * rng.integers(0, 8, n) / 8
+        pts = 2 * np.stack([np.cos(angles), np.sin(angles)], 1) + 0.15 * rng.standard_normal((n, 2))
+    elif name == "two_moons":
+        upper = rng.integers(0, 2, n).astype(bool)
+        theta = rng.uniform(0, np.pi, n)
+        pts = np.where(upper[:, None], np.stack([np.cos(theta), np.sin(theta)], 1),
+                       np.stack([1 - np.cos(theta), 0.5 - np.sin(theta)], 1))
+        pts = 1.5 * (pts - [0.5, 0.25]) + 0.05 * rng.standard_normal((n, 2))
+    else:
+        raise ValueError(f"unknown toy dataset {name!r}; allowed: checkerboard, eight_gaussians, two_moons")
+    return pts.astype(np.float32)
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_shards(out_dir: Path, prefix: str, array: np.ndarray, per_record: int, per_shard: int) -> dict:
+    """Write `array` (first axis = samples) as shards `<prefix>-NNNNNN.tar`; return its manifest entry."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with wds.ShardWriter(str(out_dir / f"{prefix}-%06d.tar"), maxcount=per_shard, verbose=0) as sink:
+        for i, start in enumerate(range(0, len(array), per_record)):
+            sink.write({"__key__": f"{i:08d}", "x.npy": np.ascontiguousarray(array[start:start + per_record])})
+    shards = sorted(out_dir.glob(f"{prefix}-*.tar"))
+    return {"count": int(len(array)), "shape": list(array.shape[1:]),
+            "shards": [{"name": p.name, "sha256": sha256(p)} for p in shards]}
+
+
+def read_shards(out_dir: Path, prefix: str, verify: dict | None = None) -> torch.Tensor:
+    """Read every record of `<prefix>-*.tar` in order; with a manifest entry, check hashes and count."""
+    shards = sorted(out_dir.glob(f"{prefix}-*.tar"))
+    if not shards:
+        raise FileNotFoundError(f"no shards {prefix}-*.tar in {out_dir}: run the stage that writes them")
+    if verify is not None:
+        expected = {s["name"]: s["sha256"] for s in verify["shards"]}
+        actual = {p.name: sha256(p) for p in shards}
+        if actual != expected:
+            raise ValueError(f"shards in {out_dir} do not match their manifest (changed or partial): rerun the stage")
+    records = wds.WebDataset([str(p) for p in shards], shardshuffle=False, empty_check=False).decode()
+    array = torch.from_numpy(np.concatenate([r["x.npy"] for r in records]))
+    if verify is not None and len(array) != verify["count"]:
+        raise ValueError(f"{out_dir}: read {len(array)} samples, manifest says {verify['count']}")
+    return array
+
+
+def make_toy_dataset(cfg: DataConfig, seed: int, out_dir: Path) -> dict:
+    rng = np.random.default_rng(seed)
+    manifest = {"dataset": cfg.dataset, "seed": seed, "dim": 2, "splits": {}}
+    for split, n in (("train", cfg.train_size), ("heldout", cfg.heldout_size)):
+        manifest["splits"][split] = write_shards(out_dir, split, toy(cfg.dataset, n, rng),
+                                                 cfg.samples_per_record, cfg.records_per_shard)
+    write_json(out_dir / "manifest.json", manifest)
+    return manifest
+
+
+def load_split(data_dir: Path, split: str) -> torch.Tensor:
+    manifest = read_json(data_dir / "manifest.json")
+    return read_shards(data_dir, split, manifest["splits"][split])
+
+
+def write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: Path):
+    return json.loads(Path(path).read_text())

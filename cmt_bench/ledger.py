@@ -1,0 +1,50 @@
+"""The compute ledger: measured wall time x devices, samples seen, teacher evaluations.
+
+`device_hours` counts the wall time of training steps (data, forward, backward, optimizer, EMA)
+or of ODE integration, times the number of devices; in-loop evaluation and checkpoint I/O are
+not counted, so every init pays the same accounting. On CPU the device is the whole CPU.
+"""
+from __future__ import annotations
+
+import platform
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+
+import torch
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+@dataclass
+class Ledger:
+    device: str
+    world_size: int = 1
+    seconds: float = 0.0
+    images_seen: int = 0
+    teacher_nfe: int = 0
+
+    @property
+    def device_hours(self) -> float:
+        return self.seconds * self.world_size / 3600
+
+    @contextmanager
+    def clock(self):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    def metrics(self) -> dict[str, float]:
+        out = {"device_hours": self.device_hours, "images_seen": float(self.images_seen)}
+        if self.teacher_nfe:
+            out["teacher_nfe"] = float(self.teacher_nfe)
+        return out
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "device_hours": self.device_hours}

@@ -1,0 +1,7 @@
+"""Training objectives, one module per method. Each returns the mean loss of a batch."""
+from .distance import distance
+from .flow_matching import flow_matching_loss
+from .cmt import cmt_cm_loss
+from .ect import consistency_loss, ect_loss, ect_r
+
+__all__ = ["distance", "flow_matching_loss", "cmt_cm_loss", "consistency_loss", "ect_loss", "ect_r"]

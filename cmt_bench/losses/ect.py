@@ -1,0 +1,35 @@
+"""Easy Consistency Tuning (Geng et al. 2024) on the linear path.
+
+The consistency function is the flow map to time 0, f(x, t) = X(x, t, 0). Pairs (x_t, x_r) share
+the same noise, r = t - dt, the r-branch is under stop-gradient and r = 0 pins it to the data
+(X(x, 0, 0) = x). Loss weight 1/(t - r).
+"""
+import torch
+
+from ..config import Distance, EctConfig
+from ..nets import flow_map
+from .distance import distance
+from .flow_matching import logit_normal
+
+
+def ect_r(t: torch.Tensor, images_seen: int, cfg: EctConfig, path) -> torch.Tensor:
+    """ECT's schedule with EDM's sigma replaced by the path's noise-to-signal ratio: dt shrinks by
+    a factor q every `stage_images` images, starting at dt >= t (r = 0, a denoising loss)."""
+    stage = images_seen // cfg.stage_images if cfg.stage_images else 0
+    adj = 1 + cfg.k * torch.sigmoid(-cfg.b * path.noise_to_signal(t))
+    return (t - t * adj / cfg.q ** (stage + 1)).clamp_min(0)
+
+
+def consistency_loss(net, x_t, t, x_r, r, dist: Distance) -> torch.Tensor:
+    zeros = torch.zeros_like(t)
+    f_t = flow_map(net, x_t, t, zeros)
+    with torch.no_grad():
+        f_r = flow_map(net, x_r, r, zeros)
+    return (distance(f_t - f_r, dist) / (t - r)).mean()
+
+
+def ect_loss(net, path, x0, generator: torch.Generator, images_seen: int, cfg: EctConfig, dist: Distance):
+    eps = torch.randn(x0.shape, generator=generator)
+    t = logit_normal(x0.shape[0], cfg.t_sampling, generator)
+    r = ect_r(t, images_seen, cfg, path)
+    return consistency_loss(net, path.sample(x0, eps, t), t, path.sample(x0, eps, r), r, dist)

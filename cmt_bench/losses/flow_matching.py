@@ -1,0 +1,16 @@
+"""Diffusion / flow-matching pre-training of the teacher velocity field v(x, t)."""
+import torch
+
+from ..config import TimeSampling
+
+
+def logit_normal(n: int, cfg: TimeSampling, generator: torch.Generator, eps: float = 1e-4) -> torch.Tensor:
+    t = torch.sigmoid(cfg.mean + cfg.std * torch.randn(n, generator=generator))
+    return t.clamp(eps, 1 - eps)
+
+
+def flow_matching_loss(net, path, x0: torch.Tensor, generator: torch.Generator, t_cfg: TimeSampling) -> torch.Tensor:
+    eps = torch.randn(x0.shape, generator=generator)
+    t = logit_normal(x0.shape[0], t_cfg, generator)
+    v = net(path.sample(x0, eps, t), t)
+    return (v - path.velocity_target(x0, eps)).flatten(1).pow(2).mean(1).mean()

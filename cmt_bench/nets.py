@@ -1,0 +1,83 @@
+"""Networks. A flow-map network takes two times: u_theta(x, s, t) with X(x, t, s) = x + (s - t) u.
+
+The second time enters as the gap t - s through its own embedding whose last layer starts at
+zero, so a diffusion teacher's weights (trained with `two_times=False`) load unchanged and the
+flow-map network starts out equal to the teacher's velocity field.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .config import NetConfig
+
+
+class FourierTime(nn.Module):
+    """Fixed sinusoidal features of a scalar time followed by a small MLP."""
+
+    def __init__(self, features: int, out: int):
+        super().__init__()
+        self.register_buffer("freqs", torch.exp(torch.linspace(0, math.log(1000.0), features // 2)))
+        self.mlp = nn.Sequential(nn.Linear(2 * (features // 2), out), nn.SiLU(), nn.Linear(out, out))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        angles = t.reshape(-1, 1) * self.freqs
+        return self.mlp(torch.cat([angles.sin(), angles.cos()], dim=1))
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.lin1, self.lin2 = nn.Linear(width, width), nn.Linear(width, width)
+
+    def forward(self, h: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return h + self.lin2(nn.functional.silu(self.lin1(nn.functional.silu(self.norm(h) + cond))))
+
+
+class FlowMapMLP(nn.Module):
+    """u_theta(x, s, t) for vector data. With two_times=False it is a plain velocity net v(x, t)."""
+
+    def __init__(self, dim: int, cfg: NetConfig, two_times: bool = True):
+        super().__init__()
+        self.dim, self.two_times = dim, two_times
+        self.inp = nn.Linear(dim, cfg.hidden)
+        self.emb_t = FourierTime(cfg.time_features, cfg.hidden)
+        if two_times:
+            self.emb_gap = FourierTime(cfg.time_features, cfg.hidden)
+            nn.init.zeros_(self.emb_gap.mlp[-1].weight)
+            nn.init.zeros_(self.emb_gap.mlp[-1].bias)
+        self.blocks = nn.ModuleList(ResidualBlock(cfg.hidden) for _ in range(cfg.depth))
+        self.out = nn.Sequential(nn.LayerNorm(cfg.hidden), nn.SiLU(), nn.Linear(cfg.hidden, dim))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, s: torch.Tensor | None = None) -> torch.Tensor:
+        t = torch.as_tensor(t, dtype=x.dtype, device=x.device).expand(x.shape[0])
+        cond = self.emb_t(t)
+        if self.two_times:
+            s = t if s is None else torch.as_tensor(s, dtype=x.dtype, device=x.device).expand(x.shape[0])
+            cond = cond + self.emb_gap(t - s)
+        h = self.inp(x)
+        for block in self.blocks:
+            h = block(h, cond)
+        return self.out(h)
+
+
+def flow_map(net: nn.Module, x: torch.Tensor, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """X(x, t, s) = x + (s - t) u(x, s, t): jump from time t to time s."""
+    t = torch.as_tensor(t, dtype=x.dtype, device=x.device).expand(x.shape[0])
+    s = torch.as_tensor(s, dtype=x.dtype, device=x.device).expand(x.shape[0])
+    return x + (s - t).reshape(-1, *([1] * (x.ndim - 1))) * net(x, t, s)
+
+
+def build(dim: int, cfg: NetConfig, two_times: bool = True) -> FlowMapMLP:
+    return FlowMapMLP(dim, cfg, two_times)
+
+
+def load_teacher_into(flow_net: FlowMapMLP, teacher_state: dict) -> None:
+    """Copy a one-time teacher's weights into a two-time flow-map net; only emb_gap may be missing."""
+    missing, unexpected = flow_net.load_state_dict(teacher_state, strict=False)
+    bad = [k for k in missing if not k.startswith("emb_gap.")] + list(unexpected)
+    if bad:
+        raise ValueError(f"teacher weights do not fit the flow-map network: {bad[:5]}")

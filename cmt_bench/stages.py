@@ -1,0 +1,227 @@
+"""The pipeline's stages. Each reads params, its inputs under artifacts/, and writes its outputs
+(weights, shards, `run.json` with the MLflow run id and ledger) for the next stage."""
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import data as datasets
+from . import losses, metrics, nets, sampling, solvers
+from .config import INITS, Params, fingerprint
+from .data import read_json, write_json
+from .ledger import Ledger, device_name
+from .paths import PATHS
+from .tracking import Tracker
+from .train import Job, derive_seed, generator, quiet, train
+
+ART = Path("artifacts")
+CKPT = Path("checkpoints")  # resumable state; not a DVC output, so a rerun after a kill finds it
+DEVICE = torch.device("cpu")
+METHOD = {"pretrain": "flow_matching", "trajectories": "teacher_ode", "midtrain": "cmt_cm", "posttrain": "ect"}
+
+
+def out_dir(stage: str, init: str | None = None) -> Path:
+    return ART / stage / init if init else ART / stage
+
+
+def _seeded_net(params: Params, dim: int, two_times: bool, *tag) -> torch.nn.Module:
+    torch.manual_seed(derive_seed(params.seed, "init", *tag))
+    return nets.build(dim, params.net, two_times)
+
+
+
+def _load_weights(stage: str) -> dict:
+    path = out_dir(stage) / "model.pt"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run the {stage} stage first (dvc repro)")
+    return torch.load(path, map_location="cpu", weights_only=True)["ema"]
+
+
+def _heldout_eval(params: Params, path, heldout: torch.Tensor, dim: int):
+    """In-loop 1- and 2-step metrics at a fixed sample seed, so curve points are comparable."""
+    ref = heldout[: params.evaluate.inloop_samples].numpy()
+    n = params.evaluate.inloop_samples
+
+    def evaluate(net) -> dict[str, float]:
+        net.eval()
+        out = sampling.sample(net, path, n, dim, params.evaluate.seed, params.sampling.t_mid)
+        net.train()
+        return metrics.score({k: v.numpy() for k, v in out.items()}, ref, params.evaluate.sw_projections,
+                             params.evaluate.seed)
+    return evaluate
+
+
+def _finish_training(stage: str, init: str | None, result, tracker, params: Params, extra: dict | None = None) -> None:
+    """Write the stage's outputs, close its run, then drop the resumable checkpoint."""
+    out = out_dir(stage, init)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save({"ema": result.ema.state_dict(), "net": result.net.state_dict()}, out / "model.pt")
+    write_json(out / "run.json", {"run_id": tracker.run_id, "stage": stage, "init": init,
+                                  "ledger": result.ledger.to_dict(), **(extra or {})})
+    tracker.finish()
+    shutil.rmtree(CKPT / (stage if init is None else f"{stage}-{init}"), ignore_errors=True)
+
+
+def _train_stage(params: Params, stage: str, net, job: Job, train_cfg, inputs: list[Path], *,
+                 init: str | None = None, stage_params: dict, ledger: Ledger | None = None):
+    ledger = ledger or Ledger(device=device_name(DEVICE))
+    fp = fingerprint(params, stage, init, [datasets.sha256(p) for p in inputs])
+    ckpt = CKPT / (stage if init is None else f"{stage}-{init}") / "last.pt"
+
+    def open_tracker(run_id):
+        tracker = Tracker.open(params, stage, init=init, method=METHOD[stage], run_id=run_id, stage_params=stage_params)
+        if run_id is None:
+            tracker.set_tags({"device": ledger.device, "world_size": ledger.world_size,
+                              "device_hours_measures": "wall time of training steps x devices; "
+                                                       "excludes in-loop evaluation and checkpoint I/O"})
+        return tracker
+    return train(net, job, train_cfg, seed=params.seed, ckpt_path=ckpt, fingerprint=fp, ledger=ledger,
+                 open_tracker=open_tracker)
+
+
+# --- stages -----------------------------------------------------------------------------------
+
+def run_data(params: Params) -> None:
+    out = out_dir("data")
+    shutil.rmtree(out, ignore_errors=True)
+    manifest = datasets.make_toy_dataset(params.data, params.seed, out)
+    tracker = Tracker.open(params, "data", stage_params={"data": params.data.model_dump()})
+    tracker.log_artifact(out / "manifest.json")
+    tracker.finish()
+    write_json(out / "run.json", {"run_id": tracker.run_id, "stage": "data",
+                                  "counts": {k: v["count"] for k, v in manifest["splits"].items()}})
+
+
+def run_pretrain(params: Params) -> None:
+    data_dir = out_dir("data")
+    train_x, heldout = datasets.load_split(data_dir, "train"), datasets.load_split(data_dir, "heldout")
+    dim, path, cfg = train_x.shape[1], PATHS["linear"](), params.pretrain
+    net = _seeded_net(params, dim, False, "pretrain")
+    ref = heldout[: params.evaluate.inloop_samples].numpy()
+    traj_cfg = params.trajectories
+    grid = solvers.time_grid(traj_cfg.steps, traj_cfg.grid, traj_cfg.rho)
+
+    def evaluate(ema) -> dict[str, float]:  # the teacher's ODE samples with the trajectory solver
+        x1 = torch.randn(len(ref), dim, generator=torch.Generator().manual_seed(params.evaluate.seed))
+        x0 = solvers.integrate(lambda x, t: ema(x, t), x1, grid, traj_cfg.solver)[0][-1].numpy()
+        return {"fd_raw_ode": metrics.fd_raw(x0, ref),
+                "sw_ode": metrics.sliced_wasserstein(x0, ref, params.evaluate.sw_projections, params.evaluate.seed)}
+
+    job = Job("pretrain", batch=lambda g, b: train_x[torch.randint(len(train_x), (b,), generator=g)],
+              loss=lambda n, x, g, seen: losses.flow_matching_loss(n, path, x, g, cfg.t_sampling),
+              evaluate=evaluate, label="pretrain (teacher)")
+    result, tracker = _train_stage(params, "pretrain", net, job, cfg.train, [data_dir / "manifest.json"],
+                                   stage_params={"pretrain": cfg.model_dump(), "net": params.net.model_dump()})
+    _finish_training("pretrain", None, result, tracker, params)
+
+
+def run_trajectories(params: Params) -> None:
+    cfg = params.trajectories
+    teacher_weights = _load_weights("pretrain")
+    dim = datasets.read_json(out_dir("data") / "manifest.json")["dim"]
+    teacher = nets.build(dim, params.net, two_times=False)
+    teacher.load_state_dict(teacher_weights)
+    teacher.eval()
+    grid = solvers.time_grid(cfg.steps, cfg.grid, cfg.rho)
+    ledger = Ledger(device=device_name(DEVICE))
+    tracker = Tracker.open(params, "trajectories", method=METHOD["trajectories"],
+                           stage_params={"trajectories": cfg.model_dump()})
+    gen = generator(params.seed, "trajectories")
+    chunks, nfe = [], 0
+    for start in tqdm(range(0, cfg.count, cfg.batch_size), desc="trajectories", disable=quiet()):
+        x1 = torch.randn(min(cfg.batch_size, cfg.count - start), dim, generator=gen)
+        with ledger.clock():
+            states, nfe = solvers.integrate(lambda x, t: teacher(x, t), x1, grid, cfg.solver)
+        chunks.append(states.transpose(0, 1).contiguous())
+        ledger.images_seen += len(x1)
+        ledger.teacher_nfe += nfe * len(x1)
+    traj = torch.cat(chunks).numpy()
+    out = out_dir("trajectories")
+    shutil.rmtree(out, ignore_errors=True)
+    entry = datasets.write_shards(out, "traj", traj, params.data.samples_per_record // (cfg.steps + 1) or 1,
+                                  params.data.records_per_shard)
+    write_json(out / "manifest.json", {"times": grid.tolist(), "solver": cfg.solver, "grid": cfg.grid,
+                                       "nfe_per_trajectory": nfe, "dim": dim, "traj": entry})
+    tracker.log_metrics(0, {**ledger.metrics(), "nfe_per_trajectory": float(nfe)})
+    tracker.set_tags({"device": ledger.device, "world_size": ledger.world_size,
+                      "device_hours_measures": "wall time of teacher ODE integration x devices"})
+    tracker.finish()
+    write_json(out / "run.json", {"run_id": tracker.run_id, "stage": "trajectories", "ledger": ledger.to_dict()})
+
+
+def run_midtrain(params: Params) -> None:
+    traj_dir = out_dir("trajectories")
+    manifest = read_json(traj_dir / "manifest.json")
+    traj = datasets.read_shards(traj_dir, "traj", manifest["traj"])
+    times = torch.tensor(manifest["times"], dtype=traj.dtype)
+    heldout = datasets.load_split(out_dir("data"), "heldout")
+    dim, path, cfg = manifest["dim"], PATHS["linear"](), params.midtrain
+    net = nets.build(dim, params.net, two_times=True)
+    nets.load_teacher_into(net, _load_weights("pretrain"))
+    job = Job("midtrain", batch=lambda g, b: traj[torch.randint(len(traj), (b,), generator=g)],
+              loss=lambda n, x, g, seen: losses.cmt_cm_loss(n, x, times, g, cfg.distance),
+              evaluate=_heldout_eval(params, path, heldout, dim), label="midtrain (CMT)")
+    result, tracker = _train_stage(params, "midtrain", net, job, cfg.train,
+                                   [traj_dir / "manifest.json", out_dir("pretrain") / "model.pt"],
+                                   stage_params={"midtrain": cfg.model_dump()})
+    _finish_training("midtrain", None, result, tracker, params)
+
+
+def initial_net(params: Params, init: str, dim: int):
+    if init == "random":
+        return _seeded_net(params, dim, True, "posttrain")
+    net = nets.build(dim, params.net, two_times=True)
+    if init == "diffusion":
+        nets.load_teacher_into(net, _load_weights("pretrain"))
+    elif init == "cmt":
+        net.load_state_dict(_load_weights("midtrain"))
+    else:
+        raise ValueError(f"unknown init {init!r}; allowed: {', '.join(INITS)}")
+    return net
+
+
+def run_posttrain(params: Params, init: str) -> None:
+    data_dir = out_dir("data")
+    train_x, heldout = datasets.load_split(data_dir, "train"), datasets.load_split(data_dir, "heldout")
+    dim, path, cfg = train_x.shape[1], PATHS["linear"](), params.posttrain
+    net = initial_net(params, init, dim)
+    inputs = [data_dir / "manifest.json"] + {"random": [], "diffusion": [out_dir("pretrain") / "model.pt"],
+                                             "cmt": [out_dir("midtrain") / "model.pt"]}[init]
+    job = Job("posttrain", batch=lambda g, b: train_x[torch.randint(len(train_x), (b,), generator=g)],
+              loss=lambda n, x, g, seen: losses.ect_loss(n, path, x, g, seen, cfg.ect, cfg.distance),
+              evaluate=_heldout_eval(params, path, heldout, dim), label=f"posttrain ECT ({init} init)")
+    result, tracker = _train_stage(params, "posttrain", net, job, cfg.train, inputs, init=init,
+                                   stage_params={"posttrain": cfg.model_dump(), "init": init})
+    _finish_training("posttrain", init, result, tracker, params)
+
+
+def run_evaluate(params: Params, init: str) -> None:
+    heldout = datasets.load_split(out_dir("data"), "heldout")
+    dim, path, cfg = heldout.shape[1], PATHS["linear"](), params.evaluate
+    net = nets.build(dim, params.net, two_times=True)
+    weights = out_dir("posttrain", init) / "model.pt"
+    net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True)["ema"])
+    net.eval()
+    start = time.perf_counter()
+    samples = {k: v.numpy() for k, v in sampling.sample(net, path, cfg.samples, dim, cfg.seed,
+                                                        params.sampling.t_mid).items()}
+    seconds = time.perf_counter() - start
+    scores = metrics.score(samples, heldout.numpy(), cfg.sw_projections, cfg.seed)
+    out = out_dir("evaluate", init)
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    np.savez_compressed(out / "samples.npz", **samples)
+    posttrain_run = read_json(out_dir("posttrain", init) / "run.json")["run_id"]
+    tracker = Tracker.open(params, "evaluate", init=init, method=METHOD["posttrain"],
+                           stage_params={"evaluate": cfg.model_dump(), "sampling": params.sampling.model_dump()})
+    tracker.set_tags({"posttrain_run_id": posttrain_run, "samples": str(cfg.samples)})
+    tracker.log_metrics(0, {**scores, "sampling_seconds": seconds})
+    tracker.log_artifact(out / "samples.npz")
+    tracker.finish()
+    write_json(out / "metrics.json", {"init": init, "samples": cfg.samples, "run_id": tracker.run_id,
+                                      "posttrain_run_id": posttrain_run, "metrics": scores})

@@ -1,0 +1,145 @@
+"""The training loop shared by every stage; a stage differs only in its loss, data and init.
+
+Reproducible and resumable: each step's randomness comes from a generator seeded by
+(seed, stage, images seen), and a periodic atomic checkpoint holds weights, EMA, optimizer,
+ledger and the MLflow run id. A rerun after a kill continues from it into the same run and ends
+with the same weights as an uninterrupted run.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import checkpoint
+from .config import TrainConfig
+from .ledger import Ledger
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training produced NaN/inf; the last good checkpoint is left untouched."""
+
+
+def derive_seed(*parts) -> int:
+    return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
+
+
+def generator(*parts) -> torch.Generator:
+    return torch.Generator().manual_seed(derive_seed(*parts))
+
+
+def quiet() -> bool:
+    return os.environ.get("CI", "").lower() == "true" or not sys.stderr.isatty()
+
+
+@dataclass
+class Job:
+    """One training stage: how to draw a batch, the loss, and an optional in-loop evaluation."""
+    stage: str
+    batch: Callable[[torch.Generator, int], torch.Tensor]
+    loss: Callable[[nn.Module, torch.Tensor, torch.Generator, int], torch.Tensor]
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None
+    label: str = ""  # shown on the progress bar
+
+
+@dataclass
+class Result:
+    net: nn.Module
+    ema: nn.Module
+    ledger: Ledger
+    steps: int
+    history: list[dict] = field(default_factory=list)
+
+
+def _ema_update(ema: nn.Module, net: nn.Module, decay: float) -> None:
+    with torch.no_grad():
+        torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - decay)
+
+
+def _crossed(before: int, after: int, every: int) -> bool:
+    return after // every > before // every
+
+
+def train(net: nn.Module, job: Job, cfg: TrainConfig, *, seed: int, ckpt_path: Path, fingerprint: str,
+          ledger: Ledger, open_tracker: Callable[[str | None], "object"]) -> tuple[Result, "object"]:
+    """Run `job` until `cfg.budget_images`; return the result and the (still open) tracker."""
+    ema = copy.deepcopy(net).requires_grad_(False)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    total_steps = math.ceil(cfg.budget_images / cfg.batch_size)
+    step, run_id = 0, None
+
+    state = checkpoint.load(ckpt_path)
+    if state is not None and state["fingerprint"] != fingerprint:
+        print(f"[{job.stage}] {ckpt_path} belongs to other parameters or inputs; starting afresh", file=sys.stderr)
+        state = None
+    if state is not None:
+        net.load_state_dict(state["net"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng_cpu"])
+        step, run_id = state["step"], state["run_id"]
+        ledger.seconds, ledger.images_seen = state["seconds"], state["images_seen"]
+        print(f"[{job.stage}] resuming from {ckpt_path} at step {step} ({ledger.images_seen} images)", file=sys.stderr)
+    tracker = open_tracker(run_id)
+
+    def log_point(loss_mean: float | None) -> None:
+        values = {**ledger.metrics(), "step": float(step)}
+        if loss_mean is not None:
+            values["loss"] = loss_mean
+        if job.evaluate is not None:
+            values.update(job.evaluate(ema))
+        tracker.log_metrics(step, values)
+        result.history.append(values)
+
+    def save() -> None:
+        checkpoint.save(ckpt_path, {
+            "fingerprint": fingerprint, "step": step, "run_id": tracker.run_id, "seconds": ledger.seconds,
+            "images_seen": ledger.images_seen, "net": net.state_dict(), "ema": ema.state_dict(),
+            "optimizer": opt.state_dict(), "rng_cpu": torch.get_rng_state()})
+
+    result = Result(net, ema, ledger, total_steps)
+    if step == 0:
+        log_point(None)  # the init's own quality, at zero compute
+    loss_sum, loss_n = 0.0, 0
+    bar = tqdm(total=total_steps, initial=step, desc=job.label or job.stage, unit="step", disable=quiet())
+    try:
+        while step < total_steps:
+            before = ledger.images_seen
+            with ledger.clock():
+                gen = generator(seed, job.stage, before)
+                loss = job.loss(net, job.batch(gen, cfg.batch_size), gen, before)
+                if not torch.isfinite(loss):
+                    raise NonFiniteLoss(
+                        f"{job.stage}: loss became {loss.item()} at step {step + 1} (images_seen={before}); stopped. "
+                        f"The last good checkpoint is kept at {ckpt_path}. Try a lower learning rate.")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                _ema_update(ema, net, cfg.ema_decay)
+            step += 1
+            ledger.images_seen += cfg.batch_size
+            loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
+            bar.update(1)
+            last = step == total_steps
+            if last or _crossed(before, ledger.images_seen, cfg.log_every_images):
+                log_point(loss_sum / loss_n)
+                bar.set_postfix(loss=f"{loss_sum / loss_n:.4g}")
+                loss_sum, loss_n = 0.0, 0
+            if last or _crossed(before, ledger.images_seen, cfg.checkpoint_every_images):
+                save()
+    except NonFiniteLoss as exc:
+        tracker.set_tags({"failure": str(exc)})
+        tracker.finish("FAILED")
+        raise
+    finally:
+        bar.close()
+    return result, tracker
