@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-PositiveInt = Annotated[int, Field(gt=0)]
+# strict: a YAML `true` must not pass for the integer 1
+PositiveInt = Annotated[int, Field(gt=0, strict=True)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 Probability = Annotated[float, Field(gt=0, lt=1)]
 
@@ -52,19 +53,20 @@ class TimeSampling(Section):
 
 
 class TrainConfig(Section):
-    budget_images: PositiveInt = 1_000_000
     batch_size: PositiveInt = 512
+    budget_images: PositiveInt = 1_000_000
     lr: PositiveFloat = 1e-3
     ema_decay: Annotated[float, Field(ge=0, lt=1)] = 0.999
     log_every_images: PositiveInt = 50_000
     checkpoint_every_images: PositiveInt = 100_000
 
-    @model_validator(mode="after")
-    def _budget_covers_a_step(self):
-        if self.budget_images < self.batch_size:
-            raise ValueError(f"budget_images ({self.budget_images}) is smaller than batch_size "
-                             f"({self.batch_size}): not one step would run")
-        return self
+    @field_validator("budget_images")
+    @classmethod
+    def _budget_covers_a_step(cls, budget: int, info: ValidationInfo) -> int:
+        batch = info.data.get("batch_size")
+        if batch is not None and budget < batch:
+            raise ValueError(f"smaller than batch_size ({batch}): not one step would run")
+        return budget
 
 
 class Distance(Section):
@@ -97,7 +99,7 @@ class EctConfig(Section):
     q: Annotated[float, Field(gt=1)] = 2.0
     k: Annotated[float, Field(ge=0)] = 8.0
     b: Annotated[float, Field(ge=0)] = 1.0
-    stage_images: Annotated[int, Field(ge=0)] = 100_000
+    stage_images: Annotated[int, Field(ge=0, strict=True)] = 100_000
     t_sampling: TimeSampling = TimeSampling(mean=-1.1, std=2.0)
 
 
@@ -157,11 +159,17 @@ def _describe(err: dict) -> str:
         allowed = ", ".join(_allowed_keys(Params, loc))
         return f"{key}: unknown key; allowed keys here: {allowed}"
     got = err.get("input")
+    if err["type"] == "model_type" and got is None:
+        return f"{key}: the section is empty; give its keys or remove it"
+    if err["type"] == "model_type":
+        return f"{key}: must be a mapping of keys, got {got!r}"
     got = "" if isinstance(got, dict) else f" (got {got!r})"
     return f"{key}: {err['msg']}{got}"
 
 
 def validate(raw: Any, source: str = "params") -> Params:
+    if raw is None:
+        raise ParamsError(f"{source}: the file is empty; expected sections such as {', '.join(Params.model_fields)}")
     if not isinstance(raw, dict):
         raise ParamsError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
     try:
