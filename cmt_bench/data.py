@@ -46,7 +46,8 @@ def sha256(path: Path) -> str:
 def write_shards(out_dir: Path, prefix: str, array: np.ndarray, per_record: int, per_shard: int) -> dict:
     """Write `array` (first axis = samples) as shards `<prefix>-NNNNNN.tar`; return its manifest entry."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    with wds.ShardWriter(str(out_dir / f"{prefix}-%06d.tar"), maxcount=per_shard, verbose=0) as sink:
+    # A fixed mtime makes the bytes (and so the sha256 in the manifest) a function of the data only.
+    with wds.ShardWriter(str(out_dir / f"{prefix}-%06d.tar"), maxcount=per_shard, verbose=0, mtime=0.0) as sink:
         for i, start in enumerate(range(0, len(array), per_record)):
             sink.write({"__key__": f"{i:08d}", "x.npy": np.ascontiguousarray(array[start:start + per_record])})
     shards = sorted(out_dir.glob(f"{prefix}-*.tar"))

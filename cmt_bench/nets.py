@@ -77,7 +77,10 @@ def build(dim: int, cfg: NetConfig, two_times: bool = True) -> FlowMapMLP:
 
 def load_teacher_into(flow_net: FlowMapMLP, teacher_state: dict) -> None:
     """Copy a one-time teacher's weights into a two-time flow-map net; only emb_gap may be missing."""
-    missing, unexpected = flow_net.load_state_dict(teacher_state, strict=False)
+    try:
+        missing, unexpected = flow_net.load_state_dict(teacher_state, strict=False)
+    except RuntimeError as err:  # shapes differ: the nets were built with different `net` params
+        raise ValueError(f"teacher weights do not fit the flow-map network: {err}") from None
     bad = [k for k in missing if not k.startswith("emb_gap.")] + list(unexpected)
     if bad:
         raise ValueError(f"teacher weights do not fit the flow-map network: {bad[:5]}")

@@ -76,6 +76,7 @@ def train(net: nn.Module, job: Job, cfg: TrainConfig, *, seed: int, ckpt_path: P
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     total_steps = math.ceil(cfg.budget_images / cfg.batch_size)
     step, run_id = 0, None
+    loss_sum, loss_n = 0.0, 0  # the running mean of the loss since the last logged point
 
     state = checkpoint.load(ckpt_path)
     if state is not None and state["fingerprint"] != fingerprint:
@@ -87,6 +88,7 @@ def train(net: nn.Module, job: Job, cfg: TrainConfig, *, seed: int, ckpt_path: P
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng_cpu"])
         step, run_id = state["step"], state["run_id"]
+        loss_sum, loss_n = state["loss_sum"], state["loss_n"]
         ledger.seconds, ledger.images_seen = state["seconds"], state["images_seen"]
         print(f"[{job.stage}] resuming from {ckpt_path} at step {step} ({ledger.images_seen} images)", file=sys.stderr)
     tracker = open_tracker(run_id)
@@ -103,13 +105,12 @@ def train(net: nn.Module, job: Job, cfg: TrainConfig, *, seed: int, ckpt_path: P
     def save() -> None:
         checkpoint.save(ckpt_path, {
             "fingerprint": fingerprint, "step": step, "run_id": tracker.run_id, "seconds": ledger.seconds,
-            "images_seen": ledger.images_seen, "net": net.state_dict(), "ema": ema.state_dict(),
-            "optimizer": opt.state_dict(), "rng_cpu": torch.get_rng_state()})
+            "images_seen": ledger.images_seen, "loss_sum": loss_sum, "loss_n": loss_n,
+            "net": net.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(), "rng_cpu": torch.get_rng_state()})
 
     result = Result(net, ema, ledger, total_steps)
     if step == 0:
         log_point(None)  # the init's own quality, at zero compute
-    loss_sum, loss_n = 0.0, 0
     bar = tqdm(total=total_steps, initial=step, desc=job.label or job.stage, unit="step", disable=quiet())
     try:
         while step < total_steps:

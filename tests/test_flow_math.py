@@ -1,0 +1,183 @@
+"""The methods against math that cannot be faked: the linear path's exact flow for Gaussian data."""
+import math
+
+import pytest
+import torch
+from conftest import ExactFlowMap
+
+from cmt_bench import losses, nets, solvers
+from cmt_bench.config import Distance, EctConfig, NetConfig, TimeSampling
+from cmt_bench.paths import LinearPath
+
+PATH = LinearPath()
+F64 = torch.float64
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_closed_form_is_a_flow(gaussian):
+    """The velocity is d/ds of the flow map at s = t, maps compose, and marginals are right."""
+    x = torch.randn(64, 2, generator=gen(), dtype=F64)
+    t, h = torch.full((64,), 0.6, dtype=F64), 1e-5
+    fd = (gaussian.flow_map(x, t, t + h) - gaussian.flow_map(x, t, t - h)) / (2 * h)
+    assert torch.allclose(fd, gaussian.velocity(x, t), atol=1e-8)
+    r, s = torch.full_like(t, 0.3), torch.full_like(t, 0.1)
+    assert torch.allclose(gaussian.flow_map(gaussian.flow_map(x, t, r), r, s), gaussian.flow_map(x, t, s), atol=1e-12)
+    x0 = gaussian.sample(200_000, gen(1))
+    xt = PATH.sample(x0, torch.randn(x0.shape, generator=gen(2), dtype=F64), torch.tensor(0.6, dtype=F64))
+    assert torch.allclose(xt.mean(0), 0.4 * gaussian.mu, atol=0.01)
+    assert torch.allclose(xt.std(0), gaussian.sd(torch.tensor(0.6, dtype=F64)).expand(2), rtol=0.01)
+
+
+def test_flow_matching_target_is_minimised_by_exact_velocity(gaussian):
+    """The exact v(x, t) is the conditional mean of eps - x_0: its residual is orthogonal to any
+    function of x_t (here 1 and x_t), so no affine change of v lowers the loss."""
+    n = 400_000
+    x0, eps = gaussian.sample(n, gen(3)), torch.randn(n, 2, generator=gen(4), dtype=F64)
+    for t in (0.2, 0.5, 0.9):
+        xt = PATH.sample(x0, eps, torch.tensor(t, dtype=F64))
+        resid = gaussian.velocity(xt, torch.tensor(t, dtype=F64)) - PATH.velocity_target(x0, eps)
+        features = torch.cat([torch.ones(n, 1, dtype=F64), xt], 1)
+        assert (resid.T @ features / n).abs().max() < 0.01
+        assert resid.pow(2).mean() < (resid + 0.1).pow(2).mean()
+
+
+def test_trained_teacher_matches_closed_form_velocity(gaussian):
+    """The real network and pre-training loss learn the exact velocity field of Gaussian data."""
+    torch.manual_seed(0)
+    net = nets.build(2, NetConfig(hidden=64, depth=2, time_features=16), two_times=False)
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    # Annealing the rate removes SGD noise, so what is left is the fit of the loss's minimiser.
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 1200)
+    mu32, cfg = gaussian.mu.float(), TimeSampling()
+    for step in range(1200):
+        g = gen(100 + step)
+        x0 = mu32 + gaussian.s * torch.randn(512, 2, generator=g)
+        loss = losses.flow_matching_loss(net, PATH, x0, g, cfg)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    for t in (0.2, 0.5, 0.8):
+        tt = torch.full((2000,), t)
+        x = PATH.sample(mu32 + gaussian.s * torch.randn(2000, 2, generator=gen(9)), torch.randn(2000, 2, generator=gen(10)), tt)
+        exact = gaussian.velocity(x.double(), tt.double()).float()
+        with torch.no_grad():
+            err = (net(x, tt) - exact).pow(2).mean().sqrt()
+        # The field's rms is 0.54-1.07 here; at t <= 0.5 the field of a wrong data std (0.6
+        # for 0.5) is off by 0.145, so 0.06 tells the right minimiser from a nearby wrong one.
+        assert err < 0.06, f"t={t}: rms error {err:.3f}"
+
+
+@pytest.mark.parametrize("solver,order", [("euler", 1), ("heun", 2)])
+def test_solver_convergence_order(gaussian, solver, order):
+    x1 = torch.randn(256, 2, generator=gen(5), dtype=F64)
+    exact = gaussian.flow_map(x1, torch.ones(256, dtype=F64), torch.zeros(256, dtype=F64))
+    errors = []
+    for steps in (8, 16, 32, 64):
+        states, nfe = solvers.integrate(gaussian.velocity, x1, solvers.time_grid(steps), solver)
+        assert states.shape == (steps + 1, 256, 2) and nfe == steps * order
+        errors.append((states[-1] - exact).abs().max().item())
+    rates = [math.log2(a / b) for a, b in zip(errors, errors[1:])]
+    assert all(abs(r - order) < 0.15 for r in rates[1:]), rates
+
+
+def test_edm_grid_is_decreasing_and_converges(gaussian):
+    grid = solvers.time_grid(16, "edm", rho=7.0, t_min=1e-3)
+    assert grid[0] == 1 and grid[-1] == 0 and (grid[1:] < grid[:-1]).all()
+    assert (grid[1:-1] - grid[2:]).max() > 10 * (grid[-3] - grid[-2])  # dense near the data end
+    x1 = torch.randn(64, 2, generator=gen(6), dtype=F64)
+    exact = gaussian.flow_map(x1, torch.ones(64, dtype=F64), torch.zeros(64, dtype=F64))
+    err = [(solvers.integrate(gaussian.velocity, x1, solvers.time_grid(m, "edm"), "heun")[0][-1] - exact).abs().max()
+           for m in (8, 32)]
+    assert err[1] < err[0] / 8
+
+
+def _exact_trajectories(gaussian, n=512, steps=16):
+    times = solvers.time_grid(steps)
+    x1 = torch.randn(n, 2, generator=gen(7), dtype=F64)
+    traj = torch.stack([gaussian.flow_map(x1, torch.ones(n, dtype=F64), t.expand(n)) for t in times], 1)
+    return traj, times
+
+
+@pytest.mark.parametrize("kind", ["l2", "pseudo_huber"])
+def test_cmt_loss_zero_at_exact_flow_map_positive_off(gaussian, kind):
+    traj, times = _exact_trajectories(gaussian)
+    dist = Distance(kind=kind)
+    exact = losses.cmt_cm_loss(ExactFlowMap(gaussian), traj, times, gen(), dist)
+    off = losses.cmt_cm_loss(ExactFlowMap(gaussian, scale=0.1), traj, times, gen(), dist)
+    assert exact.abs() < 1e-12 and off > 1e-4
+
+
+@pytest.mark.parametrize("kind", ["l2", "pseudo_huber"])
+def test_consistency_loss_zero_on_exact_ode_pairs(gaussian, kind):
+    """On pairs joined by the exact ODE the consistency loss vanishes at the exact map only."""
+    x0 = gaussian.sample(1024, gen(8))
+    t = torch.rand(1024, generator=gen(9), dtype=F64) * 0.8 + 0.1
+    xt = PATH.sample(x0, torch.randn(x0.shape, generator=gen(10), dtype=F64), t)
+    r = t * 0.7
+    xr = gaussian.flow_map(xt, t, r)
+    dist = Distance(kind=kind)
+    assert losses.consistency_loss(ExactFlowMap(gaussian), xt, t, xr, r, dist).abs() < 1e-12
+    assert losses.consistency_loss(ExactFlowMap(gaussian, scale=0.1), xt, t, xr, r, dist) > 1e-4
+
+
+def test_ect_gradient_vanishes_at_exact_map_as_dt_shrinks(gaussian):
+    """ECT's shared-noise pairs are not on one ODE path, so its loss is not zero at the exact map,
+    but the gradient it gives is (consistency training ~ distillation to first order in dt):
+    at the exact map it shrinks with dt; off the map it stays and pushes back toward it."""
+    n = 400_000
+    x0 = gaussian.sample(n, gen(11))
+    eps = torch.randn(x0.shape, generator=gen(12), dtype=F64)
+    t = torch.rand(n, generator=gen(13), dtype=F64) * 0.7 + 0.2
+
+    def grad(scale, q):
+        a = torch.tensor(scale, dtype=F64, requires_grad=True)
+        r = t * (1 - 1 / q)
+        losses.consistency_loss(ExactFlowMap(gaussian, scale=a), PATH.sample(x0, eps, t), t,
+                                PATH.sample(x0, eps, r), r, Distance()).backward()
+        return a.grad.item()
+
+    off = grad(0.2, 64)
+    at_coarse, at_fine = grad(0.0, 4), grad(0.0, 64)
+    assert off > 0  # descending the gradient moves the scale back toward the exact map
+    assert abs(at_fine) < 0.1 * off
+    assert abs(at_fine) < abs(at_coarse)
+
+
+def test_ect_schedule():
+    t = torch.linspace(0.01, 0.99, 99, dtype=F64)  # float64: t - r is a small difference
+    cfg = EctConfig(q=2.0, k=8.0, b=1.0, stage_images=1000)
+    r0 = losses.ect_r(t, 0, cfg, PATH)
+    assert (r0 >= 0).all() and (r0 < t).all()
+    assert (r0[t < 0.5] == 0).all()  # stage 0 starts as a denoising loss (r = 0) at low noise
+    gaps = [(t - losses.ect_r(t, seen, cfg, PATH)).mean() for seen in (0, 1000, 2000, 5000)]
+    assert all(b < a for a, b in zip(gaps, gaps[1:]))
+    late = losses.ect_r(t, 10_000, cfg, PATH)
+    assert torch.allclose(t - late, t * (1 + 8 * torch.sigmoid(-PATH.noise_to_signal(t))) / 2**11)
+    fixed = EctConfig(q=4096.0, stage_images=0)
+    assert torch.equal(losses.ect_r(t, 0, fixed, PATH), losses.ect_r(t, 10**9, fixed, PATH))
+
+
+def test_flow_map_net_starts_as_the_teacher():
+    torch.manual_seed(0)
+    cfg = NetConfig(hidden=32, depth=2, time_features=16)
+    teacher, student = nets.build(2, cfg, two_times=False), nets.build(2, cfg, two_times=True)
+    nets.load_teacher_into(student, teacher.state_dict())
+    x, t, s = torch.randn(16, 2), torch.rand(16), torch.rand(16)
+    with torch.no_grad():
+        assert torch.equal(student(x, t, s), teacher(x, t))
+        assert torch.equal(nets.flow_map(student, x, t, t), x)
+    with pytest.raises(ValueError, match="do not fit"):
+        nets.load_teacher_into(nets.build(2, NetConfig(hidden=16), True), teacher.state_dict())
+
+
+def test_exact_few_step_samplers_give_the_data_distribution(gaussian):
+    from cmt_bench import sampling
+    out = sampling.sample(ExactFlowMap(gaussian), PATH, 100_000, 2, seed=0, t_mid=0.4)
+    for x in out.values():
+        x = x.double()
+        assert torch.allclose(x.mean(0), gaussian.mu, atol=0.01)
+        assert torch.allclose(x.std(0), torch.full((2,), gaussian.s, dtype=F64), rtol=0.01)

@@ -1,0 +1,130 @@
+"""Resume after SIGKILL equals an uninterrupted run; NaN stops loudly and keeps the last checkpoint."""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from conftest import ROOT
+from mlflow.tracking import MlflowClient
+
+from cmt_bench import checkpoint, config, nets
+from cmt_bench.ledger import Ledger
+from cmt_bench.tracking import Tracker
+from cmt_bench.train import Job, NonFiniteLoss, train
+
+# long enough (about 2,000 steps) that a kill lands mid-run; logs and checkpoints every few hundred
+RESUME_PARAMS = {
+    "preset": "resume", "data": {"train_size": 2000, "heldout_size": 500},
+    "net": {"hidden": 32, "depth": 1, "time_features": 16},
+    "pretrain": {"train": {"batch_size": 64, "budget_images": 128_000, "log_every_images": 12_800,
+                           "checkpoint_every_images": 19_200}},
+    "trajectories": {"steps": 4}, "evaluate": {"inloop_samples": 200},
+}
+
+
+def _env():
+    return {**os.environ, "PYTHONPATH": str(ROOT), "CI": "true", "MLFLOW_TRACKING_URI": ""}
+
+
+def _stage(cwd, stage):
+    return subprocess.Popen([sys.executable, "-m", "cmt_bench", stage], cwd=cwd, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _history(workdir):
+    run_id = yaml.safe_load((workdir / "artifacts/pretrain/run.json").read_text())["run_id"]
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    keys = ("loss", "fd_raw_ode", "sw_ode", "images_seen", "step")
+    return run_id, client, {k: sorted((m.step, m.value) for m in client.get_metric_history(run_id, k)) for k in keys}
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
+    a, b = tmp_path / "uninterrupted", tmp_path / "killed"
+    for d in (a, b):
+        d.mkdir()
+        (d / "params.yaml").write_text(yaml.safe_dump(RESUME_PARAMS))
+    assert _stage(a, "data").wait() == 0
+    shutil.copytree(a / "artifacts", b / "artifacts")
+    assert _stage(a, "pretrain").wait() == 0
+
+    proc, ckpt = _stage(b, "pretrain"), b / "checkpoints/pretrain/last.pt"
+    deadline = time.time() + 120
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    killed_at = checkpoint.load(ckpt)
+    assert 0 < killed_at["step"] < 2000
+    out = _stage(b, "pretrain")
+    log = out.communicate()[0]
+    assert out.returncode == 0, log
+    assert f"resuming from checkpoints/pretrain/last.pt at step {killed_at['step']}" in log
+
+    wa = torch.load(a / "artifacts/pretrain/model.pt", weights_only=True)
+    wb = torch.load(b / "artifacts/pretrain/model.pt", weights_only=True)
+    for part in ("net", "ema"):
+        assert wa[part].keys() == wb[part].keys()
+        assert all(torch.equal(wa[part][k], wb[part][k]) for k in wa[part]), part
+
+    _, _, hist_a = _history(a)
+    run_b, client_b, hist_b = _history(b)
+    assert run_b == killed_at["run_id"]  # resumed into the same MLflow run
+    assert client_b.get_run(run_b).info.status == "FINISHED"
+    for key in hist_a:
+        steps = [s for s, _ in hist_b[key]]
+        assert len(steps) == len(set(steps)), f"{key}: a step was logged twice"
+        assert hist_a[key] == hist_b[key], key
+    assert len(hist_a["loss"]) > 5
+    assert not ckpt.exists()  # a finished stage drops its resumable state
+
+
+@pytest.fixture
+def tracked(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    params = config.Params(tracking=config.TrackingConfig(uri=f"sqlite:///{tmp_path / 'mlflow.db'}"))
+    return params, MlflowClient(params.tracking.uri)
+
+
+def _toy_job(nan_at_step=None):
+    data = torch.randn(256, 2)
+
+    def loss(net, x, gen, seen):
+        out = net(x, torch.rand(len(x), generator=gen)).pow(2).mean()
+        return out * float("nan") if nan_at_step is not None and seen >= nan_at_step * 32 else out
+    return Job("toy", batch=lambda g, b: data[torch.randint(256, (b,), generator=g)], loss=loss)
+
+
+def _run(params, job, ckpt, fp="fp", budget=320):
+    cfg = config.TrainConfig(batch_size=32, budget_images=budget, log_every_images=64, checkpoint_every_images=64)
+    torch.manual_seed(0)
+    net = nets.build(2, config.NetConfig(hidden=16, depth=1, time_features=8), two_times=False)
+    return train(net, job, cfg, seed=0, ckpt_path=ckpt, fingerprint=fp, ledger=Ledger(device="cpu"),
+                 open_tracker=lambda run_id: Tracker.open(params, "toy", run_id=run_id))
+
+
+def test_nan_stops_loudly_and_keeps_last_good_checkpoint(tracked, tmp_path):
+    params, client = tracked
+    ckpt = tmp_path / "ckpt/last.pt"
+    with pytest.raises(NonFiniteLoss, match=r"loss became nan at step 6 .*last good checkpoint is kept"):
+        _run(params, _toy_job(nan_at_step=5), ckpt)
+    state = checkpoint.load(ckpt)
+    assert state["step"] == 4 and all(torch.isfinite(v).all() for v in state["net"].values())
+    run = client.get_run(state["run_id"])
+    assert run.info.status == "FAILED" and "nan" in run.data.tags["failure"]
+
+
+def test_checkpoint_of_other_params_is_not_resumed(tracked, tmp_path, capsys):
+    params, _ = tracked
+    ckpt = tmp_path / "ckpt/last.pt"
+    first, tracker = _run(params, _toy_job(), ckpt, fp="a")
+    tracker.finish()
+    again, _ = _run(params, _toy_job(), ckpt, fp="a")  # same inputs: already done, nothing to redo
+    assert again.history == [] and "resuming" in capsys.readouterr().err
+    other, _ = _run(params, _toy_job(), ckpt, fp="b")
+    assert len(other.history) == len(first.history) and "starting afresh" in capsys.readouterr().err
