@@ -25,10 +25,15 @@ def sliced_wasserstein(a: np.ndarray, b: np.ndarray, projections: int = 256, see
     dirs = np.random.default_rng(seed).standard_normal((a.shape[1], projections))
     dirs /= np.linalg.norm(dirs, axis=0, keepdims=True)
     n = min(len(a), len(b))
-    q = (np.arange(n) + 0.5) / n
-    pa = np.quantile(a @ dirs, q, axis=0)
-    pb = np.quantile(b @ dirs, q, axis=0)
-    return float(np.sqrt(((pa - pb) ** 2).mean()))
+    return float(np.sqrt(((_quantiles(a @ dirs, n) - _quantiles(b @ dirs, n)) ** 2).mean()))
+
+
+def _quantiles(proj: np.ndarray, n: int) -> np.ndarray:
+    """The empirical quantile function at (i + 1/2)/n, i < n, per column: the sorted values when
+    there are n of them (a sort is ~50x faster than np.quantile), the same step function otherwise."""
+    if len(proj) == n:
+        return np.sort(proj, axis=0)
+    return np.quantile(proj, (np.arange(n) + 0.5) / n, axis=0, method="inverted_cdf")
 
 
 def score(samples: dict[str, np.ndarray], reference: np.ndarray, projections: int, seed: int) -> dict[str, float]:

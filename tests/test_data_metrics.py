@@ -55,3 +55,12 @@ def test_sliced_wasserstein_of_a_shift():
     d = np.array([0.3, -0.4])
     assert metrics.sliced_wasserstein(x, x) == 0
     assert metrics.sliced_wasserstein(x, x + d, projections=2000) == pytest.approx(0.5 / np.sqrt(2), rel=0.05)
+
+
+def test_sliced_wasserstein_equal_and_unequal_sizes_agree():
+    """The sorted fast path (equal sizes) and the quantile path (unequal) are one definition:
+    repeating every point of a set leaves its empirical distribution, and so SW, unchanged."""
+    x = np.random.default_rng(2).standard_normal((3000, 2))
+    a, b = x[:1000], x[1000:2000]
+    assert metrics.sliced_wasserstein(np.repeat(a, 3, 0), b) == pytest.approx(metrics.sliced_wasserstein(a, b), rel=1e-12)
+    assert metrics.sliced_wasserstein(a, b) > 0.01

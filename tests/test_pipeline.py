@@ -1,0 +1,92 @@
+"""A real `dvc repro` of the smoke preset in a temporary git repo, read back from MLflow."""
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+from mlflow.tracking import MlflowClient
+
+PROJECT_FILES = ["cmt_bench", "dvc.yaml", "experiments", "pyproject.toml", ".gitignore"]
+
+
+def sh(cmd, cwd, env):
+    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, shell=True)
+    assert out.returncode == 0, f"{cmd} failed:\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}"
+    return out.stdout + out.stderr
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    repo = tmp_path_factory.mktemp("pipeline")
+    for name in PROJECT_FILES:
+        src = ROOT / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / name)
+    env = {**os.environ, "CI": "true", "DVC_NO_ANALYTICS": "1",
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    sh("git init -q && git config user.email t@t && git config user.name t && dvc init -q "
+       "&& python -m cmt_bench preset smoke && git add -A && git commit -qm smoke", repo, env)
+    log = sh("dvc repro", repo, env)
+    return repo, env, log
+
+
+def _runs(repo):
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("cmt_bench")
+    return client, client.search_runs([exp.experiment_id], max_results=1000)
+
+
+def test_repro_logs_every_stage_and_init(repo):
+    repo, _, log = repo
+    client, runs = _runs(repo)
+    post = [r for r in runs if r.data.tags.get("stage") == "posttrain"]
+    assert sorted(r.data.tags["init"] for r in post) == ["cmt", "diffusion", "random"]
+    parents = {r.data.tags["mlflow.parentRunId"] for r in runs if r.data.tags.get("stage") != "pipeline"}
+    assert len(parents) == 1, "all stages of one pipeline run hang under one parent run"
+    assert {r.data.tags["stage"] for r in runs} >= {"pipeline", "data", "pretrain", "trajectories", "midtrain",
+                                                    "posttrain", "evaluate"}
+    for r in post:
+        assert r.info.status == "FINISHED" and r.data.tags["method"] == "ect" and r.data.tags["git_sha"]
+        curve = client.get_metric_history(r.info.run_id, "sw_2step")
+        hours = client.get_metric_history(r.info.run_id, "device_hours")
+        seen = client.get_metric_history(r.info.run_id, "images_seen")
+        assert len(curve) > 1
+        assert {m.step for m in curve} == {m.step for m in hours} == {m.step for m in seen}
+        assert max(m.value for m in seen) == 8192 and max(m.value for m in hours) > 0
+    traj = next(r for r in runs if r.data.tags.get("stage") == "trajectories")
+    assert traj.data.metrics["teacher_nfe"] == 512 * 8 * 2  # Heun: 2 evaluations per step
+    run_json = (repo / "artifacts/posttrain/cmt/run.json").read_text()
+    assert next(r for r in post if r.data.tags["init"] == "cmt").info.run_id in run_json
+
+
+def test_report_and_summary(repo):
+    repo, env, log = repo
+    report = (repo / "reports/smoke/report.md").read_text()
+    assert "post-training from cmt reaches the diffusion-init's final quality" in report.lower()
+    assert re.search(r"\*\*(holds|does not hold) at this scale\*\*", report)  # whichever was measured
+    for png in ("metric_vs_compute.png", "samples.png"):
+        assert (repo / "reports/smoke" / png).stat().st_size > 10_000
+    summary = sh("python -m cmt_bench summary", repo, env).strip().splitlines()
+    assert summary[0] == "report: reports/smoke/report.md" and len(summary) == 6
+    assert [line.split()[0] for line in summary[2:5]] == ["random", "diffusion", "cmt"]
+
+
+def test_second_repro_is_a_no_op(repo):
+    repo, env, _ = repo
+    assert "Data and pipelines are up to date" in sh("dvc repro", repo, env)
+
+
+def test_temp_experiment_logs_to_the_repo_store(repo):
+    """`dvc exp run --temp` runs in a copy under .dvc/tmp/exps; the store must stay the repo's."""
+    repo, env, _ = repo
+    _, before = _runs(repo)
+    sh("dvc exp run --temp -n lr-up -S posttrain.train.lr=0.002", repo, env)
+    _, after = _runs(repo)
+    new = [r for r in after if r.info.run_id not in {b.info.run_id for b in before}]
+    assert {r.data.tags.get("init") for r in new if r.data.tags.get("stage") == "posttrain"} == \
+        {"random", "diffusion", "cmt"}
+    assert all(r.data.tags.get("dvc_exp_name") == "lr-up" for r in new if r.data.tags.get("stage") != "pipeline")
