@@ -142,10 +142,14 @@ def plot_curves(res: dict, path: Path) -> None:
         data = curves.assign(x=curves[x] * (scale if x != "images_seen" else 1))
         sns.lineplot(data=data, x="x", y=metric, hue="init", hue_order=list(INITS), palette=PALETTE, marker="o", ax=ax)
         ax.axhline(res["target"], ls="--", c="k", lw=1, label="target (diffusion-init final)")
+        if res["floor"] is not None:
+            ax.axhline(res["floor"], ls=":", c="0.5", lw=1, label="noise floor (held-out vs held-out)")
         ax.set(xlabel=label, ylabel=metric, yscale="log")
-        ax.legend(fontsize=8)
+        handles, labels = ax.get_legend_handles_labels()
+        ax.get_legend().remove()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False)
     fig.suptitle(f"{metric} during ECT post-training, one line per init")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -171,6 +175,10 @@ def _fmt(x, scale=1.0, digits=3) -> str:
     if x is None or (isinstance(x, float) and np.isnan(x)):
         return "not reached"
     return f"{x * scale:.{digits}g}"
+
+
+def _images(x) -> str:
+    return "not reached" if x is None or np.isnan(x) else f"{x:,.0f}"
 
 
 def _floor_line(res: dict) -> list[str]:
@@ -210,7 +218,7 @@ def markdown(params: Params, res: dict, claim: dict) -> str:
     ]
     for init, row in table.iterrows():
         lines.append(f"| {init} | {_fmt(row['posttrain_hours_to_target'], scale)} | "
-                     f"{_fmt(row['total_hours_to_target'], scale)} | {_fmt(row['images_to_target'], 1, 4)} | "
+                     f"{_fmt(row['total_hours_to_target'], scale)} | {_images(row['images_to_target'])} | "
                      f"{_fmt(row['posttrain_hours'], scale)} | {_fmt(row['total_hours'], scale)} | "
                      f"{row[f'final_{metric}']:.4g} | {row[f'eval_{metric}']:.4g} |")
     lines += ["", "## Figures", "", "![metric versus compute](metric_vs_compute.png)", "",
