@@ -29,11 +29,14 @@ def sliced_wasserstein(a: np.ndarray, b: np.ndarray, projections: int = 256, see
 
 
 def _quantiles(proj: np.ndarray, n: int) -> np.ndarray:
-    """The empirical quantile function at (i + 1/2)/n, i < n, per column: the sorted values when
-    there are n of them (a sort is ~50x faster than np.quantile), the same step function otherwise."""
-    if len(proj) == n:
-        return np.sort(proj, axis=0)
-    return np.quantile(proj, (np.arange(n) + 0.5) / n, axis=0, method="inverted_cdf")
+    """The empirical quantile function of each column at q_i = (i + 1/2)/n, i < n: the smallest
+    value whose CDF reaches q_i, i.e. sorted[ceil(q_i m) - 1] for m values (np.quantile's
+    `inverted_cdf`, but one sort instead of a selection per q; ~50x faster). Integer arithmetic
+    keeps ceil exact."""
+    m = len(proj)
+    i = np.arange(n)
+    index = ((2 * i + 1) * m + 2 * n - 1) // (2 * n) - 1
+    return np.sort(proj, axis=0)[index]
 
 
 def score(samples: dict[str, np.ndarray], reference: np.ndarray, projections: int, seed: int) -> dict[str, float]:

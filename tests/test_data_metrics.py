@@ -64,3 +64,6 @@ def test_sliced_wasserstein_equal_and_unequal_sizes_agree():
     a, b = x[:1000], x[1000:2000]
     assert metrics.sliced_wasserstein(np.repeat(a, 3, 0), b) == pytest.approx(metrics.sliced_wasserstein(a, b), rel=1e-12)
     assert metrics.sliced_wasserstein(a, b) > 0.01
+    for m in (1000, 1001, 2000, 2999, 3000):  # the quantile index against numpy's definition
+        q = (np.arange(1000) + 0.5) / 1000
+        assert np.array_equal(metrics._quantiles(x[:m], 1000), np.quantile(x[:m], q, axis=0, method="inverted_cdf"))
