@@ -103,10 +103,20 @@ class EctConfig(Section):
     t_sampling: TimeSampling = TimeSampling(mean=-1.1, std=2.0)
 
 
+class MeanFlowConfig(Section):
+    """MeanFlow (Geng et al. 2025): (t, r) from two logit-normal draws, r = t except for a fraction
+    `r_neq_t`; adaptive loss weight 1 / (|delta|^2 + adaptive_c)^adaptive_p."""
+    t_sampling: TimeSampling = TimeSampling(mean=-0.4, std=1.0)
+    r_neq_t: Annotated[float, Field(ge=0, le=1)] = 0.25
+    adaptive_p: Annotated[float, Field(ge=0)] = 1.0
+    adaptive_c: PositiveFloat = 1e-3
+
+
 class PosttrainConfig(Section):
     train: TrainConfig = TrainConfig()
     distance: Distance = Distance()
     ect: EctConfig = EctConfig()
+    meanflow: MeanFlowConfig = MeanFlowConfig()
 
 
 class SamplingConfig(Section):

@@ -1,0 +1,43 @@
+"""MeanFlow (Geng et al. 2025): learn the average velocity u(z_t, r, t) = (z_t - z_r) / (t - r)
+through the MeanFlow identity u = v - (t - r) du/dt, with du/dt the total derivative along the
+probability-flow ODE (tangent dz = v, dt = 1, dr = 0), computed by one forward-mode JVP.
+
+In this package's convention the network is u_theta(x, s, t) called as net(x, t, s) with s the
+target time, so MeanFlow's u(z_t, r, t) is net(z_t, t, r) and X(z_t, t, r) = z_t + (r - t) u.
+"""
+import torch
+
+from ..config import MeanFlowConfig
+from .flow_matching import logit_normal
+
+
+def sample_times(n: int, cfg: MeanFlowConfig, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t, r) with t >= r: two logit-normal draws, sorted; r = t (plain flow matching) for all but
+    a fraction `r_neq_t` of the batch."""
+    a, b = logit_normal(n, cfg.t_sampling, generator), logit_normal(n, cfg.t_sampling, generator)
+    t, r = torch.maximum(a, b), torch.minimum(a, b)
+    keep = torch.rand(n, generator=generator) < cfg.r_neq_t
+    return t, torch.where(keep, r, t)
+
+
+def meanflow_target(net, z: torch.Tensor, t: torch.Tensor, r: torch.Tensor, v: torch.Tensor):
+    """u_theta(z, r, t), with its graph for the loss, and the stop-gradient target v - (t - r) du/dt.
+    One JVP gives both: the loss uses its primal output, so no second forward is needed."""
+    u, dudt = torch.func.jvp(lambda z_, t_, r_: net(z_, t_, r_), (z, t, r),
+                             (v, torch.ones_like(t), torch.zeros_like(r)))
+    gap = (t - r).reshape(-1, *([1] * (z.ndim - 1)))
+    return u, (v - gap * dudt).detach()
+
+
+def adaptive_weighted(delta: torch.Tensor, cfg: MeanFlowConfig) -> torch.Tensor:
+    """Mean of sg(w) * |delta|^2 with w = 1 / (|delta|^2 + c)^p (p = 0: plain squared error)."""
+    sq = delta.flatten(1).pow(2).sum(1)
+    weight = (sq.detach() + cfg.adaptive_c).pow(-cfg.adaptive_p)
+    return (weight * sq).mean()
+
+
+def meanflow_loss(net, path, x0: torch.Tensor, generator: torch.Generator, cfg: MeanFlowConfig) -> torch.Tensor:
+    eps = torch.randn(x0.shape, generator=generator)
+    t, r = sample_times(x0.shape[0], cfg, generator)
+    u, target = meanflow_target(net, path.sample(x0, eps, t), t, r, path.velocity_target(x0, eps))
+    return adaptive_weighted(u - target, cfg)
