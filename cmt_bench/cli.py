@@ -22,6 +22,7 @@ def _parser() -> argparse.ArgumentParser:
         s = sub.add_parser(stage, help=f"run the {stage} stage")
         if stage in ("posttrain", "evaluate"):
             s.add_argument("--init", required=True, choices=config.INITS)
+            s.add_argument("--method", required=True, choices=config.METHODS)
     sub.add_parser("check", help="validate the parameter file and exit")
     sub.add_parser("summary", help="print the report's short summary")
     pre = sub.add_parser("preset", help="write params.yaml from experiments/NAME.yaml")
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from . import stages
     run = getattr(stages, f"run_{args.command}")
-    run(params, args.init) if args.command in ("posttrain", "evaluate") else run(params)
+    run(params, args.init, args.method) if args.command in ("posttrain", "evaluate") else run(params)
     return 0
 
 

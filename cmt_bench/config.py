@@ -19,6 +19,7 @@ PositiveFloat = Annotated[float, Field(gt=0)]
 Probability = Annotated[float, Field(gt=0, lt=1)]
 
 INITS = ("random", "diffusion", "cmt")
+METHODS = ("ect", "meanflow")  # post-training families: consistency training and MeanFlow
 METRICS = ("fd_raw_1step", "fd_raw_2step", "sw_1step", "sw_2step")
 
 
@@ -113,10 +114,19 @@ class MeanFlowConfig(Section):
 
 
 class PosttrainConfig(Section):
+    # which post-training methods the DVC matrix runs (init x method); each from all three inits
+    methods: list[Literal[METHODS]] = list(METHODS)  # type: ignore[valid-type]
     train: TrainConfig = TrainConfig()
     distance: Distance = Distance()
     ect: EctConfig = EctConfig()
     meanflow: MeanFlowConfig = MeanFlowConfig()
+
+    @field_validator("methods")
+    @classmethod
+    def _some_methods_once_each(cls, methods: list[str]) -> list[str]:
+        if not methods or len(set(methods)) != len(methods):
+            raise ValueError(f"list each post-training method at most once, at least one of: {', '.join(METHODS)}")
+        return methods
 
 
 class SamplingConfig(Section):

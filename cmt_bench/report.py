@@ -1,4 +1,5 @@
-"""The report: metric versus measured compute per init, compute to reach a target, the claim row.
+"""The report: metric versus measured compute per init and post-training method, compute to reach
+a target, and one claim row per method.
 
 Curves come from MLflow (`get_metric_history` on the run ids the stages stored), so the report
 and the MLflow UI show the same numbers. Compute for an init counts every stage it depends on:
@@ -51,36 +52,25 @@ def _client(params: Params):
     return MlflowClient(tracking_uri(params))
 
 
-def load_curves(client, run_ids: dict[str, str], keys: list[str]) -> pd.DataFrame:
+def load_curves(client, run_ids: dict[tuple[str, str], str], keys: list[str]) -> pd.DataFrame:
+    """One row per logged step of each (method, init) post-training run."""
     frames = []
-    for init, run_id in run_ids.items():
-        cols = {}
-        for key in keys:
-            cols[key] = {m.step: m.value for m in client.get_metric_history(run_id, key)}
+    for (method, init), run_id in run_ids.items():
+        cols = {key: {m.step: m.value for m in client.get_metric_history(run_id, key)} for key in keys}
         frame = pd.DataFrame(cols).rename_axis("step").reset_index().sort_values("step")
-        frames.append(frame.assign(init=init))
+        frames.append(frame.assign(method=method, init=init))
     return pd.concat(frames, ignore_index=True)
 
 
-def collect(params: Params) -> dict:
-    """Everything the report shows, read from MLflow via the run ids in the stage outputs."""
-    client = _client(params)
-    metric = params.report.metric
-    stage_hours = {s: client.get_run(read_json(out_dir(s) / "run.json")["run_id"]).data.metrics["device_hours"]
-                   for s in ("pretrain", "trajectories", "midtrain")}
-    post_runs = {i: read_json(out_dir("posttrain", i) / "run.json")["run_id"] for i in INITS}
-    curves = load_curves(client, post_runs, ["device_hours", "images_seen", metric])
-    curves["upstream_hours"] = curves["init"].map({i: sum(stage_hours[s] for s in UPSTREAM[i]) for i in INITS})
-    curves["total_hours"] = curves["upstream_hours"] + curves["device_hours"]
-    final_eval = {i: read_json(out_dir("evaluate", i) / "metrics.json") for i in INITS}
-    heldout = load_split(out_dir("data"), "heldout").numpy()
-
+def _table(curves: pd.DataFrame, final_eval: dict, metric: str, method: str) -> tuple[float, pd.DataFrame]:
+    """Compute to reach the diffusion-init's final metric, per init, for one method."""
+    curves = curves[curves.method == method]
     finals = curves.sort_values("step").groupby("init").last()
     target = float(finals.loc["diffusion", metric])
     rows = []
     for init in INITS:
-        curve = curves[curves.init == init].sort_values("step")
-        hit = reach(curve, metric, target, ("device_hours", "total_hours", "images_seen"))
+        hit = reach(curves[curves.init == init].sort_values("step"), metric, target,
+                    ("device_hours", "total_hours", "images_seen"))
         rows.append({
             "init": init,
             "upstream_hours": float(finals.loc[init, "upstream_hours"]),
@@ -88,15 +78,33 @@ def collect(params: Params) -> dict:
             "total_hours": float(finals.loc[init, "total_hours"]),
             "images_seen": int(finals.loc[init, "images_seen"]),
             f"final_{metric}": float(finals.loc[init, metric]),
-            f"eval_{metric}": final_eval[init]["metrics"][metric],
+            f"eval_{metric}": final_eval[method, init]["metrics"][metric],
             "posttrain_hours_to_target": hit and hit["device_hours"],
             "total_hours_to_target": hit and hit["total_hours"],
             "images_to_target": hit and hit["images_seen"],
         })
-    table = pd.DataFrame(rows).set_index("init")
-    return {"metric": metric, "target": target, "curves": curves, "table": table, "stage_hours": stage_hours,
-            "eval_samples": final_eval["diffusion"]["samples"], "post_runs": post_runs,
-            "floor": noise_floor(params, heldout), "heldout": heldout}
+    return target, pd.DataFrame(rows).set_index("init")
+
+
+def collect(params: Params) -> dict:
+    """Everything the report shows, read from MLflow via the run ids in the stage outputs."""
+    client = _client(params)
+    metric, methods = params.report.metric, params.posttrain.methods
+    stage_hours = {s: client.get_run(read_json(out_dir(s) / "run.json")["run_id"]).data.metrics["device_hours"]
+                   for s in ("pretrain", "trajectories", "midtrain")}
+    cells = [(m, i) for m in methods for i in INITS]
+    post_runs = {c: read_json(out_dir("posttrain", c[1], c[0]) / "run.json")["run_id"] for c in cells}
+    curves = load_curves(client, post_runs, ["device_hours", "images_seen", metric])
+    curves["upstream_hours"] = curves["init"].map({i: sum(stage_hours[s] for s in UPSTREAM[i]) for i in INITS})
+    curves["total_hours"] = curves["upstream_hours"] + curves["device_hours"]
+    final_eval = {c: read_json(out_dir("evaluate", c[1], c[0]) / "metrics.json") for c in cells}
+    heldout = load_split(out_dir("data"), "heldout").numpy()
+    targets, tables = {}, {}
+    for method in methods:
+        targets[method], tables[method] = _table(curves, final_eval, metric, method)
+    return {"metric": metric, "methods": methods, "targets": targets, "tables": tables, "curves": curves,
+            "stage_hours": stage_hours, "eval_samples": next(iter(final_eval.values()))["samples"],
+            "post_runs": post_runs, "floor": noise_floor(params, heldout), "heldout": heldout}
 
 
 def noise_floor(params: Params, heldout: np.ndarray) -> float | None:
@@ -111,19 +119,25 @@ def noise_floor(params: Params, heldout: np.ndarray) -> float | None:
     return scores[f"{family}_floor"]
 
 
-def claim_cmt_vs_diffusion(table: pd.DataFrame) -> dict:
-    claim = "Post-training from CMT reaches the diffusion-init's final quality with less total compute"
+LABEL = {"ect": "ECT", "meanflow": "MeanFlow"}
+PAPER_ROW = {"ect": "CIFAR-10: 2-step FID 1.97 with up to 98% less data and GPU time than consistency models",
+             "meanflow": "ImageNet 256: 1-step FID 3.34 at about half the training cost of MeanFlow from scratch"}
+
+
+def claim_cmt_vs_diffusion(table: pd.DataFrame, method: str) -> dict:
+    claim = (f"Post-training ({LABEL[method]}) from CMT reaches the diffusion-init's final quality with less "
+             "total compute")
     cmt, diff = table.loc["cmt"], table.loc["diffusion"]
     if pd.isna(cmt["total_hours_to_target"]):
-        return {"claim": claim, "verdict": "does not hold at this scale",
+        return {"method": method, "claim": claim, "verdict": "does not hold at this scale",
                 "measured": "the CMT init never reached the target within its post-training budget"}
     total = cmt["total_hours_to_target"] / diff["total_hours_to_target"]
     post = cmt["posttrain_hours_to_target"] / diff["posttrain_hours_to_target"] \
         if diff["posttrain_hours_to_target"] else float("nan")
     verdict = "holds at this scale" if total < 1 else "does not hold at this scale"
     already = cmt["images_to_target"] == 0
-    return {"claim": claim, "verdict": verdict, "ratio_total": float(total), "ratio_posttrain": float(post),
-            "cmt_met_target_before_posttraining": bool(already),
+    return {"method": method, "claim": claim, "verdict": verdict, "ratio_total": float(total),
+            "ratio_posttrain": float(post), "cmt_met_target_before_posttraining": bool(already),
             "measured": f"CMT total / diffusion total compute to target = {total:.2f} "
                         f"(post-training only: {post:.2f}"
                         + ("; the CMT init met the target before any post-training)" if already else ")")}
@@ -134,40 +148,47 @@ def _unit(hours: float) -> tuple[str, float]:
 
 
 def plot_curves(res: dict, path: Path) -> None:
-    curves, metric = res["curves"], res["metric"]
+    """One row per method, one column per compute axis, one line per init."""
+    curves, metric, methods = res["curves"], res["metric"], res["methods"]
     unit, scale = _unit(curves["total_hours"].max())
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for ax, (x, label) in zip(axes, [("device_hours", f"post-training {unit}"), ("total_hours", f"total {unit} (incl. upstream stages)"),
-                                     ("images_seen", "post-training images seen")]):
-        data = curves.assign(x=curves[x] * (scale if x != "images_seen" else 1))
-        sns.lineplot(data=data, x="x", y=metric, hue="init", hue_order=list(INITS), palette=PALETTE, marker="o", ax=ax)
-        ax.axhline(res["target"], ls="--", c="k", lw=1, label="target (diffusion-init final)")
-        if res["floor"] is not None:
-            ax.axhline(res["floor"], ls=":", c="0.5", lw=1, label="noise floor (held-out vs held-out)")
-        ax.set(xlabel=label, ylabel=metric, yscale="log")
-        handles, labels = ax.get_legend_handles_labels()
-        ax.get_legend().remove()
+    axes_x = [("device_hours", f"post-training {unit}"), ("total_hours", f"total {unit} (incl. upstream stages)"),
+              ("images_seen", "post-training images seen")]
+    fig, axes = plt.subplots(len(methods), 3, figsize=(15, 3.8 * len(methods) + 0.6), squeeze=False, sharey="row")
+    for row, method in enumerate(methods):
+        for ax, (x, label) in zip(axes[row], axes_x):
+            data = curves[curves.method == method]
+            data = data.assign(x=data[x] * (scale if x != "images_seen" else 1))
+            sns.lineplot(data=data, x="x", y=metric, hue="init", hue_order=list(INITS), palette=PALETTE, marker="o",
+                         ax=ax)
+            ax.axhline(res["targets"][method], ls="--", c="k", lw=1, label="target (diffusion-init final)")
+            if res["floor"] is not None:
+                ax.axhline(res["floor"], ls=":", c="0.5", lw=1, label="noise floor (held-out vs held-out)")
+            ax.set(xlabel=label, ylabel=f"{metric} ({LABEL[method]})", yscale="log")
+            handles, labels = ax.get_legend_handles_labels()
+            ax.get_legend().remove()
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False)
-    fig.suptitle(f"{metric} during ECT post-training, one line per init")
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.suptitle(f"{metric} during post-training: one row per method, one line per init")
+    fig.tight_layout(rect=(0, 0.5 / fig.get_figheight(), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def plot_samples(res: dict, heldout: np.ndarray, path: Path) -> None:
-    fig, axes = plt.subplots(2, 4, figsize=(14, 7), sharex=True, sharey=True)
+    """Rows: method x sampler (1- and 2-step); columns: held-out data, then each init."""
+    rows = [(m, s) for m in res["methods"] for s in ("1step", "2step")]
+    fig, axes = plt.subplots(len(rows), 4, figsize=(12, 3 * len(rows)), sharex=True, sharey=True, squeeze=False)
     n = res["eval_samples"]
-    for row, steps in enumerate(("1step", "2step")):
-        axes[row, 0].scatter(*heldout[:n].T, s=1, c="k", alpha=0.4)
-        axes[row, 0].set_title(f"held-out data (n={min(n, len(heldout))})" if row == 0 else "held-out data")
+    for r, (method, steps) in enumerate(rows):
+        axes[r, 0].scatter(*heldout[:n].T, s=1, c="k", alpha=0.4)
+        axes[r, 0].set_title(f"held-out data (n={min(n, len(heldout))})")
         for col, init in enumerate(INITS, start=1):
-            x = np.load(out_dir("evaluate", init) / "samples.npz")[steps]
-            axes[row, col].scatter(*x.T, s=1, c=PALETTE[init], alpha=0.4)
-            axes[row, col].set_title(f"{init} init, {steps.replace('step', '-step')}")
+            x = np.load(out_dir("evaluate", init, method) / "samples.npz")[steps]
+            axes[r, col].scatter(*x.T, s=1, c=PALETTE[init], alpha=0.4)
+            axes[r, col].set_title(f"{LABEL[method]}, {init} init, {steps.replace('step', '-step')}")
     for ax in axes.flat:
         ax.set(xlim=(-3, 3), ylim=(-3, 3), aspect="equal")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
 
 
@@ -188,9 +209,25 @@ def _floor_line(res: dict) -> list[str]:
             f"{res['floor']:.3g} against each other; differences of that order are sampling noise.", ""]
 
 
-def markdown(params: Params, res: dict, claim: dict) -> str:
-    table, metric = res["table"], res["metric"]
-    unit, scale = _unit(table["total_hours"].max())
+def _compute_table(res: dict, method: str, unit: str, scale: float) -> list[str]:
+    metric, table = res["metric"], res["tables"][method]
+    lines = [f"### {LABEL[method]}", "",
+             f"Target: the diffusion-init's final in-loop `{metric}` = {res['targets'][method]:.4g}.", "",
+             f"| init | post-training {unit} to target | total {unit} to target | images to target | "
+             f"post-training {unit} (all) | total {unit} (all) | final `{metric}` (in-loop) | final `{metric}` "
+             f"({res['eval_samples']} samples) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for init, row in table.iterrows():
+        lines.append(f"| {init} | {_fmt(row['posttrain_hours_to_target'], scale)} | "
+                     f"{_fmt(row['total_hours_to_target'], scale)} | {_images(row['images_to_target'])} | "
+                     f"{_fmt(row['posttrain_hours'], scale)} | {_fmt(row['total_hours'], scale)} | "
+                     f"{row[f'final_{metric}']:.4g} | {row[f'eval_{metric}']:.4g} |")
+    return lines + [""]
+
+
+def markdown(params: Params, res: dict, claims: list[dict]) -> str:
+    metric = res["metric"]
+    unit, scale = _unit(res["curves"]["total_hours"].max())
     sh = res["stage_hours"]
     lines = [
         f"# CMT benchmark report: preset `{params.preset}`", "",
@@ -199,42 +236,35 @@ def markdown(params: Params, res: dict, claim: dict) -> str:
         f"evaluation with {res['eval_samples']} samples). Compute is measured wall time of training steps x "
         f"devices ({unit}), not estimated; on a shared machine other load inflates it.", "",
         *_floor_line(res),
-        "## Claim", "",
+        "## Claims", "",
         "| claim | paper | measured | verdict |", "|---|---|---|---|",
-        f"| {claim['claim']} | CIFAR-10: up to 98% less data and GPU time (2-step FID 1.97) | {claim['measured']} "
-        f"| **{claim['verdict']}** |", "",
+        *[f"| {c['claim']} | {PAPER_ROW[c['method']]} | {c['measured']} | **{c['verdict']}** |" for c in claims], "",
         f"Paper: {PAPER}", "",
         f"Scale gap: this run trains a {params.net.depth}-block MLP (width {params.net.hidden}) on 2-D points on a CPU "
         f"for seconds; the paper trains image UNets/DiTs on GPUs for days, so agreement or disagreement here "
         f"says little about the paper's scale.", "",
-        f"## Compute to reach the target", "",
-        f"Target: the diffusion-init's final in-loop `{metric}` = {res['target']:.4g}. Upstream stages: "
-        f"pre-training {_fmt(sh['pretrain'], scale)}, trajectories {_fmt(sh['trajectories'], scale)}, "
-        f"mid-training {_fmt(sh['midtrain'], scale)} {unit}.", "",
-        f"| init | post-training {unit} to target | total {unit} to target | images to target | "
-        f"post-training {unit} (all) | total {unit} (all) | final `{metric}` (in-loop) | final `{metric}` "
-        f"({res['eval_samples']} samples) |",
-        "|---|---|---|---|---|---|---|---|",
+        "## Compute to reach the target", "",
+        f"Upstream stages: pre-training {_fmt(sh['pretrain'], scale)}, trajectories {_fmt(sh['trajectories'], scale)}, "
+        f"mid-training {_fmt(sh['midtrain'], scale)} {unit}; an init's total adds the stages it needs.", "",
     ]
-    for init, row in table.iterrows():
-        lines.append(f"| {init} | {_fmt(row['posttrain_hours_to_target'], scale)} | "
-                     f"{_fmt(row['total_hours_to_target'], scale)} | {_images(row['images_to_target'])} | "
-                     f"{_fmt(row['posttrain_hours'], scale)} | {_fmt(row['total_hours'], scale)} | "
-                     f"{row[f'final_{metric}']:.4g} | {row[f'eval_{metric}']:.4g} |")
-    lines += ["", "## Figures", "", "![metric versus compute](metric_vs_compute.png)", "",
+    for method in res["methods"]:
+        lines += _compute_table(res, method, unit, scale)
+    lines += ["## Figures", "", "![metric versus compute](metric_vs_compute.png)", "",
               "![samples](samples.png)", "",
-              "MLflow runs of post-training: " + ", ".join(f"{i} `{r}`" for i, r in res["post_runs"].items()), ""]
+              "MLflow runs of post-training: " + ", ".join(f"{m}/{i} `{r}`" for (m, i), r in res["post_runs"].items()),
+              ""]
     return "\n".join(lines)
 
 
-def summary_lines(params: Params, res: dict, claim: dict) -> list[str]:
-    table, metric = res["table"], res["metric"]
-    unit, scale = _unit(table["total_hours"].max())
-    lines = [f"{'init':<10} {'post-train ' + unit:>26} {'total ' + unit:>21} {'final ' + metric:>16}"]
-    for init, row in table.iterrows():
-        lines.append(f"{init:<10} {row['posttrain_hours'] * scale:>26.3g} {row['total_hours'] * scale:>21.3g} "
-                     f"{row[f'eval_{metric}']:>16.4g}")
-    lines.append(f"claim 1: {claim['verdict']} ({claim['measured']})")
+def summary_lines(res: dict, claims: list[dict]) -> list[str]:
+    metric = res["metric"]
+    unit, scale = _unit(res["curves"]["total_hours"].max())
+    lines = [f"{'method':<9} {'init':<10} {'post-train ' + unit:>26} {'total ' + unit:>21} {'final ' + metric:>16}"]
+    for method in res["methods"]:
+        for init, row in res["tables"][method].iterrows():
+            lines.append(f"{method:<9} {init:<10} {row['posttrain_hours'] * scale:>26.3g} "
+                         f"{row['total_hours'] * scale:>21.3g} {row[f'eval_{metric}']:>16.4g}")
+    lines += [f"claim ({LABEL[c['method']]}): {c['verdict']} ({c['measured']})" for c in claims]
     return lines
 
 
@@ -244,16 +274,15 @@ def report_dir(params: Params) -> Path:
 
 def build(params: Params) -> Path:
     res = collect(params)
-    claim = claim_cmt_vs_diffusion(res["table"])
+    claims = [claim_cmt_vs_diffusion(res["tables"][m], m) for m in res["methods"]]
     out = report_dir(params)
     out.mkdir(parents=True, exist_ok=True)
     plot_curves(res, out / "metric_vs_compute.png")
     plot_samples(res, res["heldout"], out / "samples.png")
-    (out / "report.md").write_text(markdown(params, res, claim))
-    res["table"].to_csv(out / "compute_to_target.csv")
-    write_json(out / "summary.json", {"metric": res["metric"], "target": res["target"], "noise_floor": res["floor"],
-                                      "claim": claim,
-                                      "summary": summary_lines(params, res, claim)})
+    (out / "report.md").write_text(markdown(params, res, claims))
+    pd.concat(res["tables"], names=["method"]).to_csv(out / "compute_to_target.csv")
+    write_json(out / "summary.json", {"metric": res["metric"], "targets": res["targets"], "noise_floor": res["floor"],
+                                      "claims": claims, "summary": summary_lines(res, claims)})
     return out
 
 

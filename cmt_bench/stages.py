@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from . import data as datasets
 from . import losses, metrics, nets, sampling, solvers
-from .config import INITS, Params, fingerprint
+from .config import INITS, METHODS, Params, fingerprint
 from .data import read_json, write_json
 from .ledger import Ledger, device_name
 from .paths import PATHS
@@ -22,11 +22,17 @@ from .train import Job, derive_seed, generator, quiet, train
 ART = Path("artifacts")
 CKPT = Path("checkpoints")  # resumable state; not a DVC output, so a rerun after a kill finds it
 DEVICE = torch.device("cpu")
-METHOD = {"pretrain": "flow_matching", "trajectories": "teacher_ode", "midtrain": "cmt_cm", "posttrain": "ect"}
+METHOD = {"pretrain": "flow_matching", "trajectories": "teacher_ode", "midtrain": "cmt_cm"}
 
 
-def out_dir(stage: str, init: str | None = None) -> Path:
-    return ART / stage / init if init else ART / stage
+def out_dir(stage: str, init: str | None = None, method: str | None = None) -> Path:
+    """artifacts/<stage>[/<method>][/<init>]: post-training and evaluation have one per cell."""
+    return ART.joinpath(stage, *(part for part in (method, init) if part))
+
+
+def cell(stage: str, init: str | None, method: str | None) -> str:
+    """A stage's name for one matrix cell, e.g. posttrain-meanflow-cmt (run names, checkpoints)."""
+    return "-".join(part for part in (stage, method, init) if part)
 
 
 def _seeded_net(params: Params, dim: int, two_times: bool, *tag) -> torch.nn.Module:
@@ -56,25 +62,26 @@ def _heldout_eval(params: Params, path, heldout: torch.Tensor, dim: int):
     return evaluate
 
 
-def _finish_training(stage: str, init: str | None, result, tracker, params: Params, extra: dict | None = None) -> None:
+def _finish_training(stage: str, result, tracker, *, init: str | None = None, method: str | None = None) -> None:
     """Write the stage's outputs, close its run, then drop the resumable checkpoint."""
-    out = out_dir(stage, init)
+    out = out_dir(stage, init, method)
     out.mkdir(parents=True, exist_ok=True)
     torch.save({"ema": result.ema.state_dict(), "net": result.net.state_dict()}, out / "model.pt")
-    write_json(out / "run.json", {"run_id": tracker.run_id, "stage": stage, "init": init,
-                                  "ledger": result.ledger.to_dict(), **(extra or {})})
+    write_json(out / "run.json", {"run_id": tracker.run_id, "stage": stage, "init": init, "method": method,
+                                  "ledger": result.ledger.to_dict()})
     tracker.finish()
-    shutil.rmtree(CKPT / (stage if init is None else f"{stage}-{init}"), ignore_errors=True)
+    shutil.rmtree(CKPT / cell(stage, init, method), ignore_errors=True)
 
 
 def _train_stage(params: Params, stage: str, net, job: Job, train_cfg, inputs: list[Path], *,
-                 init: str | None = None, stage_params: dict, ledger: Ledger | None = None):
-    ledger = ledger or Ledger(device=device_name(DEVICE))
-    fp = fingerprint(params, stage, init, [datasets.sha256(p) for p in inputs])
-    ckpt = CKPT / (stage if init is None else f"{stage}-{init}") / "last.pt"
+                 init: str | None = None, method: str | None = None, stage_params: dict):
+    ledger = Ledger(device=device_name(DEVICE))
+    fp = fingerprint(params, stage, init, method, [datasets.sha256(p) for p in inputs])
+    ckpt = CKPT / cell(stage, init, method) / "last.pt"
 
     def open_tracker(run_id):
-        tracker = Tracker.open(params, stage, init=init, method=METHOD[stage], run_id=run_id, stage_params=stage_params)
+        tracker = Tracker.open(params, stage, init=init, method=method or METHOD[stage], run_id=run_id,
+                               stage_params=stage_params)
         if run_id is None:
             tracker.set_tags({"device": ledger.device, "world_size": ledger.world_size,
                               "device_hours_measures": "wall time of training steps x devices; "
@@ -117,7 +124,7 @@ def run_pretrain(params: Params) -> None:
               evaluate=evaluate, label="pretrain (teacher)")
     result, tracker = _train_stage(params, "pretrain", net, job, cfg.train, [data_dir / "manifest.json"],
                                    stage_params={"pretrain": cfg.model_dump(), "net": params.net.model_dump()})
-    _finish_training("pretrain", None, result, tracker, params)
+    _finish_training("pretrain", result, tracker)
 
 
 def run_trajectories(params: Params) -> None:
@@ -169,7 +176,7 @@ def run_midtrain(params: Params) -> None:
     result, tracker = _train_stage(params, "midtrain", net, job, cfg.train,
                                    [traj_dir / "manifest.json", out_dir("pretrain") / "model.pt"],
                                    stage_params={"midtrain": cfg.model_dump()})
-    _finish_training("midtrain", None, result, tracker, params)
+    _finish_training("midtrain", result, tracker)
 
 
 def initial_net(params: Params, init: str, dim: int):
@@ -185,26 +192,38 @@ def initial_net(params: Params, init: str, dim: int):
     return net
 
 
-def run_posttrain(params: Params, init: str) -> None:
+def posttrain_loss(params: Params, method: str, path):
+    """The post-training objective of `method` as a Job loss (net, batch, generator, images seen)."""
+    cfg = params.posttrain
+    if method == "ect":
+        return lambda n, x, g, seen: losses.ect_loss(n, path, x, g, seen, cfg.ect, cfg.distance)
+    if method == "meanflow":
+        return lambda n, x, g, seen: losses.meanflow_loss(n, path, x, g, cfg.meanflow)
+    raise ValueError(f"unknown post-training method {method!r}; allowed: {', '.join(METHODS)}")
+
+
+def run_posttrain(params: Params, init: str, method: str) -> None:
     data_dir = out_dir("data")
     train_x, heldout = datasets.load_split(data_dir, "train"), datasets.load_split(data_dir, "heldout")
     dim, path, cfg = train_x.shape[1], PATHS["linear"](), params.posttrain
+    loss = posttrain_loss(params, method, path)  # an unknown method fails before the net is built
     net = initial_net(params, init, dim)
     inputs = [data_dir / "manifest.json"] + {"random": [], "diffusion": [out_dir("pretrain") / "model.pt"],
                                              "cmt": [out_dir("midtrain") / "model.pt"]}[init]
-    job = Job("posttrain", batch=lambda g, b: train_x[torch.randint(len(train_x), (b,), generator=g)],
-              loss=lambda n, x, g, seen: losses.ect_loss(n, path, x, g, seen, cfg.ect, cfg.distance),
-              evaluate=_heldout_eval(params, path, heldout, dim), label=f"posttrain ECT ({init} init)")
-    result, tracker = _train_stage(params, "posttrain", net, job, cfg.train, inputs, init=init,
-                                   stage_params={"posttrain": cfg.model_dump(), "init": init})
-    _finish_training("posttrain", init, result, tracker, params)
+    job = Job("posttrain", batch=lambda g, b: train_x[torch.randint(len(train_x), (b,), generator=g)], loss=loss,
+              evaluate=_heldout_eval(params, path, heldout, dim), label=f"posttrain {method} ({init} init)")
+    method_params = {k: v for k, v in cfg.model_dump().items() if k in ("train", method) or
+                     (k == "distance" and method == "ect")}
+    result, tracker = _train_stage(params, "posttrain", net, job, cfg.train, inputs, init=init, method=method,
+                                   stage_params={"posttrain": method_params, "init": init, "method": method})
+    _finish_training("posttrain", result, tracker, init=init, method=method)
 
 
-def run_evaluate(params: Params, init: str) -> None:
+def run_evaluate(params: Params, init: str, method: str) -> None:
     heldout = datasets.load_split(out_dir("data"), "heldout")
     dim, path, cfg = heldout.shape[1], PATHS["linear"](), params.evaluate
     net = nets.build(dim, params.net, two_times=True)
-    weights = out_dir("posttrain", init) / "model.pt"
+    weights = out_dir("posttrain", init, method) / "model.pt"
     net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True)["ema"])
     net.eval()
     start = time.perf_counter()
@@ -212,16 +231,16 @@ def run_evaluate(params: Params, init: str) -> None:
                                                         params.sampling.t_mid).items()}
     seconds = time.perf_counter() - start
     scores = metrics.score(samples, heldout.numpy(), cfg.sw_projections, cfg.seed)
-    out = out_dir("evaluate", init)
+    out = out_dir("evaluate", init, method)
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     np.savez_compressed(out / "samples.npz", **samples)
-    posttrain_run = read_json(out_dir("posttrain", init) / "run.json")["run_id"]
-    tracker = Tracker.open(params, "evaluate", init=init, method=METHOD["posttrain"],
+    posttrain_run = read_json(out_dir("posttrain", init, method) / "run.json")["run_id"]
+    tracker = Tracker.open(params, "evaluate", init=init, method=method,
                            stage_params={"evaluate": cfg.model_dump(), "sampling": params.sampling.model_dump()})
     tracker.set_tags({"posttrain_run_id": posttrain_run, "samples": str(cfg.samples)})
     tracker.log_metrics(0, {**scores, "sampling_seconds": seconds})
     tracker.log_artifact(out / "samples.npz")
     tracker.finish()
-    write_json(out / "metrics.json", {"init": init, "samples": cfg.samples, "run_id": tracker.run_id,
+    write_json(out / "metrics.json", {"init": init, "method": method, "samples": cfg.samples, "run_id": tracker.run_id,
                                       "posttrain_run_id": posttrain_run, "metrics": scores})

@@ -69,7 +69,7 @@ class Tracker:
             tags["method"] = method
         if os.environ.get("DVC_EXP_NAME"):
             tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
-        name = stage if init is None else f"{stage}-{init}"
+        name = stage if init is None else f"{stage}-{method}-{init}"  # matrix cells: init x method
         run = client.create_run(experiment_id, run_name=name, tags=tags)
         tracker = cls(client, run.info.run_id)
         tracker.log_params(stage_params or {})
