@@ -44,6 +44,10 @@ class NetConfig(Section):
     hidden: PositiveInt = 128
     depth: PositiveInt = 3
     time_features: PositiveInt = 32
+    # Highest frequency (radians per unit time) of the sinusoidal time features. MeanFlow trains
+    # through d/dt of the network: at 1000 its 1-step error on Gaussian data stayed at 0.43, at 20
+    # it fell to 0.06 (same steps), so keep it low; the fields here are smooth in t.
+    time_max_freq: PositiveFloat = 20.0
 
 
 class TimeSampling(Section):
@@ -107,7 +111,9 @@ class EctConfig(Section):
 class MeanFlowConfig(Section):
     """MeanFlow (Geng et al. 2025): (t, r) from two logit-normal draws, r = t except for a fraction
     `r_neq_t`; adaptive loss weight 1 / (|delta|^2 + adaptive_c)^adaptive_p."""
-    t_sampling: TimeSampling = TimeSampling(mean=-0.4, std=1.0)
+    # The paper's ImageNet density is (-0.4, 1.0). The 1-step jump is the corner (r, t) = (0, 1):
+    # on Gaussian data (3000 steps) that density left its error at 0.31, (0.0, 2.0) reached 0.06.
+    t_sampling: TimeSampling = TimeSampling(mean=0.0, std=2.0)
     r_neq_t: Annotated[float, Field(ge=0, le=1)] = 0.25
     adaptive_p: Annotated[float, Field(ge=0)] = 1.0
     adaptive_c: PositiveFloat = 1e-3

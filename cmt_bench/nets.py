@@ -17,9 +17,10 @@ from .config import NetConfig
 class FourierTime(nn.Module):
     """Fixed sinusoidal features of a scalar time followed by a small MLP."""
 
-    def __init__(self, features: int, out: int):
+    def __init__(self, features: int, out: int, max_freq: float):
         super().__init__()
-        self.register_buffer("freqs", torch.exp(torch.linspace(0, math.log(1000.0), features // 2)))
+        # not persistent: the frequencies come from the config, not from a checkpoint
+        self.register_buffer("freqs", torch.exp(torch.linspace(0, math.log(max_freq), features // 2)), persistent=False)
         self.mlp = nn.Sequential(nn.Linear(2 * (features // 2), out), nn.SiLU(), nn.Linear(out, out))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
@@ -44,9 +45,9 @@ class FlowMapMLP(nn.Module):
         super().__init__()
         self.dim, self.two_times = dim, two_times
         self.inp = nn.Linear(dim, cfg.hidden)
-        self.emb_t = FourierTime(cfg.time_features, cfg.hidden)
+        self.emb_t = FourierTime(cfg.time_features, cfg.hidden, cfg.time_max_freq)
         if two_times:
-            self.emb_gap = FourierTime(cfg.time_features, cfg.hidden)
+            self.emb_gap = FourierTime(cfg.time_features, cfg.hidden, cfg.time_max_freq)
             nn.init.zeros_(self.emb_gap.mlp[-1].weight)
             nn.init.zeros_(self.emb_gap.mlp[-1].bias)
         self.blocks = nn.ModuleList(ResidualBlock(cfg.hidden) for _ in range(cfg.depth))

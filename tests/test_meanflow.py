@@ -29,11 +29,10 @@ def test_jvp_matches_central_differences():
     _, dudt = torch.func.jvp(lambda a, b, c: net(a, b, c), (z, t, r), (v, torch.ones_like(t), torch.zeros_like(r)))
     with torch.no_grad():
         errors = [((net(z + h * v, t + h, r) - net(z - h * v, t - h, r)) / (2 * h) - dudt).abs().max().item()
-                  for h in (1e-4, 1e-5, 1e-6)]
-    # central differences converge as h^2 to the true derivative (the time features reach
-    # frequency 1000, so h must be small); float64 round-off stays below 1e-9 at these h
+                  for h in (1e-2, 1e-3, 1e-4)]
+    # central differences converge as h^2 to the true derivative; float64 round-off is ~1e-10 here
     assert all(a / b > 50 for a, b in zip(errors, errors[1:])), errors
-    assert errors[-1] < 1e-4 and dudt.abs().mean() > 1  # and the check is not vacuous
+    assert errors[-1] < 1e-5 and dudt.abs().mean() > 0.1, (errors, dudt.abs().mean())  # and not vacuous
 
 
 def _batch(gaussian, n, seed):

@@ -39,5 +39,11 @@ def adaptive_weighted(delta: torch.Tensor, cfg: MeanFlowConfig) -> torch.Tensor:
 def meanflow_loss(net, path, x0: torch.Tensor, generator: torch.Generator, cfg: MeanFlowConfig) -> torch.Tensor:
     eps = torch.randn(x0.shape, generator=generator)
     t, r = sample_times(x0.shape[0], cfg, generator)
-    u, target = meanflow_target(net, path.sample(x0, eps, t), t, r, path.velocity_target(x0, eps))
-    return adaptive_weighted(u - target, cfg)
+    z, v = path.sample(x0, eps, t), path.velocity_target(x0, eps)
+    # Where r = t the identity's JVP term is multiplied by t - r = 0 and the target is v, so the
+    # JVP (about 3 forward passes) runs only on the r != t part of the batch: same loss, ~2x faster.
+    jump = t != r
+    u, target = meanflow_target(net, z[jump], t[jump], r[jump], v[jump])
+    flow = ~jump
+    delta = torch.cat([u - target, net(z[flow], t[flow], r[flow]) - v[flow]])
+    return adaptive_weighted(delta, cfg)
