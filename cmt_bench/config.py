@@ -87,8 +87,8 @@ class PretrainConfig(Section):
 class TrajectoriesConfig(Section):
     count: PositiveInt = 8192
     steps: PositiveInt = 16
-    solver: Literal["euler", "heun"] = "heun"
-    grid: Literal["uniform", "edm"] = "uniform"
+    solver: Literal["euler", "heun", "dpm_solver_pp_2m"] = "heun"
+    grid: Literal["uniform", "edm", "logsnr"] = "uniform"
     rho: PositiveFloat = 7.0  # EDM grid exponent, used when grid == "edm"
     batch_size: PositiveInt = 4096
 

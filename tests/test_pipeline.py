@@ -1,4 +1,5 @@
 """A real `dvc repro` of the smoke preset in a temporary git repo, read back from MLflow."""
+import json
 import os
 import re
 import shutil
@@ -7,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import ROOT
 from mlflow.tracking import MlflowClient
 
@@ -98,3 +100,18 @@ def test_temp_experiment_logs_to_the_repo_store(repo):
     assert sorted(r.data.tags["init"] for r in post) == ["cmt", "diffusion", "random"]
     assert {r.data.tags["method"] for r in post} == {"ect"}
     assert all(r.data.tags.get("dvc_exp_name") == "ect-only" for r in new if r.data.tags.get("stage") != "pipeline")
+
+
+def test_trajectories_are_identical_across_runs(repo):
+    """Same seed, same teacher: DPM-Solver++ trajectories on the log-SNR grid come out byte-identical
+    (the manifest holds each shard's sha256). Last in this module: it rewrites the stage's outputs."""
+    repo, env, _ = repo
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["trajectories"].update(solver="dpm_solver_pp_2m", grid="logsnr")
+    (repo / "dpm.yaml").write_text(yaml.safe_dump(params))
+    manifests = []
+    for _ in range(2):
+        sh("python -m cmt_bench --params dpm.yaml trajectories", repo, env)
+        manifests.append(json.loads((repo / "artifacts/trajectories/manifest.json").read_text()))
+    assert manifests[0] == manifests[1]
+    assert manifests[0]["solver"] == "dpm_solver_pp_2m" and manifests[0]["nfe_per_trajectory"] == 8
