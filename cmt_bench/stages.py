@@ -168,7 +168,8 @@ def run_midtrain(params: Params) -> None:
     times = torch.tensor(manifest["times"], dtype=traj.dtype)
     heldout = datasets.load_split(out_dir("data"), "heldout")
     dim, path, cfg = manifest["dim"], PATHS["linear"](), params.midtrain
-    net = nets.build(dim, params.net, two_times=True)
+    # seeded: the teacher has no gap embedding, so its first layers keep their fresh random values
+    net = _seeded_net(params, dim, True, "midtrain")
     nets.load_teacher_into(net, _load_weights("pretrain"))
     job = Job("midtrain", batch=lambda g, b: traj[torch.randint(len(traj), (b,), generator=g)],
               loss=lambda n, x, g, seen: losses.cmt_cm_loss(n, x, times, g, cfg.distance),
@@ -180,9 +181,11 @@ def run_midtrain(params: Params) -> None:
 
 
 def initial_net(params: Params, init: str, dim: int):
+    # every init is seeded: a diffusion init keeps the fresh values of the gap embedding's first
+    # layers (the teacher has none), and an unseeded draw made reruns differ (measured)
+    net = _seeded_net(params, dim, True, "posttrain")
     if init == "random":
-        return _seeded_net(params, dim, True, "posttrain")
-    net = nets.build(dim, params.net, two_times=True)
+        return net
     if init == "diffusion":
         nets.load_teacher_into(net, _load_weights("pretrain"))
     elif init == "cmt":
