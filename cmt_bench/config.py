@@ -94,6 +94,9 @@ class TrajectoriesConfig(Section):
 
 
 class MidtrainConfig(Section):
+    # cm: jumps to time 0 (CMT-CM, for consistency post-training); mf: jumps between any two
+    # trajectory points (CMT-MF, for flow-map post-training such as MeanFlow)
+    variant: Literal["cm", "mf"] = "cm"
     train: TrainConfig = TrainConfig()
     distance: Distance = Distance()
 

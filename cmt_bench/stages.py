@@ -22,7 +22,8 @@ from .train import Job, derive_seed, generator, quiet, train
 ART = Path("artifacts")
 CKPT = Path("checkpoints")  # resumable state; not a DVC output, so a rerun after a kill finds it
 DEVICE = torch.device("cpu")
-METHOD = {"pretrain": "flow_matching", "trajectories": "teacher_ode", "midtrain": "cmt_cm"}
+METHOD = {"pretrain": "flow_matching", "trajectories": "teacher_ode"}
+MIDTRAIN_LOSS = {"cm": losses.cmt_cm_loss, "mf": losses.cmt_mf_loss}
 
 
 def out_dir(stage: str, init: str | None = None, method: str | None = None) -> Path:
@@ -74,13 +75,15 @@ def _finish_training(stage: str, result, tracker, *, init: str | None = None, me
 
 
 def _train_stage(params: Params, stage: str, net, job: Job, train_cfg, inputs: list[Path], *,
-                 init: str | None = None, method: str | None = None, stage_params: dict):
+                 init: str | None = None, method: str | None = None, method_tag: str | None = None,
+                 stage_params: dict):
+    """Train one stage (or matrix cell); `method_tag` names the method in MLflow where it is not a cell."""
     ledger = Ledger(device=device_name(DEVICE))
     fp = fingerprint(params, stage, init, method, [datasets.sha256(p) for p in inputs])
     ckpt = CKPT / cell(stage, init, method) / "last.pt"
 
     def open_tracker(run_id):
-        tracker = Tracker.open(params, stage, init=init, method=method or METHOD[stage], run_id=run_id,
+        tracker = Tracker.open(params, stage, init=init, method=method_tag or method or METHOD[stage], run_id=run_id,
                                stage_params=stage_params)
         if run_id is None:
             tracker.set_tags({"device": ledger.device, "world_size": ledger.world_size,
@@ -171,12 +174,13 @@ def run_midtrain(params: Params) -> None:
     # seeded: the teacher has no gap embedding, so its first layers keep their fresh random values
     net = _seeded_net(params, dim, True, "midtrain")
     nets.load_teacher_into(net, _load_weights("pretrain"))
+    loss = MIDTRAIN_LOSS[cfg.variant]
     job = Job("midtrain", batch=lambda g, b: traj[torch.randint(len(traj), (b,), generator=g)],
-              loss=lambda n, x, g, seen: losses.cmt_cm_loss(n, x, times, g, cfg.distance),
-              evaluate=_heldout_eval(params, path, heldout, dim), label="midtrain (CMT)")
+              loss=lambda n, x, g, seen: loss(n, x, times, g, cfg.distance),
+              evaluate=_heldout_eval(params, path, heldout, dim), label=f"midtrain (CMT-{cfg.variant.upper()})")
     result, tracker = _train_stage(params, "midtrain", net, job, cfg.train,
                                    [traj_dir / "manifest.json", out_dir("pretrain") / "model.pt"],
-                                   stage_params={"midtrain": cfg.model_dump()})
+                                   method_tag=f"cmt_{cfg.variant}", stage_params={"midtrain": cfg.model_dump()})
     _finish_training("midtrain", result, tracker)
 
 

@@ -115,6 +115,30 @@ def test_cmt_loss_zero_at_exact_flow_map_positive_off(gaussian, kind):
 
 
 @pytest.mark.parametrize("kind", ["l2", "pseudo_huber"])
+def test_cmt_mf_loss_zero_at_exact_flow_map_positive_off(gaussian, kind):
+    """CMT-MF: on exact trajectories every pair's average velocity is the exact u(x_i, t_j, t_i)."""
+    traj, times = _exact_trajectories(gaussian)
+    dist = Distance(kind=kind)
+    exact = losses.cmt_mf_loss(ExactFlowMap(gaussian), traj, times, gen(), dist)
+    off = losses.cmt_mf_loss(ExactFlowMap(gaussian, scale=0.1), traj, times, gen(), dist)
+    assert exact.abs() < 1e-10 and off > 1e-4
+
+
+def test_cmt_mf_pairs_cover_all_index_pairs(gaussian):
+    """The pair sampler reaches every (i, j), i < j, including the clean end (j = M)."""
+    traj, times = _exact_trajectories(gaussian)
+    seen = set()
+
+    class Recorder(torch.nn.Module):
+        def forward(self, x, t, s):
+            seen.update(zip(t.tolist(), s.tolist()))
+            return torch.zeros_like(x)
+    losses.cmt_mf_loss(Recorder(), traj.repeat(40, 1, 1), times, gen(3), Distance())
+    m = len(times) - 1
+    assert len(seen) == m * (m + 1) // 2 and all(t > s for t, s in seen)
+
+
+@pytest.mark.parametrize("kind", ["l2", "pseudo_huber"])
 def test_consistency_loss_zero_on_exact_ode_pairs(gaussian, kind):
     """On pairs joined by the exact ODE the consistency loss vanishes at the exact map only."""
     x0 = gaussian.sample(1024, gen(8))

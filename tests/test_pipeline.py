@@ -117,6 +117,15 @@ def test_trajectories_are_identical_across_runs(repo):
     assert manifests[0] == manifests[1]
     assert manifests[0]["solver"] == "dpm_solver_pp_2m" and manifests[0]["nfe_per_trajectory"] == 8
 
+    # CMT-MF mid-training runs on them and says so in MLflow
+    params["midtrain"]["variant"] = "mf"
+    (repo / "dpm.yaml").write_text(yaml.safe_dump(params))
+    sh("python -m cmt_bench --params dpm.yaml midtrain", repo, env)
+    run_id = json.loads((repo / "artifacts/midtrain/run.json").read_text())["run_id"]
+    client, _ = _runs(repo)
+    assert client.get_run(run_id).data.tags["method"] == "cmt_mf"
+    assert not (repo / "checkpoints/midtrain").exists()  # finished: resumable state dropped
+
 
 def test_posttrain_rerun_gives_identical_weights(repo):
     """Every random choice is seeded: rerunning a cell from the diffusion init (whose gap
