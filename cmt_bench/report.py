@@ -192,14 +192,10 @@ def plot_samples(res: dict, heldout: np.ndarray, path: Path) -> None:
     plt.close(fig)
 
 
-def _fmt(x, scale=1.0, digits=3) -> str:
+def _fmt(x, scale=1.0, spec=".3g") -> str:
     if x is None or (isinstance(x, float) and np.isnan(x)):
         return "not reached"
-    return f"{x * scale:.{digits}g}"
-
-
-def _images(x) -> str:
-    return "not reached" if x is None or np.isnan(x) else f"{x:,.0f}"
+    return f"{x * scale:{spec}}"
 
 
 def _floor_line(res: dict) -> list[str]:
@@ -219,7 +215,7 @@ def _compute_table(res: dict, method: str, unit: str, scale: float) -> list[str]
              "|---|---|---|---|---|---|---|---|"]
     for init, row in table.iterrows():
         lines.append(f"| {init} | {_fmt(row['posttrain_hours_to_target'], scale)} | "
-                     f"{_fmt(row['total_hours_to_target'], scale)} | {_images(row['images_to_target'])} | "
+                     f"{_fmt(row['total_hours_to_target'], scale)} | {_fmt(row['images_to_target'], spec=',.0f')} | "
                      f"{_fmt(row['posttrain_hours'], scale)} | {_fmt(row['total_hours'], scale)} | "
                      f"{row[f'final_{metric}']:.4g} | {row[f'eval_{metric}']:.4g} |")
     return lines + [""]

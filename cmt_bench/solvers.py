@@ -42,7 +42,16 @@ def heun_step(v: Velocity, x, t, t_next):
     return x + (t_next - t) * 0.5 * (d + v(x_euler, t_next)), 2
 
 
-SOLVERS = {"euler": euler_step, "heun": heun_step}  # one-step methods; multistep ones below
+def one_step_method(step):
+    """A whole-grid solver from a one-step method (x, t, t_next) -> (x_next, evaluations)."""
+    def solve(v: Velocity, x1: torch.Tensor, grid: torch.Tensor) -> tuple[list[torch.Tensor], int]:
+        states, nfe, x = [x1], 0, x1
+        for t, t_next in zip(grid[:-1], grid[1:]):
+            x, n = step(v, x, t, t_next)
+            states.append(x)
+            nfe += n
+        return states, nfe
+    return solve
 
 
 def _log_snr(t: torch.Tensor) -> torch.Tensor:
@@ -71,20 +80,16 @@ def dpm_solver_pp_2m(v: Velocity, x1: torch.Tensor, grid: torch.Tensor) -> tuple
     return states, len(grid) - 1
 
 
+# every solver maps (v, x1, grid) to (all states, evaluations per sample)
+SOLVERS = {"euler": one_step_method(euler_step), "heun": one_step_method(heun_step),
+           "dpm_solver_pp_2m": dpm_solver_pp_2m}
+
+
 @torch.no_grad()
 def integrate(v: Velocity, x1: torch.Tensor, grid: torch.Tensor, solver: str = "heun") -> tuple[torch.Tensor, int]:
     """Solve dx/dt = v(x, t) along `grid`; return all states [len(grid), B, ...] and the number of
     velocity evaluations per sample (NFE)."""
-    grid = grid.to(x1.dtype)
-    if solver == "dpm_solver_pp_2m":
-        states, nfe = dpm_solver_pp_2m(v, x1, grid)
-        return torch.stack(states), nfe
     if solver not in SOLVERS:
-        raise ValueError(f"unknown solver {solver!r}; allowed: {', '.join([*SOLVERS, 'dpm_solver_pp_2m'])}")
-    step = SOLVERS[solver]
-    states, nfe, x = [x1], 0, x1
-    for t, t_next in zip(grid[:-1], grid[1:]):
-        x, n = step(v, x, t, t_next)
-        states.append(x)
-        nfe += n
+        raise ValueError(f"unknown solver {solver!r}; allowed: {', '.join(SOLVERS)}")
+    states, nfe = SOLVERS[solver](v, x1, grid.to(x1.dtype))
     return torch.stack(states), nfe
