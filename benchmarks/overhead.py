@@ -61,7 +61,7 @@ def setup(steps: int):
 
 def fresh_net(params):
     torch.manual_seed(0)  # identical initial weights on both sides
-    return nets.build(2, params.net, two_times=False)
+    return nets.build((2,), params.net, two_times=False)
 
 
 def loss_fn(params):

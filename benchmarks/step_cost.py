@@ -60,7 +60,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     params = config.preset("toy", ROOT)
     torch.manual_seed(0)
-    net = nets.build(2, params.net, two_times=True)
+    net = nets.build((2,), params.net, two_times=True)
     opt = torch.optim.Adam(net.parameters(), lr=1e-4, foreach=True)
     x = torch.randn(params.posttrain.train.batch_size, 2)
     fns, gen = step_fns(params, net), torch.Generator().manual_seed(0)

@@ -22,6 +22,7 @@ def _parser() -> argparse.ArgumentParser:
         s = sub.add_parser(stage, help=f"run the {stage} stage")
         if stage in ("posttrain", "evaluate"):
             s.add_argument("--init", required=True, choices=config.INITS)
+        if stage in ("midtrain", "posttrain", "evaluate"):
             s.add_argument("--method", required=True, choices=config.METHODS)
     sub.add_parser("check", help="validate the parameter file and exit")
     sub.add_parser("summary", help="print the report's short summary")
@@ -53,7 +54,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from . import stages
     run = getattr(stages, f"run_{args.command}")
-    run(params, args.init, args.method) if args.command in ("posttrain", "evaluate") else run(params)
+    if args.command in ("posttrain", "evaluate"):
+        run(params, args.init, args.method)
+    elif args.command == "midtrain":
+        run(params, args.method)
+    else:
+        run(params)
     return 0
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 # strict: a YAML `true` must not pass for the integer 1
 PositiveInt = Annotated[int, Field(gt=0, strict=True)]
@@ -32,22 +32,51 @@ class TrackingConfig(Section):
     experiment: str = "cmt_bench"
 
 
+TOY_DATASETS = ("checkerboard", "eight_gaussians", "two_moons")
+IMAGE_DATASETS = ("digits", "fashion", "folder", "cifar10")
+
+
 class DataConfig(Section):
-    dataset: Literal["checkerboard", "eight_gaussians", "two_moons"] = "checkerboard"
+    dataset: Literal[TOY_DATASETS + IMAGE_DATASETS] = "checkerboard"  # type: ignore[valid-type]
+    # toy: how many points to draw; images: at most this many (digits split their one pool)
     train_size: PositiveInt = 20_000
     heldout_size: PositiveInt = 4_000
-    samples_per_record: PositiveInt = 1_000  # several points per tar member: headers cost 512 B
+    path: str | None = None  # folder / cifar10: where the images are (never downloaded); fashion: optional
+    resolution: PositiveInt | None = None  # folder: resize to this square size (None: the first image's)
+    channels: Literal[1, 3] = 3  # folder: grey or RGB
+    pad_to: PositiveInt | None = None  # zero-pad images to this square size (fashion 28 -> 32)
+    samples_per_record: PositiveInt = 1_000  # several samples per tar member: headers cost 512 B
     records_per_shard: PositiveInt = 10
+
+    @property
+    def is_image(self) -> bool:
+        return self.dataset in IMAGE_DATASETS
 
 
 class NetConfig(Section):
-    hidden: PositiveInt = 128
-    depth: PositiveInt = 3
+    kind: Literal["mlp", "unet"] = "mlp"  # mlp for vectors (toy), unet for images
+    hidden: PositiveInt = 128  # mlp width
+    depth: PositiveInt = 3  # mlp residual blocks
+    # unet: base channels, multiplier per resolution level (each level halves the size), residual
+    # blocks per level, self-attention at the lowest resolution, dropout inside residual blocks
+    channels: PositiveInt = 32
+    channel_mult: list[PositiveInt] = [1, 2]
+    blocks_per_level: PositiveInt = 1
+    attention: bool = True
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    norm_groups: PositiveInt = 8
     time_features: PositiveInt = 32
     # Highest frequency (radians per unit time) of the sinusoidal time features. MeanFlow trains
     # through d/dt of the network: at 1000 its 1-step error on Gaussian data stayed at 0.43, at 20
     # it fell to 0.06 (same steps), so keep it low; the fields here are smooth in t.
     time_max_freq: PositiveFloat = 20.0
+
+    @field_validator("channel_mult")
+    @classmethod
+    def _some_levels(cls, mult: list[int]) -> list[int]:
+        if not mult:
+            raise ValueError("give at least one level, e.g. [1, 2]")
+        return mult
 
 
 class TimeSampling(Section):
@@ -94,9 +123,10 @@ class TrajectoriesConfig(Section):
 
 
 class MidtrainConfig(Section):
-    # cm: jumps to time 0 (CMT-CM, for consistency post-training); mf: jumps between any two
-    # trajectory points (CMT-MF, for flow-map post-training such as MeanFlow)
-    variant: Literal["cm", "mf"] = "cm"
+    # Mid-training runs once per post-training method, in the variant given here: cm jumps to
+    # time 0 (CMT-CM, for consistency post-training); mf jumps between any two trajectory points
+    # (CMT-MF, for flow maps such as MeanFlow).
+    variants: dict[Literal[METHODS], Literal["cm", "mf"]] = {"ect": "cm", "meanflow": "mf"}  # type: ignore[valid-type]
     train: TrainConfig = TrainConfig()
     distance: Distance = Distance()
 
@@ -166,6 +196,17 @@ class Params(Section):
     sampling: SamplingConfig = SamplingConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     report: ReportConfig = ReportConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Params":
+        missing = [m for m in self.posttrain.methods if m not in self.midtrain.variants]
+        if missing:
+            raise ValueError(f"midtrain.variants: give a CMT variant (cm or mf) for post-training method(s) "
+                             f"{', '.join(missing)}")
+        if self.data.is_image != (self.net.kind == "unet"):
+            raise ValueError(f"net.kind: {self.net.kind!r} does not fit data.dataset={self.data.dataset!r}; "
+                             f"use unet for images ({', '.join(IMAGE_DATASETS)}), mlp for 2-D toy data")
+        return self
 
 
 class ParamsError(ValueError):

@@ -1,7 +1,8 @@
-"""Datasets as webdataset shards: 2-D toy distributions and arrays of teacher trajectories.
+"""Datasets as webdataset shards: 2-D toy points, images (uint8) and teacher trajectories.
 
 Small samples are packed several to a tar member (`samples_per_record`), since each member costs
-a 512-byte header. A manifest beside the shards records counts, seed and each shard's sha256.
+a 512-byte header. A manifest beside the shards records counts, shape, seed and each shard's
+sha256. Images are stored as uint8 and come back as floats in [-1, 1].
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
+from . import sources
 from .config import DataConfig
 
 
@@ -66,20 +68,32 @@ def read_shards(out_dir: Path, prefix: str, verify: dict | None = None) -> torch
         if actual != expected:
             raise ValueError(f"shards in {out_dir} do not match their manifest (changed or partial): rerun the stage")
     records = wds.WebDataset([str(p) for p in shards], shardshuffle=False, empty_check=False).decode()
-    array = torch.from_numpy(np.concatenate([r["x.npy"] for r in records]))
+    array = np.concatenate([r["x.npy"] for r in records])
+    # uint8 images -> [-1, 1]
+    array = torch.from_numpy(array).float() / 127.5 - 1 if array.dtype == np.uint8 else torch.from_numpy(array)
     if verify is not None and len(array) != verify["count"]:
         raise ValueError(f"{out_dir}: read {len(array)} samples, manifest says {verify['count']}")
     return array
 
 
-def make_toy_dataset(cfg: DataConfig, seed: int, out_dir: Path) -> dict:
+def make_dataset(cfg: DataConfig, seed: int, out_dir: Path) -> dict:
+    """Write the train and held-out splits as shards; return the manifest (also written)."""
     rng = np.random.default_rng(seed)
-    manifest = {"dataset": cfg.dataset, "seed": seed, "dim": 2, "splits": {}}
-    for split, n in (("train", cfg.train_size), ("heldout", cfg.heldout_size)):
-        manifest["splits"][split] = write_shards(out_dir, split, toy(cfg.dataset, n, rng),
-                                                 cfg.samples_per_record, cfg.records_per_shard)
+    if cfg.is_image:
+        splits = [sources.pad(x, cfg.pad_to) for x in sources.SOURCES[cfg.dataset](cfg, rng)]
+    else:
+        splits = [toy(cfg.dataset, n, rng) for n in (cfg.train_size, cfg.heldout_size)]
+    manifest = {"dataset": cfg.dataset, "seed": seed, "shape": list(splits[0].shape[1:]),
+                "dtype": str(splits[0].dtype), "splits": {}}
+    for split, array in zip(("train", "heldout"), splits):
+        manifest["splits"][split] = write_shards(out_dir, split, array, cfg.samples_per_record, cfg.records_per_shard)
     write_json(out_dir / "manifest.json", manifest)
     return manifest
+
+
+def data_shape(data_dir: Path) -> tuple[int, ...]:
+    """The shape of one sample: (2,) for toy points, (C, H, W) for images."""
+    return tuple(read_json(data_dir / "manifest.json")["shape"])
 
 
 def load_split(data_dir: Path, split: str) -> torch.Tensor:

@@ -18,6 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
+import torch  # noqa: E402
 
 from . import metrics  # noqa: E402
 from .config import INITS, Params  # noqa: E402
@@ -90,12 +91,19 @@ def collect(params: Params) -> dict:
     """Everything the report shows, read from MLflow via the run ids in the stage outputs."""
     client = _client(params)
     metric, methods = params.report.metric, params.posttrain.methods
-    stage_hours = {s: client.get_run(read_json(out_dir(s) / "run.json")["run_id"]).data.metrics["device_hours"]
-                   for s in ("pretrain", "trajectories", "midtrain")}
+
+    def hours(stage: str, method: str | None = None) -> float:
+        run_id = read_json(out_dir(stage, method=method) / "run.json")["run_id"]
+        return client.get_run(run_id).data.metrics["device_hours"]
+    # mid-training runs once per method (its CMT variant), so upstream compute is per (init, method)
+    stage_hours = {"pretrain": hours("pretrain"), "trajectories": hours("trajectories"),
+                   "midtrain": {m: hours("midtrain", m) for m in methods}}
+    upstream = {(m, i): sum(stage_hours["midtrain"][m] if s == "midtrain" else stage_hours[s] for s in UPSTREAM[i])
+                for m in methods for i in INITS}
     cells = [(m, i) for m in methods for i in INITS]
     post_runs = {c: read_json(out_dir("posttrain", c[1], c[0]) / "run.json")["run_id"] for c in cells}
     curves = load_curves(client, post_runs, ["device_hours", "images_seen", metric])
-    curves["upstream_hours"] = curves["init"].map({i: sum(stage_hours[s] for s in UPSTREAM[i]) for i in INITS})
+    curves["upstream_hours"] = [upstream[m, i] for m, i in zip(curves["method"], curves["init"])]
     curves["total_hours"] = curves["upstream_hours"] + curves["device_hours"]
     final_eval = {c: read_json(out_dir("evaluate", c[1], c[0]) / "metrics.json") for c in cells}
     heldout = load_split(out_dir("data"), "heldout").numpy()
@@ -104,7 +112,11 @@ def collect(params: Params) -> dict:
         targets[method], tables[method] = _table(curves, final_eval, metric, method)
     return {"metric": metric, "methods": methods, "targets": targets, "tables": tables, "curves": curves,
             "stage_hours": stage_hours, "eval_samples": next(iter(final_eval.values()))["samples"],
-            "post_runs": post_runs, "floor": noise_floor(params, heldout), "heldout": heldout}
+            "post_runs": post_runs, "floor": noise_floor(params, heldout), "heldout": heldout,
+            "train_count": read_json(out_dir("data") / "manifest.json")["splits"]["train"]["count"],
+            "device": client.get_run(post_runs[cells[0]]).data.tags.get("device", "an unknown device"),
+            "parameters": sum(v.numel() for v in torch.load(out_dir("posttrain", "cmt", methods[0]) / "model.pt",
+                                                            map_location="cpu", weights_only=True)["ema"].values())}
 
 
 def noise_floor(params: Params, heldout: np.ndarray) -> float | None:
@@ -173,20 +185,37 @@ def plot_curves(res: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def image_grid(x: np.ndarray, side: int = 8) -> np.ndarray:
+    """The first side x side images of [N, C, H, W] in [-1, 1] tiled into one [H', W'(, 3)] array in [0, 1]."""
+    x = np.clip((x[: side * side] + 1) / 2, 0, 1)
+    x = np.concatenate([x, np.ones((side * side - len(x), *x.shape[1:]))]) if len(x) < side * side else x
+    n, c, h, w = x.shape
+    pad = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)), constant_values=1)  # white gutters
+    grid = pad.reshape(side, side, c, h + 2, w + 2).transpose(0, 3, 1, 4, 2).reshape(side * (h + 2), side * (w + 2), c)
+    return grid[..., 0] if c == 1 else grid
+
+
 def plot_samples(res: dict, heldout: np.ndarray, path: Path) -> None:
-    """Rows: method x sampler (1- and 2-step); columns: held-out data, then each init."""
+    """Rows: method x sampler (1- and 2-step); columns: held-out data, then each init. Points are
+    scattered, images tiled."""
     rows = [(m, s) for m in res["methods"] for s in ("1step", "2step")]
+    images = heldout.ndim == 4
     fig, axes = plt.subplots(len(rows), 4, figsize=(12, 3 * len(rows)), sharex=True, sharey=True, squeeze=False)
     n = res["eval_samples"]
+
+    def show(ax, x, color):
+        if images:
+            ax.imshow(image_grid(x), cmap="gray", vmin=0, vmax=1)
+            ax.set_axis_off()
+        else:
+            ax.scatter(*x.T, s=1, c=color, alpha=0.4)
+            ax.set(xlim=(-3, 3), ylim=(-3, 3), aspect="equal")
     for r, (method, steps) in enumerate(rows):
-        axes[r, 0].scatter(*heldout[:n].T, s=1, c="k", alpha=0.4)
-        axes[r, 0].set_title(f"held-out data (n={min(n, len(heldout))})")
+        show(axes[r, 0], heldout[:n], "k")
+        axes[r, 0].set_title("held-out data" if images else f"held-out data (n={min(n, len(heldout))})")
         for col, init in enumerate(INITS, start=1):
-            x = np.load(out_dir("evaluate", init, method) / "samples.npz")[steps]
-            axes[r, col].scatter(*x.T, s=1, c=PALETTE[init], alpha=0.4)
+            show(axes[r, col], np.load(out_dir("evaluate", init, method) / "samples.npz")[steps], PALETTE[init])
             axes[r, col].set_title(f"{LABEL[method]}, {init} init, {steps.replace('step', '-step')}")
-    for ax in axes.flat:
-        ax.set(xlim=(-3, 3), ylim=(-3, 3), aspect="equal")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
@@ -221,13 +250,27 @@ def _compute_table(res: dict, method: str, unit: str, scale: float) -> list[str]
     return lines + [""]
 
 
+def _data_line(res: dict) -> str:
+    heldout = res["heldout"]
+    kind = f"{'x'.join(map(str, heldout.shape[1:]))} images" if heldout.ndim == 4 else "2-D points"
+    return f"{kind}, {res['train_count']} train / {len(heldout)} held out"
+
+
+def _model_line(params: Params, res: dict) -> str:
+    if params.net.kind == "mlp":
+        shape = f"a {params.net.depth}-block MLP (width {params.net.hidden})"
+    else:
+        shape = f"a UNet (channels {params.net.channels} x {params.net.channel_mult})"
+    return f"{shape} of {res['parameters'] / 1e6:.2g} M parameters on {_data_line(res)}"
+
+
 def markdown(params: Params, res: dict, claims: list[dict]) -> str:
     metric = res["metric"]
     unit, scale = _unit(res["curves"]["total_hours"].max())
     sh = res["stage_hours"]
     lines = [
         f"# CMT benchmark report: preset `{params.preset}`", "",
-        f"Dataset: `{params.data.dataset}` (2-D toy, {params.data.train_size} train points), "
+        f"Dataset: `{params.data.dataset}` ({_data_line(res)}), "
         f"metric `{metric}` (lower is better; in-loop with {params.evaluate.inloop_samples} samples, final "
         f"evaluation with {res['eval_samples']} samples). Compute is measured wall time of training steps x "
         f"devices ({unit}), not estimated; on a shared machine other load inflates it.", "",
@@ -236,12 +279,14 @@ def markdown(params: Params, res: dict, claims: list[dict]) -> str:
         "| claim | paper | measured | verdict |", "|---|---|---|---|",
         *[f"| {c['claim']} | {PAPER_ROW[c['method']]} | {c['measured']} | **{c['verdict']}** |" for c in claims], "",
         f"Paper: {PAPER}", "",
-        f"Scale gap: this run trains a {params.net.depth}-block MLP (width {params.net.hidden}) on 2-D points on a CPU "
-        f"for seconds; the paper trains image UNets/DiTs on GPUs for days, so agreement or disagreement here "
-        f"says little about the paper's scale.", "",
+        f"Scale gap: this run trains {_model_line(params, res)} on {res['device']}; the paper trains "
+        f"image UNets/DiTs with tens to hundreds of millions of parameters on GPUs for days, so agreement or "
+        f"disagreement here says little about the paper's scale.", "",
         "## Compute to reach the target", "",
         f"Upstream stages: pre-training {_fmt(sh['pretrain'], scale)}, trajectories {_fmt(sh['trajectories'], scale)}, "
-        f"mid-training {_fmt(sh['midtrain'], scale)} {unit}; an init's total adds the stages it needs.", "",
+        "mid-training " + ", ".join(f"{_fmt(h, scale)} ({LABEL[m]}: CMT-{params.midtrain.variants[m].upper()})"
+                                    for m, h in sh["midtrain"].items())
+        + f" {unit}; an init's total adds the stages it needs.", "",
     ]
     for method in res["methods"]:
         lines += _compute_table(res, method, unit, scale)

@@ -20,9 +20,9 @@ def two_step(net, path, eps: torch.Tensor, eps_mid: torch.Tensor, t_mid: float) 
 
 
 @torch.no_grad()
-def sample(net, path, n: int, dim: int, seed: int, t_mid: float, batch_size: int = 8192) -> dict[str, torch.Tensor]:
+def sample(net, path, n: int, shape: tuple[int, ...], seed: int, t_mid: float, batch_size: int = 1024) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    eps, eps_mid = torch.randn(n, dim, generator=gen), torch.randn(n, dim, generator=gen)
+    eps, eps_mid = torch.randn(n, *shape, generator=gen), torch.randn(n, *shape, generator=gen)
     out = {"1step": [], "2step": []}
     for i in range(0, n, batch_size):
         e, m = eps[i:i + batch_size], eps_mid[i:i + batch_size]

@@ -36,27 +36,26 @@ def cell(stage: str, init: str | None, method: str | None) -> str:
     return "-".join(part for part in (stage, method, init) if part)
 
 
-def _seeded_net(params: Params, dim: int, two_times: bool, *tag) -> torch.nn.Module:
+def _seeded_net(params: Params, shape: tuple[int, ...], two_times: bool, *tag) -> torch.nn.Module:
     torch.manual_seed(derive_seed(params.seed, "init", *tag))
-    return nets.build(dim, params.net, two_times)
+    return nets.build(shape, params.net, two_times)
 
 
-
-def _load_weights(stage: str) -> dict:
-    path = out_dir(stage) / "model.pt"
+def _load_weights(stage: str, method: str | None = None) -> dict:
+    path = out_dir(stage, method=method) / "model.pt"
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: run the {stage} stage first (dvc repro)")
+        raise FileNotFoundError(f"{path} is missing: run the {cell(stage, None, method)} stage first (dvc repro)")
     return torch.load(path, map_location="cpu", weights_only=True)["ema"]
 
 
-def _heldout_eval(params: Params, path, heldout: torch.Tensor, dim: int):
+def _heldout_eval(params: Params, path, heldout: torch.Tensor, shape: tuple[int, ...]):
     """In-loop 1- and 2-step metrics at a fixed sample seed, so curve points are comparable."""
     ref = heldout[: params.evaluate.inloop_samples].numpy()
     n = params.evaluate.inloop_samples
 
     def evaluate(net) -> dict[str, float]:
         net.eval()
-        out = sampling.sample(net, path, n, dim, params.evaluate.seed, params.sampling.t_mid)
+        out = sampling.sample(net, path, n, shape, params.evaluate.seed, params.sampling.t_mid)
         net.train()
         return metrics.score({k: v.numpy() for k, v in out.items()}, ref, params.evaluate.sw_projections,
                              params.evaluate.seed)
@@ -99,7 +98,7 @@ def _train_stage(params: Params, stage: str, net, job: Job, train_cfg, inputs: l
 def run_data(params: Params) -> None:
     out = out_dir("data")
     shutil.rmtree(out, ignore_errors=True)
-    manifest = datasets.make_toy_dataset(params.data, params.seed, out)
+    manifest = datasets.make_dataset(params.data, params.seed, out)
     tracker = Tracker.open(params, "data", stage_params={"data": params.data.model_dump()})
     tracker.log_artifact(out / "manifest.json")
     tracker.finish()
@@ -110,14 +109,14 @@ def run_data(params: Params) -> None:
 def run_pretrain(params: Params) -> None:
     data_dir = out_dir("data")
     train_x, heldout = datasets.load_split(data_dir, "train"), datasets.load_split(data_dir, "heldout")
-    dim, path, cfg = train_x.shape[1], PATHS["linear"](), params.pretrain
-    net = _seeded_net(params, dim, False, "pretrain")
+    shape, path, cfg = tuple(train_x.shape[1:]), PATHS["linear"](), params.pretrain
+    net = _seeded_net(params, shape, False, "pretrain")
     ref = heldout[: params.evaluate.inloop_samples].numpy()
     traj_cfg = params.trajectories
     grid = solvers.time_grid(traj_cfg.steps, traj_cfg.grid, traj_cfg.rho)
 
     def evaluate(ema) -> dict[str, float]:  # the teacher's ODE samples with the trajectory solver
-        x1 = torch.randn(len(ref), dim, generator=torch.Generator().manual_seed(params.evaluate.seed))
+        x1 = torch.randn(len(ref), *shape, generator=torch.Generator().manual_seed(params.evaluate.seed))
         x0 = solvers.integrate(lambda x, t: ema(x, t), x1, grid, traj_cfg.solver)[0][-1].numpy()
         return {"fd_raw_ode": metrics.fd_raw(x0, ref),
                 "sw_ode": metrics.sliced_wasserstein(x0, ref, params.evaluate.sw_projections, params.evaluate.seed)}
@@ -133,8 +132,8 @@ def run_pretrain(params: Params) -> None:
 def run_trajectories(params: Params) -> None:
     cfg = params.trajectories
     teacher_weights = _load_weights("pretrain")
-    dim = datasets.read_json(out_dir("data") / "manifest.json")["dim"]
-    teacher = nets.build(dim, params.net, two_times=False)
+    shape = datasets.data_shape(out_dir("data"))
+    teacher = nets.build(shape, params.net, two_times=False)
     teacher.load_state_dict(teacher_weights)
     teacher.eval()
     grid = solvers.time_grid(cfg.steps, cfg.grid, cfg.rho)
@@ -144,7 +143,7 @@ def run_trajectories(params: Params) -> None:
     gen = generator(params.seed, "trajectories")
     chunks, nfe = [], 0
     for start in tqdm(range(0, cfg.count, cfg.batch_size), desc="trajectories", disable=quiet()):
-        x1 = torch.randn(min(cfg.batch_size, cfg.count - start), dim, generator=gen)
+        x1 = torch.randn(min(cfg.batch_size, cfg.count - start), *shape, generator=gen)
         with ledger.clock():
             states, nfe = solvers.integrate(lambda x, t: teacher(x, t), x1, grid, cfg.solver)
         chunks.append(states.transpose(0, 1).contiguous())
@@ -156,7 +155,7 @@ def run_trajectories(params: Params) -> None:
     entry = datasets.write_shards(out, "traj", traj, params.data.samples_per_record // (cfg.steps + 1) or 1,
                                   params.data.records_per_shard)
     write_json(out / "manifest.json", {"times": grid.tolist(), "solver": cfg.solver, "grid": cfg.grid,
-                                       "nfe_per_trajectory": nfe, "dim": dim, "traj": entry})
+                                       "nfe_per_trajectory": nfe, "traj": entry})
     tracker.log_metrics(0, {**ledger.metrics(), "nfe_per_trajectory": float(nfe)})
     tracker.set_tags({"device": ledger.device, "world_size": ledger.world_size,
                       "device_hours_measures": "wall time of teacher ODE integration x devices"})
@@ -164,36 +163,40 @@ def run_trajectories(params: Params) -> None:
     write_json(out / "run.json", {"run_id": tracker.run_id, "stage": "trajectories", "ledger": ledger.to_dict()})
 
 
-def run_midtrain(params: Params) -> None:
+def run_midtrain(params: Params, method: str) -> None:
+    """CMT for the post-training `method`, in the variant midtrain.variants[method]."""
     traj_dir = out_dir("trajectories")
     manifest = read_json(traj_dir / "manifest.json")
     traj = datasets.read_shards(traj_dir, "traj", manifest["traj"])
     times = torch.tensor(manifest["times"], dtype=traj.dtype)
     heldout = datasets.load_split(out_dir("data"), "heldout")
-    dim, path, cfg = manifest["dim"], PATHS["linear"](), params.midtrain
+    shape, path, cfg = tuple(traj.shape[2:]), PATHS["linear"](), params.midtrain
+    variant = cfg.variants[method]
     # seeded: the teacher has no gap embedding, so its first layers keep their fresh random values
-    net = _seeded_net(params, dim, True, "midtrain")
+    net = _seeded_net(params, shape, True, "midtrain")
     nets.load_teacher_into(net, _load_weights("pretrain"))
-    loss = MIDTRAIN_LOSS[cfg.variant]
+    loss = MIDTRAIN_LOSS[variant]
     job = Job("midtrain", batch=lambda g, b: traj[torch.randint(len(traj), (b,), generator=g)],
               loss=lambda n, x, g, seen: loss(n, x, times, g, cfg.distance),
-              evaluate=_heldout_eval(params, path, heldout, dim), label=f"midtrain (CMT-{cfg.variant.upper()})")
+              evaluate=_heldout_eval(params, path, heldout, shape), label=f"midtrain CMT-{variant.upper()} for {method}")
     result, tracker = _train_stage(params, "midtrain", net, job, cfg.train,
-                                   [traj_dir / "manifest.json", out_dir("pretrain") / "model.pt"],
-                                   method_tag=f"cmt_{cfg.variant}", stage_params={"midtrain": cfg.model_dump()})
-    _finish_training("midtrain", result, tracker)
+                                   [traj_dir / "manifest.json", out_dir("pretrain") / "model.pt"], method=method,
+                                   method_tag=f"cmt_{variant}", stage_params={
+                                       "midtrain": {"train": cfg.train.model_dump(), "distance": cfg.distance.model_dump(),
+                                                    "variant": variant}, "for_method": method})
+    _finish_training("midtrain", result, tracker, method=method)
 
 
-def initial_net(params: Params, init: str, dim: int):
+def initial_net(params: Params, init: str, method: str, shape: tuple[int, ...]):
     # every init is seeded: a diffusion init keeps the fresh values of the gap embedding's first
     # layers (the teacher has none), and an unseeded draw made reruns differ (measured)
-    net = _seeded_net(params, dim, True, "posttrain")
+    net = _seeded_net(params, shape, True, "posttrain")
     if init == "random":
         return net
     if init == "diffusion":
         nets.load_teacher_into(net, _load_weights("pretrain"))
     elif init == "cmt":
-        net.load_state_dict(_load_weights("midtrain"))
+        net.load_state_dict(_load_weights("midtrain", method))
     else:
         raise ValueError(f"unknown init {init!r}; allowed: {', '.join(INITS)}")
     return net
@@ -212,13 +215,13 @@ def posttrain_loss(params: Params, method: str, path):
 def run_posttrain(params: Params, init: str, method: str) -> None:
     data_dir = out_dir("data")
     train_x, heldout = datasets.load_split(data_dir, "train"), datasets.load_split(data_dir, "heldout")
-    dim, path, cfg = train_x.shape[1], PATHS["linear"](), params.posttrain
+    shape, path, cfg = tuple(train_x.shape[1:]), PATHS["linear"](), params.posttrain
     loss = posttrain_loss(params, method, path)  # an unknown method fails before the net is built
-    net = initial_net(params, init, dim)
+    net = initial_net(params, init, method, shape)
     inputs = [data_dir / "manifest.json"] + {"random": [], "diffusion": [out_dir("pretrain") / "model.pt"],
-                                             "cmt": [out_dir("midtrain") / "model.pt"]}[init]
+                                             "cmt": [out_dir("midtrain", method=method) / "model.pt"]}[init]
     job = Job("posttrain", batch=lambda g, b: train_x[torch.randint(len(train_x), (b,), generator=g)], loss=loss,
-              evaluate=_heldout_eval(params, path, heldout, dim), label=f"posttrain {method} ({init} init)")
+              evaluate=_heldout_eval(params, path, heldout, shape), label=f"posttrain {method} ({init} init)")
     method_params = {k: v for k, v in cfg.model_dump().items() if k in ("train", method) or
                      (k == "distance" and method == "ect")}
     result, tracker = _train_stage(params, "posttrain", net, job, cfg.train, inputs, init=init, method=method,
@@ -228,13 +231,13 @@ def run_posttrain(params: Params, init: str, method: str) -> None:
 
 def run_evaluate(params: Params, init: str, method: str) -> None:
     heldout = datasets.load_split(out_dir("data"), "heldout")
-    dim, path, cfg = heldout.shape[1], PATHS["linear"](), params.evaluate
-    net = nets.build(dim, params.net, two_times=True)
+    shape, path, cfg = tuple(heldout.shape[1:]), PATHS["linear"](), params.evaluate
+    net = nets.build(shape, params.net, two_times=True)
     weights = out_dir("posttrain", init, method) / "model.pt"
     net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True)["ema"])
     net.eval()
     start = time.perf_counter()
-    samples = {k: v.numpy() for k, v in sampling.sample(net, path, cfg.samples, dim, cfg.seed,
+    samples = {k: v.numpy() for k, v in sampling.sample(net, path, cfg.samples, shape, cfg.seed,
                                                         params.sampling.t_mid).items()}
     seconds = time.perf_counter() - start
     scores = metrics.score(samples, heldout.numpy(), cfg.sw_projections, cfg.seed)

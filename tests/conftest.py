@@ -1,13 +1,60 @@
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
+PROJECT_FILES = ["cmt_bench", "dvc.yaml", "experiments", "pyproject.toml", ".gitignore"]
+
+
+def sh(cmd, cwd, env):
+    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, shell=True)
+    assert out.returncode == 0, f"{cmd} failed:\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}"
+    return out.stdout + out.stderr
+
+
+def make_repo(repo: Path, preset: str, overrides: dict | None = None) -> tuple[Path, dict]:
+    """A git + DVC repo holding the project and params.yaml from `preset` (deep-merged with
+    `overrides`), committed; returns it and the environment to run commands in."""
+    from cmt_bench.config import deep_merge, to_yaml, validate
+    for name in PROJECT_FILES:
+        src = ROOT / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / name)
+    env = {**os.environ, "CI": "true", "DVC_NO_ANALYTICS": "1",
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    sh(f"git init -q && git config user.email t@t && git config user.name t && dvc init -q "
+       f"&& python -m cmt_bench preset {preset}", repo, env)
+    if overrides:
+        params = yaml.safe_load((repo / "params.yaml").read_text())
+        (repo / "params.yaml").write_text(to_yaml(validate(deep_merge(params, overrides))))
+    sh(f"git add -A && git commit -qm {preset}", repo, env)
+    return repo, env
+
+
+def require_fashion() -> None:
+    """Skip where Fashion-MNIST is not installed; in CI (where `make setup` installs it) fail."""
+    from cmt_bench.sources import FASHION_DIR
+    if (FASHION_DIR / "train-images-idx3-ubyte.gz").exists():
+        return
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail("CI must have dataset-fashion-mnist: `make setup` installs it")
+    pytest.skip("dataset-fashion-mnist is not installed (`make setup` installs it)")
+
+
+def mlflow_runs(repo: Path):
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("cmt_bench")
+    return client, client.search_runs([exp.experiment_id], max_results=1000)
 
 
 class ExactFlowMap(torch.nn.Module):

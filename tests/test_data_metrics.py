@@ -21,17 +21,17 @@ def test_checkerboard_fills_alternate_squares():
 
 def test_shards_round_trip_with_manifest(tmp_path):
     cfg = DataConfig(train_size=2500, heldout_size=300, samples_per_record=100, records_per_shard=4)
-    manifest = data.make_toy_dataset(cfg, seed=3, out_dir=tmp_path)
+    manifest = data.make_dataset(cfg, seed=3, out_dir=tmp_path)
     train = data.load_split(tmp_path, "train")
     assert train.shape == (2500, 2) and manifest["splits"]["train"]["count"] == 2500
     assert len(manifest["splits"]["train"]["shards"]) == 7  # 25 records, 4 per shard
     assert torch.equal(train, torch.from_numpy(data.toy("checkerboard", 2500, np.random.default_rng(3))))
-    again = data.make_toy_dataset(cfg, seed=3, out_dir=tmp_path / "again")
+    again = data.make_dataset(cfg, seed=3, out_dir=tmp_path / "again")
     assert again == manifest  # same seed, same bytes
 
 
 def test_changed_shard_is_refused(tmp_path):
-    data.make_toy_dataset(DataConfig(train_size=500, heldout_size=100, samples_per_record=100), 0, tmp_path)
+    data.make_dataset(DataConfig(train_size=500, heldout_size=100, samples_per_record=100), 0, tmp_path)
     shard = sorted(tmp_path.glob("train-*.tar"))[0]
     shard.write_bytes(shard.read_bytes()[:-1024])
     with pytest.raises(ValueError, match="do not match their manifest"):

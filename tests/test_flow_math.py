@@ -47,7 +47,7 @@ def test_flow_matching_target_is_minimised_by_exact_velocity(gaussian):
 def test_trained_teacher_matches_closed_form_velocity(gaussian):
     """The real network and pre-training loss learn the exact velocity field of Gaussian data."""
     torch.manual_seed(0)
-    net = nets.build(2, NetConfig(hidden=64, depth=2, time_features=16), two_times=False)
+    net = nets.build((2,), NetConfig(hidden=64, depth=2, time_features=16), two_times=False)
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     # Annealing the rate removes SGD noise, so what is left is the fit of the loss's minimiser.
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 1200)
@@ -185,19 +185,19 @@ def test_ect_schedule():
 def test_flow_map_net_starts_as_the_teacher():
     torch.manual_seed(0)
     cfg = NetConfig(hidden=32, depth=2, time_features=16)
-    teacher, student = nets.build(2, cfg, two_times=False), nets.build(2, cfg, two_times=True)
+    teacher, student = nets.build((2,), cfg, two_times=False), nets.build((2,), cfg, two_times=True)
     nets.load_teacher_into(student, teacher.state_dict())
     x, t, s = torch.randn(16, 2), torch.rand(16), torch.rand(16)
     with torch.no_grad():
         assert torch.equal(student(x, t, s), teacher(x, t))
         assert torch.equal(nets.flow_map(student, x, t, t), x)
     with pytest.raises(ValueError, match="do not fit"):
-        nets.load_teacher_into(nets.build(2, NetConfig(hidden=16), True), teacher.state_dict())
+        nets.load_teacher_into(nets.build((2,), NetConfig(hidden=16), True), teacher.state_dict())
 
 
 def test_exact_few_step_samplers_give_the_data_distribution(gaussian):
     from cmt_bench import sampling
-    out = sampling.sample(ExactFlowMap(gaussian), PATH, 100_000, 2, seed=0, t_mid=0.4)
+    out = sampling.sample(ExactFlowMap(gaussian), PATH, 100_000, (2,), seed=0, t_mid=0.4)
     for x in out.values():
         x = x.double()
         assert torch.allclose(x.mean(0), gaussian.mu, atol=0.01)

@@ -20,8 +20,8 @@ def gen(seed=0):
 def test_jvp_matches_central_differences():
     """du/dt along the tangent (v, 1, 0) of the real network equals (u(+h) - u(-h)) / 2h."""
     torch.manual_seed(0)
-    net = nets.build(2, NetConfig(hidden=32, depth=2, time_features=16), two_times=True).double()
-    for p in net.emb_gap.mlp[-1].parameters():  # leave the zero init, so the gap embedding counts too
+    net = nets.build((2,), NetConfig(hidden=32, depth=2, time_features=16), two_times=True).double()
+    for p in net.time.emb_gap.mlp[-1].parameters():  # leave the zero init, so the gap embedding counts too
         torch.nn.init.normal_(p, std=0.3)
     z, v = torch.randn(64, 2, generator=gen(1), dtype=F64), torch.randn(64, 2, generator=gen(2), dtype=F64)
     t = torch.rand(64, generator=gen(3), dtype=F64) * 0.8 + 0.1

@@ -1,46 +1,18 @@
 """A real `dvc repro` of the smoke preset in a temporary git repo, read back from MLflow."""
 import json
-import os
 import re
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import ROOT
-from mlflow.tracking import MlflowClient
-
-PROJECT_FILES = ["cmt_bench", "dvc.yaml", "experiments", "pyproject.toml", ".gitignore"]
-
-
-def sh(cmd, cwd, env):
-    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, shell=True)
-    assert out.returncode == 0, f"{cmd} failed:\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}"
-    return out.stdout + out.stderr
+from conftest import make_repo, mlflow_runs as _runs, sh
 
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
-    repo = tmp_path_factory.mktemp("pipeline")
-    for name in PROJECT_FILES:
-        src = ROOT / name
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / name)
-    env = {**os.environ, "CI": "true", "DVC_NO_ANALYTICS": "1",
-           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    sh("git init -q && git config user.email t@t && git config user.name t && dvc init -q "
-       "&& python -m cmt_bench preset smoke && git add -A && git commit -qm smoke", repo, env)
+    repo, env = make_repo(tmp_path_factory.mktemp("pipeline"), "smoke")
     log = sh("dvc repro", repo, env)
     return repo, env, log
-
-
-def _runs(repo):
-    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("cmt_bench")
-    return client, client.search_runs([exp.experiment_id], max_results=1000)
 
 
 def test_repro_logs_every_stage_and_init(repo):
@@ -117,14 +89,13 @@ def test_trajectories_are_identical_across_runs(repo):
     assert manifests[0] == manifests[1]
     assert manifests[0]["solver"] == "dpm_solver_pp_2m" and manifests[0]["nfe_per_trajectory"] == 8
 
-    # CMT-MF mid-training runs on them and says so in MLflow
-    params["midtrain"]["variant"] = "mf"
-    (repo / "dpm.yaml").write_text(yaml.safe_dump(params))
-    sh("python -m cmt_bench --params dpm.yaml midtrain", repo, env)
-    run_id = json.loads((repo / "artifacts/midtrain/run.json").read_text())["run_id"]
+    # mid-training for MeanFlow runs CMT-MF on them (ECT's runs CMT-CM) and says so in MLflow
+    sh("python -m cmt_bench --params dpm.yaml midtrain --method meanflow", repo, env)
     client, _ = _runs(repo)
-    assert client.get_run(run_id).data.tags["method"] == "cmt_mf"
-    assert not (repo / "checkpoints/midtrain").exists()  # finished: resumable state dropped
+    for method, variant in (("meanflow", "cmt_mf"), ("ect", "cmt_cm")):
+        run_id = json.loads((repo / f"artifacts/midtrain/{method}/run.json").read_text())["run_id"]
+        assert client.get_run(run_id).data.tags["method"] == variant
+    assert not (repo / "checkpoints/midtrain-meanflow").exists()  # finished: resumable state dropped
 
 
 def test_posttrain_rerun_gives_identical_weights(repo):

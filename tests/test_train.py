@@ -103,7 +103,7 @@ def _toy_job(nan_at_step=None):
 def _run(params, job, ckpt, fp="fp", budget=320):
     cfg = config.TrainConfig(batch_size=32, budget_images=budget, log_every_images=64, checkpoint_every_images=64)
     torch.manual_seed(0)
-    net = nets.build(2, config.NetConfig(hidden=16, depth=1, time_features=8), two_times=False)
+    net = nets.build((2,), config.NetConfig(hidden=16, depth=1, time_features=8), two_times=False)
     return train(net, job, cfg, seed=0, ckpt_path=ckpt, fingerprint=fp, ledger=Ledger(device="cpu"),
                  open_tracker=lambda run_id: Tracker.open(params, "toy", run_id=run_id))
 
