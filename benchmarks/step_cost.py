@@ -5,9 +5,10 @@ rotates each rep) after a warm-up, and each ratio is the median over reps of met
 time within the rep, measured in this one run. MeanFlow's JVP costs extra forward-mode passes;
 ECT costs a second (no-grad) forward.
 
-    python benchmarks/step_cost.py [--steps N] [--reps R] [--threads T]
+    python benchmarks/step_cost.py [--preset toy|digits] [--steps N] [--reps R] [--threads T]
 
-Writes benchmarks/results/step_cost.json.
+Writes benchmarks/results/step_cost[_<preset>].json (the toy MLP, or the preset's UNet on
+random images of its data shape, with the preset's batch size and MeanFlow settings).
 """
 from __future__ import annotations
 
@@ -51,18 +52,20 @@ def timed(fn, opt, x, steps: int, gen) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="toy")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "step_cost.json")
+    ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    params = config.preset("toy", ROOT)
+    params = config.preset(args.preset, ROOT)
+    shape = {"digits": (1, 8, 8), "fashion": (1, 32, 32)}.get(params.data.dataset, (2,))
     torch.manual_seed(0)
-    net = nets.build((2,), params.net, two_times=True)
+    net = nets.build(shape, params.net, two_times=True)
     opt = torch.optim.Adam(net.parameters(), lr=1e-4, foreach=True)
-    x = torch.randn(params.posttrain.train.batch_size, 2)
+    x = torch.randn(params.posttrain.train.batch_size, *shape)
     fns, gen = step_fns(params, net), torch.Generator().manual_seed(0)
     names = list(fns)
     for name in names:
@@ -79,6 +82,9 @@ def main() -> None:
         "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.platform(),
         "cpus": os.cpu_count(),
     }
+    result = {"preset": args.preset, "meanflow": params.posttrain.meanflow.model_dump(), **result}
+    args.out = args.out or ROOT / "benchmarks" / "results" / (
+        "step_cost.json" if args.preset == "toy" else f"step_cost_{args.preset}.json")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(" | ".join(f"{n}: {result['ms_per_step'][n]:.1f} ms, x{result['ratio_to_flow_matching'][n]:.2f}"

@@ -6,12 +6,22 @@ refused with the offending key before any work or logging starts.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from . import config
 
 STAGES = ("data", "pretrain", "trajectories", "midtrain", "posttrain", "evaluate", "report")
+TRAINING = ("pretrain", "midtrain", "posttrain")
+
+
+def _relaunch_under_torchrun(processes: int, argv: list[str]) -> int:
+    """Run this same command as `processes` DDP workers on this machine (torch's own launcher)."""
+    import subprocess
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
+           "-m", "cmt_bench", *argv]
+    return subprocess.run(cmd).returncode
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
     try:
         if args.command == "preset":
@@ -52,14 +63,19 @@ def main(argv: list[str] | None = None) -> int:
             report.build(params)
         print(report.summary(params))
         return 0
-    from . import stages
+    if args.command in TRAINING and params.compute.processes > 1 and "WORLD_SIZE" not in os.environ:
+        return _relaunch_under_torchrun(params.compute.processes, argv)
+    from . import distributed, stages
     run = getattr(stages, f"run_{args.command}")
-    if args.command in ("posttrain", "evaluate"):
-        run(params, args.init, args.method)
-    elif args.command == "midtrain":
-        run(params, args.method)
-    else:
-        run(params)
+    try:
+        if args.command in ("posttrain", "evaluate"):
+            run(params, args.init, args.method)
+        elif args.command == "midtrain":
+            run(params, args.method)
+        else:
+            run(params)
+    finally:
+        distributed.close()
     return 0
 
 

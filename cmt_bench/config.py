@@ -179,6 +179,13 @@ class EvaluateConfig(Section):
     sw_projections: PositiveInt = 256
 
 
+class ComputeConfig(Section):
+    # Training processes: above 1, training stages relaunch themselves under `torchrun
+    # --standalone` on this machine (DDP: gloo on CPU, nccl on CUDA); train.batch_size stays the
+    # global batch. For several machines, start `torchrun ... -m cmt_bench STAGE` yourself.
+    processes: PositiveInt = 1
+
+
 class ReportConfig(Section):
     metric: Literal[METRICS] = "sw_2step"  # type: ignore[valid-type]
 
@@ -195,6 +202,7 @@ class Params(Section):
     posttrain: PosttrainConfig = PosttrainConfig()
     sampling: SamplingConfig = SamplingConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    compute: ComputeConfig = ComputeConfig()
     report: ReportConfig = ReportConfig()
 
     @model_validator(mode="after")

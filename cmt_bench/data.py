@@ -67,13 +67,21 @@ def read_shards(out_dir: Path, prefix: str, verify: dict | None = None) -> torch
         actual = {p.name: sha256(p) for p in shards}
         if actual != expected:
             raise ValueError(f"shards in {out_dir} do not match their manifest (changed or partial): rerun the stage")
-    records = wds.WebDataset([str(p) for p in shards], shardshuffle=False, empty_check=False).decode()
+    # Every DDP rank reads the whole split on purpose: training holds it in memory and each rank
+    # draws its own batches from a (seed, stage, images seen, rank) generator, which makes a resumed
+    # run exact. So no node splitting here, and reading is in order (no shard shuffle to seed).
+    records = wds.WebDataset([str(p) for p in shards], shardshuffle=False, empty_check=False,
+                             nodesplitter=_every_shard).decode()
     array = np.concatenate([r["x.npy"] for r in records])
     # uint8 images -> [-1, 1]
     array = torch.from_numpy(array).float() / 127.5 - 1 if array.dtype == np.uint8 else torch.from_numpy(array)
     if verify is not None and len(array) != verify["count"]:
         raise ValueError(f"{out_dir}: read {len(array)} samples, manifest says {verify['count']}")
     return array
+
+
+def _every_shard(urls):
+    return urls
 
 
 def make_dataset(cfg: DataConfig, seed: int, out_dir: Path) -> dict:

@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import data as datasets
-from . import losses, metrics, nets, sampling, solvers
+from . import distributed, losses, metrics, nets, sampling, solvers
 from .config import INITS, METHODS, Params, fingerprint
 from .data import read_json, write_json
 from .ledger import Ledger, device_name
@@ -63,7 +63,10 @@ def _heldout_eval(params: Params, path, heldout: torch.Tensor, shape: tuple[int,
 
 
 def _finish_training(stage: str, result, tracker, *, init: str | None = None, method: str | None = None) -> None:
-    """Write the stage's outputs, close its run, then drop the resumable checkpoint."""
+    """Write the stage's outputs, close its run, then drop the resumable checkpoint (rank 0 only:
+    the other ranks of a DDP run have no tracker)."""
+    if tracker is None:
+        return
     out = out_dir(stage, init, method)
     out.mkdir(parents=True, exist_ok=True)
     torch.save({"ema": result.ema.state_dict(), "net": result.net.state_dict()}, out / "model.pt")
@@ -90,7 +93,7 @@ def _train_stage(params: Params, stage: str, net, job: Job, train_cfg, inputs: l
                                                        "excludes in-loop evaluation and checkpoint I/O"})
         return tracker
     return train(net, job, train_cfg, seed=params.seed, ckpt_path=ckpt, fingerprint=fp, ledger=ledger,
-                 open_tracker=open_tracker)
+                 open_tracker=open_tracker, world=distributed.init())
 
 
 # --- stages -----------------------------------------------------------------------------------

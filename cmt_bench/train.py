@@ -22,11 +22,16 @@ from tqdm.auto import tqdm
 
 from . import checkpoint
 from .config import TrainConfig
+from .distributed import World, wrap
 from .ledger import Ledger
 
 
 class NonFiniteLoss(RuntimeError):
     """Training produced NaN/inf; the last good checkpoint is left untouched."""
+
+
+class RanksDiverged(RuntimeError):
+    """Processes of one DDP run ended with different weights: gradients were not synchronised."""
 
 
 def derive_seed(*parts) -> int:
@@ -70,8 +75,20 @@ def _crossed(before: int, after: int, every: int) -> bool:
 
 
 def train(net: nn.Module, job: Job, cfg: TrainConfig, *, seed: int, ckpt_path: Path, fingerprint: str,
-          ledger: Ledger, open_tracker: Callable[[str | None], "object"]) -> tuple[Result, "object"]:
-    """Run `job` until `cfg.budget_images`; return the result and the (still open) tracker."""
+          ledger: Ledger, open_tracker: Callable[[str | None], "object"],
+          world: World = World()) -> tuple[Result, "object"]:
+    """Run `job` until `cfg.budget_images`; return the result and the (still open) tracker.
+
+    Under torchrun (`world.size` > 1) each rank draws batch_size / world.size images per step and
+    DDP averages the gradients; only rank 0 opens the tracker (others get None), logs and saves."""
+    if cfg.batch_size % world.size:
+        raise ValueError(f"{job.stage}: train.batch_size={cfg.batch_size} must divide by the number of "
+                         f"processes ({world.size}): it is the global batch")
+    rank_batch = cfg.batch_size // world.size
+    rank_tag = (world.rank,) if world.size > 1 else ()  # one process keeps its historical random stream
+    if world.size > 1:  # dropout draws from the global generator: different masks on each rank
+        torch.manual_seed(derive_seed(seed, job.stage, "rank", world.rank))
+    ledger.world_size = world.size
     ema = copy.deepcopy(net).requires_grad_(False)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, foreach=True)  # one kernel per op, not per tensor
     # listed once: walking the module tree every step cost 3% of a small MLP's step time
@@ -92,10 +109,14 @@ def train(net: nn.Module, job: Job, cfg: TrainConfig, *, seed: int, ckpt_path: P
         step, run_id = state["step"], state["run_id"]
         loss_sum, loss_n = state["loss_sum"], state["loss_n"]
         ledger.seconds, ledger.images_seen = state["seconds"], state["images_seen"]
-        print(f"[{job.stage}] resuming from {ckpt_path} at step {step} ({ledger.images_seen} images)", file=sys.stderr)
-    tracker = open_tracker(run_id)
+        if world.main:
+            print(f"[{job.stage}] resuming from {ckpt_path} at step {step} ({ledger.images_seen} images)", file=sys.stderr)
+    tracker = open_tracker(run_id) if world.main else None
+    model = wrap(net, world)  # after loading: DDP starts from identical weights on every rank
 
     def log_point(loss_mean: float | None) -> None:
+        if not world.main:
+            return
         values = {**ledger.metrics(), "step": float(step)}
         if loss_mean is not None:
             values["loss"] = loss_mean
@@ -105,6 +126,8 @@ def train(net: nn.Module, job: Job, cfg: TrainConfig, *, seed: int, ckpt_path: P
         result.history.append(values)
 
     def save() -> None:
+        if not world.main:
+            return
         checkpoint.save(ckpt_path, {
             "fingerprint": fingerprint, "step": step, "run_id": tracker.run_id, "seconds": ledger.seconds,
             "images_seen": ledger.images_seen, "loss_sum": loss_sum, "loss_n": loss_n,
@@ -113,14 +136,14 @@ def train(net: nn.Module, job: Job, cfg: TrainConfig, *, seed: int, ckpt_path: P
     result = Result(net, ema, ledger, total_steps)
     if step == 0:
         log_point(None)  # the init's own quality, at zero compute
-    bar = tqdm(total=total_steps, initial=step, desc=job.label or job.stage, unit="step", disable=quiet())
+    bar = tqdm(total=total_steps, initial=step, desc=job.label or job.stage, unit="step", disable=quiet() or not world.main)
     try:
         while step < total_steps:
             before = ledger.images_seen
             with ledger.clock():
-                gen = generator(seed, job.stage, before)
-                loss = job.loss(net, job.batch(gen, cfg.batch_size), gen, before)
-                if not torch.isfinite(loss):
+                gen = generator(seed, job.stage, before, *rank_tag)
+                loss = job.loss(model, job.batch(gen, rank_batch), gen, before)
+                if world.any(not torch.isfinite(loss)):
                     raise NonFiniteLoss(
                         f"{job.stage}: loss became {loss.item()} at step {step + 1} (images_seen={before}); stopped. "
                         f"The last good checkpoint is kept at {ckpt_path}. Try a lower learning rate.")
@@ -140,9 +163,19 @@ def train(net: nn.Module, job: Job, cfg: TrainConfig, *, seed: int, ckpt_path: P
             if last or _crossed(before, ledger.images_seen, cfg.checkpoint_every_images):
                 save()
     except NonFiniteLoss as exc:
-        tracker.set_tags({"failure": str(exc)})
-        tracker.finish("FAILED")
+        if tracker is not None:
+            tracker.set_tags({"failure": str(exc)})
+            tracker.finish("FAILED")
         raise
     finally:
         bar.close()
+    if not world.same_everywhere(net_params):
+        exc = RanksDiverged(f"{job.stage}: the {world.size} processes ended with different weights "
+                            f"(a gradient bypassed DDP's synchronisation)")
+        if tracker is not None:
+            tracker.set_tags({"failure": str(exc)})
+            tracker.finish("FAILED")
+        raise exc
+    if tracker is not None and world.size > 1:
+        tracker.set_tags({"ranks_identical_weights": "true"})
     return result, tracker

@@ -1,0 +1,79 @@
+"""Multi-process training on torch.distributed, as launched by `torchrun`.
+
+Without torchrun's environment (WORLD_SIZE unset or 1) everything here is a no-op, so one process
+runs the same code unchanged. Under torchrun each process trains a DistributedDataParallel copy of
+the network on its own share of every batch (gloo on CPU, nccl on CUDA); rank 0 alone logs to
+MLflow, checkpoints and writes the stage's outputs.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            dist.barrier()
+
+    def _tensor(self, values: list[float]) -> torch.Tensor:
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        return torch.tensor(values, dtype=torch.float64, device=device)
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank if it is true on any (so all ranks stop together)."""
+        if self.size == 1:
+            return flag
+        t = self._tensor([float(flag)])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def same_everywhere(self, params: list[torch.Tensor]) -> bool:
+        """Whether every rank holds bit-identical `params` (compared through a float64 checksum)."""
+        if self.size == 1:
+            return True
+        flat = torch.cat([p.detach().flatten().double().cpu() for p in params])
+        weights = torch.arange(1, len(flat) + 1, dtype=torch.float64)
+        mine = self._tensor([flat.sum().item(), (flat * weights).sum().item()])
+        low, high = mine.clone(), mine.clone()
+        dist.all_reduce(low, op=dist.ReduceOp.MIN)
+        dist.all_reduce(high, op=dist.ReduceOp.MAX)
+        return bool(torch.equal(low, high))
+
+
+def init() -> World:
+    """Join the process group torchrun describes (once per process); World() when not under torchrun."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size == 1:
+        return World()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return World(dist.get_rank(), dist.get_world_size())
+
+
+def close() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap(net: torch.nn.Module, world: World) -> torch.nn.Module:
+    """DDP over `net` when there are several processes: gradients are averaged in backward."""
+    if world.size == 1:
+        return net
+    from torch.nn.parallel import DistributedDataParallel
+    return DistributedDataParallel(net)
+
+
+def unwrap(net: torch.nn.Module) -> torch.nn.Module:
+    return getattr(net, "module", net)
