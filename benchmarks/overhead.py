@@ -1,15 +1,17 @@
 """Harness overhead: `cmt_bench.train.train` (ledger + MLflow + atomic checkpoints) vs a bare loop.
 
-Both sides train the same MLP with the same flow-matching loss, batch size, Adam lr and EMA on
-toy checkerboard points, for the same number of steps. Reps alternate bare/harness (the order
+Both sides train the same network with the same flow-matching loss, batch size, Adam lr and EMA
+for the same number of steps: the toy MLP on checkerboard points (default), or with `--preset
+digits` the digits UNet on the real 8x8 digits (images/s of the harness / of the bare loop is
+1 / ratio). Reps alternate bare/harness (the order
 flips every rep so drift hits both sides), after one untimed warm-up each; the result is the
 median over reps of harness time / bare time of the same rep (adjacent in time, so a slow
 spell of the machine hits both), measured in this one run. One torch thread by default: on a
 2-core machine two threads make each rep's time swing by +-15%, which swamps a 1% overhead.
 
-    python benchmarks/overhead.py [--steps N] [--reps R]
+    python benchmarks/overhead.py [--preset toy|digits] [--steps N] [--reps R]
 
-Writes benchmarks/results/overhead.json.
+Writes benchmarks/results/overhead[_<preset>].json.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import mlflow  # noqa: E402
 
-from cmt_bench import config, data, losses, nets  # noqa: E402
+from cmt_bench import config, data, losses, nets, sources  # noqa: E402
 from cmt_bench.ledger import Ledger, device_name  # noqa: E402
 from cmt_bench.paths import LinearPath  # noqa: E402
 from cmt_bench.tracking import Tracker  # noqa: E402
@@ -49,19 +51,24 @@ TIMED = ("bare: the whole loop (batch, loss, zero_grad, backward, Adam step, EMA
          "are not timed.")
 
 
-def setup(steps: int):
-    params = config.preset("toy", ROOT)
-    # toy preset's flow-matching settings, with the 50k/100k-image log/checkpoint cadence of midtrain/posttrain
+def setup(preset: str, steps: int):
+    params = config.preset(preset, ROOT)
+    # the preset's flow-matching settings, with the log/checkpoint cadence of its post-training
+    post = params.posttrain.train
     cfg = params.pretrain.train.model_copy(update={
         "budget_images": steps * params.pretrain.train.batch_size,
-        "log_every_images": 50_000, "checkpoint_every_images": 100_000})
-    x = torch.from_numpy(data.toy("checkerboard", params.data.train_size, np.random.default_rng(0)))
+        "log_every_images": post.log_every_images, "checkpoint_every_images": post.checkpoint_every_images})
+    if params.data.is_image:
+        train_images, _ = sources.SOURCES[params.data.dataset](params.data, np.random.default_rng(0))
+        x = torch.from_numpy(train_images).float() / 127.5 - 1
+    else:
+        x = torch.from_numpy(data.toy(params.data.dataset, params.data.train_size, np.random.default_rng(0)))
     return params, cfg, x
 
 
-def fresh_net(params):
+def fresh_net(params, shape):
     torch.manual_seed(0)  # identical initial weights on both sides
-    return nets.build((2,), params.net, two_times=False)
+    return nets.build(shape, params.net, two_times=False)
 
 
 def loss_fn(params):
@@ -70,7 +77,7 @@ def loss_fn(params):
 
 
 def run_bare(params, cfg, x, steps: int) -> float:
-    net, loss = fresh_net(params), loss_fn(params)
+    net, loss = fresh_net(params, tuple(x.shape[1:])), loss_fn(params)
     ema = copy.deepcopy(net).requires_grad_(False)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, foreach=True)  # as train() does
     ema_p, net_p = list(ema.parameters()), list(net.parameters())
@@ -88,7 +95,7 @@ def run_bare(params, cfg, x, steps: int) -> float:
 
 def run_harness(params, cfg, x, rep: int) -> tuple[float, float]:
     """Wired as stages._train_stage does; returns (wall seconds, seconds spent opening the tracker)."""
-    net, opened = fresh_net(params), []
+    net, opened = fresh_net(params, tuple(x.shape[1:])), []
     ledger = Ledger(device=device_name(torch.device("cpu")))
     job = Job(STAGE, batch=lambda g, b: x[torch.randint(len(x), (b,), generator=g)], loss=loss_fn(params))
 
@@ -114,18 +121,20 @@ def run_harness(params, cfg, x, rep: int) -> tuple[float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=500, help="training steps per rep (batch 512)")
+    ap.add_argument("--preset", default="toy", help="toy (MLP, batch 512) or digits (UNet, batch 128)")
+    ap.add_argument("--steps", type=int, default=500, help="training steps per rep")
     ap.add_argument("--reps", type=int, default=15, help="timed reps per side, after one warm-up each")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's own default)")
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "overhead.json")
+    ap.add_argument("--out", type=Path)
     args = ap.parse_args()
-    out = args.out.resolve()
+    out = (args.out or ROOT / "benchmarks" / "results" /
+           ("overhead.json" if args.preset == "toy" else f"overhead_{args.preset}.json")).resolve()
     if args.threads:
         torch.set_num_threads(args.threads)
     load = os.getloadavg()[0]  # other work on the machine makes both sides slower and noisier
     if load > 1.0:
         print(f"warning: load average {load:.1f} before starting; timings will be noisy", file=sys.stderr)
-    params, cfg, x = setup(args.steps)
+    params, cfg, x = setup(args.preset, args.steps)
 
     bare, harness, opening = [], [], []
     with tempfile.TemporaryDirectory(prefix="cmt_overhead_") as tmp:
@@ -153,7 +162,8 @@ def main() -> None:
     b, h, o = statistics.median(bare), statistics.median(harness), statistics.median(opening)
     ratio = statistics.median(hr / br for br, hr in zip(bare, harness))
     result = {
-        "ratio": ratio, "target": TARGET, "within_target": ratio <= TARGET,
+        "preset": args.preset, "ratio": ratio, "target": TARGET, "within_target": ratio <= TARGET,
+        "images_per_s_harness_over_bare": 1 / ratio,
         "ratio_of_medians": h / b,
         "ratio_excluding_tracker_open": statistics.median((hr - op) / br for br, hr, op in zip(bare, harness, opening)),
         "bare_steps_per_s": args.steps / b, "harness_steps_per_s": args.steps / h,

@@ -16,6 +16,14 @@ STAGES = ("data", "pretrain", "trajectories", "midtrain", "posttrain", "evaluate
 TRAINING = ("pretrain", "midtrain", "posttrain")
 
 
+def _check_device(params: config.Params) -> None:
+    if params.compute.device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            raise config.ParamsError(f"{params.preset}: compute.device: 'cuda' but torch sees no CUDA device; "
+                                     f"allowed here: auto, cpu")
+
+
 def _relaunch_under_torchrun(processes: int, argv: list[str]) -> int:
     """Run this same command as `processes` DDP workers on this machine (torch's own launcher)."""
     import subprocess
@@ -51,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {args.params} from experiments/{args.name}.yaml")
             return 0
         params = config.load(args.params)
+        if args.command not in ("report", "summary"):
+            _check_device(params)
     except config.ParamsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

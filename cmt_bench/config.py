@@ -116,7 +116,7 @@ class PretrainConfig(Section):
 class TrajectoriesConfig(Section):
     count: PositiveInt = 8192
     steps: PositiveInt = 16
-    solver: Literal["euler", "heun", "dpm_solver_pp_2m"] = "heun"
+    solver: Literal["euler", "heun", "dpm_solver_pp_2m", "dpm_solver_pp_3m"] = "heun"
     grid: Literal["uniform", "edm", "logsnr"] = "uniform"
     rho: PositiveFloat = 7.0  # EDM grid exponent, used when grid == "edm"
     batch_size: PositiveInt = 4096
@@ -184,6 +184,10 @@ class ComputeConfig(Section):
     # --standalone` on this machine (DDP: gloo on CPU, nccl on CUDA); train.batch_size stays the
     # global batch. For several machines, start `torchrun ... -m cmt_bench STAGE` yourself.
     processes: PositiveInt = 1
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when one is visible
+    # bf16 autocast of the training step on CUDA; on a CPU training stays fp32 (the run's
+    # `precision` tag says which was used)
+    precision: Literal["fp32", "bf16"] = "fp32"
 
 
 class ReportConfig(Section):

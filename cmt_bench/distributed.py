@@ -1,4 +1,5 @@
-"""Multi-process training on torch.distributed, as launched by `torchrun`.
+"""Where training runs: the processes of torch.distributed (as launched by `torchrun`), the device
+of each, and its precision.
 
 Without torchrun's environment (WORLD_SIZE unset or 1) everything here is a no-op, so one process
 runs the same code unchanged. Under torchrun each process trains a DistributedDataParallel copy of
@@ -7,6 +8,7 @@ MLflow, checkpoints and writes the stage's outputs.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -18,6 +20,7 @@ import torch.distributed as dist
 class World:
     rank: int = 0
     size: int = 1
+    local_rank: int = 0  # the process's index on its machine: its GPU
 
     @property
     def main(self) -> bool:
@@ -57,9 +60,34 @@ def init() -> World:
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size == 1:
         return World()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return World(dist.get_rank(), dist.get_world_size())
+    return World(dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+def device(choice: str, world: World = World()) -> torch.device:
+    """compute.device resolved for this process: auto picks CUDA when one is visible."""
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("compute.device='cuda' but torch sees no CUDA device; use 'auto' or 'cpu'")
+        return torch.device("cuda", world.local_rank)
+    return torch.device("cpu")
+
+
+def precision_used(precision: str, dev: torch.device) -> str:
+    return precision if dev.type == "cuda" else "fp32"
+
+
+def autocast(precision: str, dev: torch.device):
+    """bf16 autocast on CUDA when asked; fp32 otherwise (a CPU always trains in fp32)."""
+    if precision_used(precision, dev) == "bf16":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def close() -> None:
@@ -72,7 +100,8 @@ def wrap(net: torch.nn.Module, world: World) -> torch.nn.Module:
     if world.size == 1:
         return net
     from torch.nn.parallel import DistributedDataParallel
-    return DistributedDataParallel(net)
+    on_gpu = next(net.parameters()).is_cuda
+    return DistributedDataParallel(net, device_ids=[world.local_rank] if on_gpu else None)
 
 
 def unwrap(net: torch.nn.Module) -> torch.nn.Module:

@@ -136,23 +136,37 @@ PAPER_ROW = {"ect": "CIFAR-10: 2-step FID 1.97 with up to 98% less data and GPU 
              "meanflow": "ImageNet 256: 1-step FID 3.34 at about half the training cost of MeanFlow from scratch"}
 
 
-def claim_cmt_vs_diffusion(table: pd.DataFrame, method: str) -> dict:
+# A target within this factor of the noise floor cannot tell reaching it from sampling noise.
+FLOOR_MARGIN = 1.25
+# Compute ratios within this of 1 are a tie: repeated toy runs measured ratios 0.70-0.85 for the
+# same weights, from wall-time noise alone.
+TIME_TIE = 0.10
+NOT_RESOLVED = "not resolved at this scale"
+
+
+def claim_cmt_vs_diffusion(table: pd.DataFrame, method: str, target: float, floor: float | None) -> dict:
     claim = (f"Post-training ({LABEL[method]}) from CMT reaches the diffusion-init's final quality with less "
              "total compute")
     cmt, diff = table.loc["cmt"], table.loc["diffusion"]
+    if floor is not None and target <= FLOOR_MARGIN * floor:
+        return {"method": method, "claim": claim, "verdict": NOT_RESOLVED,
+                "measured": f"the target ({target:.3g}) is within {FLOOR_MARGIN}x the metric's noise floor "
+                            f"({floor:.3g}): reaching it cannot be told from sampling noise"}
     if pd.isna(cmt["total_hours_to_target"]):
         return {"method": method, "claim": claim, "verdict": "does not hold at this scale",
                 "measured": "the CMT init never reached the target within its post-training budget"}
     total = cmt["total_hours_to_target"] / diff["total_hours_to_target"]
     post = cmt["posttrain_hours_to_target"] / diff["posttrain_hours_to_target"] \
         if diff["posttrain_hours_to_target"] else float("nan")
-    verdict = "holds at this scale" if total < 1 else "does not hold at this scale"
+    verdict = (NOT_RESOLVED if abs(total - 1) < TIME_TIE else
+               "holds at this scale" if total < 1 else "does not hold at this scale")
     already = cmt["images_to_target"] == 0
     return {"method": method, "claim": claim, "verdict": verdict, "ratio_total": float(total),
             "ratio_posttrain": float(post), "cmt_met_target_before_posttraining": bool(already),
             "measured": f"CMT total / diffusion total compute to target = {total:.2f} "
                         f"(post-training only: {post:.2f}"
-                        + ("; the CMT init met the target before any post-training)" if already else ")")}
+                        + ("; the CMT init met the target before any post-training)" if already else ")")
+                        + (f"; within {TIME_TIE:.0%} of 1, the wall-time noise" if verdict == NOT_RESOLVED else "")}
 
 
 def _unit(hours: float) -> tuple[str, float]:
@@ -315,7 +329,7 @@ def report_dir(params: Params) -> Path:
 
 def build(params: Params) -> Path:
     res = collect(params)
-    claims = [claim_cmt_vs_diffusion(res["tables"][m], m) for m in res["methods"]]
+    claims = [claim_cmt_vs_diffusion(res["tables"][m], m, res["targets"][m], res["floor"]) for m in res["methods"]]
     out = report_dir(params)
     out.mkdir(parents=True, exist_ok=True)
     plot_curves(res, out / "metric_vs_compute.png")

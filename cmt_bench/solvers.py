@@ -59,30 +59,43 @@ def _log_snr(t: torch.Tensor) -> torch.Tensor:
     return torch.log1p(-t) - torch.log(t)
 
 
-def dpm_solver_pp_2m(v: Velocity, x1: torch.Tensor, grid: torch.Tensor) -> tuple[list[torch.Tensor], int]:
-    """DPM-Solver++(2M) (Lu et al. 2022): multistep, in data prediction x0 = x - t v(x, t), exact
-    in the path's linear part. Steps whose previous step is unbounded in lambda (the first, from
-    t = 1) fall to first order by the formula itself; the last step (to t = 0) is first order."""
-    states, x, x0_prev, h_prev = [x1], x1, None, None
-    for t, t_next in zip(grid[:-1], grid[1:]):
-        x0 = x - t * v(x, t)
-        if t_next == 0:
-            x = x0
-        else:
-            h = _log_snr(t_next) - _log_snr(t)
-            d = x0
-            if x0_prev is not None:
-                half_inv_r = h / (2 * h_prev)  # 1 / (2 r) with r = h_prev / h; 0 after the first step
-                d = (1 + half_inv_r) * x0 - half_inv_r * x0_prev
-            x = (t_next / t) * x - (1 - t_next) * torch.expm1(-h) * d
-            x0_prev, h_prev = x0, h
-        states.append(x)
-    return states, len(grid) - 1
+def dpm_solver_pp(order: int):
+    """DPM-Solver++(2M) or (3M) (Lu et al. 2022): multistep in data prediction x0 = x - t v(x, t),
+    exact in the path's linear part, with finite differences of earlier x0 in log-SNR lambda.
+    Earlier steps that are unbounded in lambda (the first, from t = 1) drop out of the differences
+    by the formulas themselves, so the order builds up 1, 2(, 3); the last step (to t = 0) is x0."""
+    def solve(v: Velocity, x1: torch.Tensor, grid: torch.Tensor) -> tuple[list[torch.Tensor], int]:
+        states, x, earlier = [x1], x1, []  # earlier: (lambda, x0) of past steps, newest last
+        for t, t_next in zip(grid[:-1], grid[1:]):
+            x0, lam = x - t * v(x, t), _log_snr(t)
+            if t_next == 0:
+                x = x0
+            else:
+                h = _log_snr(t_next) - lam
+                alpha, phi1 = 1 - t_next, torch.expm1(-h)
+                x = (t_next / t) * x - alpha * phi1 * x0
+                if earlier:
+                    lam1, x0_1 = earlier[-1]
+                    r0 = (lam - lam1) / h
+                    d1_0 = (x0 - x0_1) / r0
+                    if order == 3 and len(earlier) > 1:
+                        lam2, x0_2 = earlier[-2]
+                        r1 = (lam1 - lam2) / h
+                        d1_1 = (x0_1 - x0_2) / r1
+                        d1, d2 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1), (d1_0 - d1_1) / (r0 + r1)
+                        phi2 = phi1 / h + 1
+                        x = x + alpha * phi2 * d1 - alpha * (phi2 / h - 0.5) * d2
+                    else:
+                        x = x - 0.5 * alpha * phi1 * d1_0
+            earlier = (earlier + [(lam, x0)])[-2:]
+            states.append(x)
+        return states, len(grid) - 1
+    return solve
 
 
 # every solver maps (v, x1, grid) to (all states, evaluations per sample)
 SOLVERS = {"euler": one_step_method(euler_step), "heun": one_step_method(heun_step),
-           "dpm_solver_pp_2m": dpm_solver_pp_2m}
+           "dpm_solver_pp_2m": dpm_solver_pp(2), "dpm_solver_pp_3m": dpm_solver_pp(3)}
 
 
 @torch.no_grad()
@@ -91,5 +104,5 @@ def integrate(v: Velocity, x1: torch.Tensor, grid: torch.Tensor, solver: str = "
     velocity evaluations per sample (NFE)."""
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; allowed: {', '.join(SOLVERS)}")
-    states, nfe = SOLVERS[solver](v, x1, grid.to(x1.dtype))
+    states, nfe = SOLVERS[solver](v, x1, grid.to(device=x1.device, dtype=x1.dtype))
     return torch.stack(states), nfe

@@ -2,6 +2,7 @@
 (weights, shards, `run.json` with the MLflow run id and ledger) for the next stage."""
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
 from pathlib import Path
@@ -21,7 +22,6 @@ from .train import Job, derive_seed, generator, quiet, train
 
 ART = Path("artifacts")
 CKPT = Path("checkpoints")  # resumable state; not a DVC output, so a rerun after a kill finds it
-DEVICE = torch.device("cpu")
 METHOD = {"pretrain": "flow_matching", "trajectories": "teacher_ode"}
 MIDTRAIN_LOSS = {"cm": losses.cmt_cm_loss, "mf": losses.cmt_mf_loss}
 
@@ -79,8 +79,14 @@ def _finish_training(stage: str, result, tracker, *, init: str | None = None, me
 def _train_stage(params: Params, stage: str, net, job: Job, train_cfg, inputs: list[Path], *,
                  init: str | None = None, method: str | None = None, method_tag: str | None = None,
                  stage_params: dict):
-    """Train one stage (or matrix cell); `method_tag` names the method in MLflow where it is not a cell."""
-    ledger = Ledger(device=device_name(DEVICE))
+    """Train one stage (or matrix cell) on this process's device; `method_tag` names the method in
+    MLflow where it is not a cell. Batches are drawn on the CPU and moved to the device."""
+    world = distributed.init()
+    dev = distributed.device(params.compute.device, world)
+    net.to(dev)
+    job = dataclasses.replace(job, batch=lambda g, b, draw=job.batch: draw(g, b).to(dev, non_blocking=True))
+    precision = distributed.precision_used(params.compute.precision, dev)
+    ledger = Ledger(device=device_name(dev))
     fp = fingerprint(params, stage, init, method, [datasets.sha256(p) for p in inputs])
     ckpt = CKPT / cell(stage, init, method) / "last.pt"
 
@@ -88,12 +94,12 @@ def _train_stage(params: Params, stage: str, net, job: Job, train_cfg, inputs: l
         tracker = Tracker.open(params, stage, init=init, method=method_tag or method or METHOD[stage], run_id=run_id,
                                stage_params=stage_params)
         if run_id is None:
-            tracker.set_tags({"device": ledger.device, "world_size": ledger.world_size,
+            tracker.set_tags({"device": ledger.device, "world_size": ledger.world_size, "precision": precision,
                               "device_hours_measures": "wall time of training steps x devices; "
                                                        "excludes in-loop evaluation and checkpoint I/O"})
         return tracker
     return train(net, job, train_cfg, seed=params.seed, ckpt_path=ckpt, fingerprint=fp, ledger=ledger,
-                 open_tracker=open_tracker, world=distributed.init())
+                 open_tracker=open_tracker, world=world, precision=precision)
 
 
 # --- stages -----------------------------------------------------------------------------------
@@ -120,7 +126,8 @@ def run_pretrain(params: Params) -> None:
 
     def evaluate(ema) -> dict[str, float]:  # the teacher's ODE samples with the trajectory solver
         x1 = torch.randn(len(ref), *shape, generator=torch.Generator().manual_seed(params.evaluate.seed))
-        x0 = solvers.integrate(lambda x, t: ema(x, t), x1, grid, traj_cfg.solver)[0][-1].numpy()
+        x1 = x1.to(next(ema.parameters()).device)
+        x0 = solvers.integrate(lambda x, t: ema(x, t), x1, grid, traj_cfg.solver)[0][-1].cpu().numpy()
         return {"fd_raw_ode": metrics.fd_raw(x0, ref),
                 "sw_ode": metrics.sliced_wasserstein(x0, ref, params.evaluate.sw_projections, params.evaluate.seed)}
 
@@ -136,11 +143,12 @@ def run_trajectories(params: Params) -> None:
     cfg = params.trajectories
     teacher_weights = _load_weights("pretrain")
     shape = datasets.data_shape(out_dir("data"))
+    dev = distributed.device(params.compute.device)
     teacher = nets.build(shape, params.net, two_times=False)
     teacher.load_state_dict(teacher_weights)
-    teacher.eval()
+    teacher.to(dev).eval()
     grid = solvers.time_grid(cfg.steps, cfg.grid, cfg.rho)
-    ledger = Ledger(device=device_name(DEVICE))
+    ledger = Ledger(device=device_name(dev))
     tracker = Tracker.open(params, "trajectories", method=METHOD["trajectories"],
                            stage_params={"trajectories": cfg.model_dump()})
     gen = generator(params.seed, "trajectories")
@@ -148,7 +156,8 @@ def run_trajectories(params: Params) -> None:
     for start in tqdm(range(0, cfg.count, cfg.batch_size), desc="trajectories", disable=quiet()):
         x1 = torch.randn(min(cfg.batch_size, cfg.count - start), *shape, generator=gen)
         with ledger.clock():
-            states, nfe = solvers.integrate(lambda x, t: teacher(x, t), x1, grid, cfg.solver)
+            states, nfe = solvers.integrate(lambda x, t: teacher(x, t), x1.to(dev), grid, cfg.solver)
+            states = states.cpu()  # waits for the GPU, so the clock includes its work
         chunks.append(states.transpose(0, 1).contiguous())
         ledger.images_seen += len(x1)
         ledger.teacher_nfe += nfe * len(x1)
@@ -180,7 +189,7 @@ def run_midtrain(params: Params, method: str) -> None:
     nets.load_teacher_into(net, _load_weights("pretrain"))
     loss = MIDTRAIN_LOSS[variant]
     job = Job("midtrain", batch=lambda g, b: traj[torch.randint(len(traj), (b,), generator=g)],
-              loss=lambda n, x, g, seen: loss(n, x, times, g, cfg.distance),
+              loss=lambda n, x, g, seen: loss(n, x, times.to(x.device), g, cfg.distance),
               evaluate=_heldout_eval(params, path, heldout, shape), label=f"midtrain CMT-{variant.upper()} for {method}")
     result, tracker = _train_stage(params, "midtrain", net, job, cfg.train,
                                    [traj_dir / "manifest.json", out_dir("pretrain") / "model.pt"], method=method,
@@ -238,7 +247,7 @@ def run_evaluate(params: Params, init: str, method: str) -> None:
     net = nets.build(shape, params.net, two_times=True)
     weights = out_dir("posttrain", init, method) / "model.pt"
     net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True)["ema"])
-    net.eval()
+    net.to(distributed.device(params.compute.device)).eval()
     start = time.perf_counter()
     samples = {k: v.numpy() for k, v in sampling.sample(net, path, cfg.samples, shape, cfg.seed,
                                                         params.sampling.t_mid).items()}

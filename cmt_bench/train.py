@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint
 from .config import TrainConfig
-from .distributed import World, wrap
+from .distributed import World, autocast, wrap
 from .ledger import Ledger
 
 
@@ -76,11 +76,12 @@ def _crossed(before: int, after: int, every: int) -> bool:
 
 def train(net: nn.Module, job: Job, cfg: TrainConfig, *, seed: int, ckpt_path: Path, fingerprint: str,
           ledger: Ledger, open_tracker: Callable[[str | None], "object"],
-          world: World = World()) -> tuple[Result, "object"]:
+          world: World = World(), precision: str = "fp32") -> tuple[Result, "object"]:
     """Run `job` until `cfg.budget_images`; return the result and the (still open) tracker.
 
     Under torchrun (`world.size` > 1) each rank draws batch_size / world.size images per step and
-    DDP averages the gradients; only rank 0 opens the tracker (others get None), logs and saves."""
+    DDP averages the gradients; only rank 0 opens the tracker (others get None), logs and saves.
+    `net` is already on its device; `precision` bf16 autocasts the step there if it is a GPU."""
     if cfg.batch_size % world.size:
         raise ValueError(f"{job.stage}: train.batch_size={cfg.batch_size} must divide by the number of "
                          f"processes ({world.size}): it is the global batch")
@@ -89,6 +90,7 @@ def train(net: nn.Module, job: Job, cfg: TrainConfig, *, seed: int, ckpt_path: P
     if world.size > 1:  # dropout draws from the global generator: different masks on each rank
         torch.manual_seed(derive_seed(seed, job.stage, "rank", world.rank))
     ledger.world_size = world.size
+    device = next(net.parameters()).device
     ema = copy.deepcopy(net).requires_grad_(False)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, foreach=True)  # one kernel per op, not per tensor
     # listed once: walking the module tree every step cost 3% of a small MLP's step time
@@ -142,7 +144,8 @@ def train(net: nn.Module, job: Job, cfg: TrainConfig, *, seed: int, ckpt_path: P
             before = ledger.images_seen
             with ledger.clock():
                 gen = generator(seed, job.stage, before, *rank_tag)
-                loss = job.loss(model, job.batch(gen, rank_batch), gen, before)
+                with autocast(precision, device):
+                    loss = job.loss(model, job.batch(gen, rank_batch), gen, before)
                 if world.any(not torch.isfinite(loss)):
                     raise NonFiniteLoss(
                         f"{job.stage}: loss became {loss.item()} at step {step + 1} (images_seen={before}); stopped. "
@@ -151,6 +154,8 @@ def train(net: nn.Module, job: Job, cfg: TrainConfig, *, seed: int, ckpt_path: P
                 loss.backward()
                 opt.step()
                 _ema_update(ema_params, net_params, cfg.ema_decay)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()  # the clock must include the queued GPU work
             step += 1
             ledger.images_seen += cfg.batch_size
             loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1

@@ -40,6 +40,11 @@ BAD = {
     "empty_file": ("# nothing here\n", ["file is empty", "pretrain"]),
     "list_not_mapping": ("- pretrain\n- midtrain\n", ["expected a mapping of sections", "list"]),
     "invalid_yaml": ("pretrain: {train: [\n", ["not valid YAML"]),
+    "net_for_images": ("data: {dataset: digits}\n", ["net.kind", "'mlp' does not fit", "use unet for images"]),
+    "variant_missing": ("midtrain:\n  variants: {ect: cm}\n", ["midtrain.variants", "meanflow"]),
+    "variant_value": ("midtrain:\n  variants: {ect: cd}\n", ["midtrain.variants.ect", "'cm'", "'mf'"]),
+    "precision": ("compute: {precision: fp16}\n", ["compute.precision", "'fp32'", "'bf16'"]),
+    "no_levels": ("net: {kind: unet, channel_mult: []}\n", ["net.channel_mult", "at least one level"]),
 }
 
 
@@ -99,6 +104,16 @@ def test_cli_check_accepts_good_file(tmp_path):
     result = _cli(tmp_path, "--params", "good.yaml", "check")
     assert result.returncode == 0, result.stderr
     assert "valid (preset toy)" in result.stdout
+
+
+def test_cli_refuses_cuda_where_there_is_none(tmp_path):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    (tmp_path / "gpu.yaml").write_text("compute: {device: cuda}\n")
+    result = _cli(tmp_path, "--params", "gpu.yaml", "pretrain")
+    assert result.returncode == 2 and "compute.device: 'cuda'" in result.stderr and "auto, cpu" in result.stderr
+    assert not (tmp_path / "artifacts").exists()
 
 
 def test_params_yaml_is_exactly_the_toy_preset():

@@ -47,7 +47,7 @@ def test_report_and_summary(repo):
     for method in ("ECT", "MeanFlow"):
         assert f"Post-training ({method}) from CMT reaches the diffusion-init's final quality" in report
     # whichever verdict was measured, one per method
-    assert len(re.findall(r"\*\*(holds|does not hold) at this scale\*\*", report)) == 2
+    assert len(re.findall(r"\*\*(holds|does not hold|not resolved) at this scale\*\*", report)) == 2
     for png in ("metric_vs_compute.png", "samples.png"):
         assert (repo / "reports/smoke" / png).stat().st_size > 10_000
     summary = sh("python -m cmt_bench summary", repo, env).strip().splitlines()

@@ -42,3 +42,4 @@ def test_fashion_preset_runs_its_first_stages(tmp_path):
     _, runs = mlflow_runs(repo)
     pretrain = next(r for r in runs if r.data.tags.get("stage") == "pretrain")
     assert pretrain.info.status == "FINISHED" and pretrain.data.metrics["images_seen"] == 64
+    assert pretrain.data.tags["precision"] == "fp32"  # the preset asks for bf16, which is for CUDA: a CPU stays fp32

@@ -9,7 +9,7 @@ import torch
 from ..config import Distance, EctConfig
 from ..nets import flow_map
 from .distance import distance
-from .flow_matching import logit_normal
+from .flow_matching import gaussian_noise, logit_normal
 
 
 def ect_r(t: torch.Tensor, images_seen: int, cfg: EctConfig, path) -> torch.Tensor:
@@ -29,7 +29,7 @@ def consistency_loss(net, x_t, t, x_r, r, dist: Distance) -> torch.Tensor:
 
 
 def ect_loss(net, path, x0, generator: torch.Generator, images_seen: int, cfg: EctConfig, dist: Distance):
-    eps = torch.randn(x0.shape, generator=generator)
-    t = logit_normal(x0.shape[0], cfg.t_sampling, generator)
+    eps = gaussian_noise(x0, generator)
+    t = logit_normal(x0.shape[0], cfg.t_sampling, generator).to(x0.device)
     r = ect_r(t, images_seen, cfg, path)
     return consistency_loss(net, path.sample(x0, eps, t), t, path.sample(x0, eps, r), r, dist)

@@ -9,8 +9,14 @@ def logit_normal(n: int, cfg: TimeSampling, generator: torch.Generator, eps: flo
     return t.clamp(eps, 1 - eps)
 
 
+def gaussian_noise(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Standard normal noise shaped like x. Drawn from the (CPU) step generator and then moved to
+    x's device, so a seed gives the same numbers on CPU and GPU."""
+    return torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+
+
 def flow_matching_loss(net, path, x0: torch.Tensor, generator: torch.Generator, t_cfg: TimeSampling) -> torch.Tensor:
-    eps = torch.randn(x0.shape, generator=generator)
-    t = logit_normal(x0.shape[0], t_cfg, generator)
+    eps = gaussian_noise(x0, generator)
+    t = logit_normal(x0.shape[0], t_cfg, generator).to(x0.device)
     v = net(path.sample(x0, eps, t), t)
     return (v - path.velocity_target(x0, eps)).flatten(1).pow(2).mean(1).mean()

@@ -9,7 +9,7 @@ import torch
 
 from ..config import MeanFlowConfig
 from ..distributed import unwrap
-from .flow_matching import logit_normal
+from .flow_matching import gaussian_noise, logit_normal
 
 
 def sample_times(n: int, cfg: MeanFlowConfig, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,8 +41,8 @@ def adaptive_weighted(delta: torch.Tensor, cfg: MeanFlowConfig) -> torch.Tensor:
 
 
 def meanflow_loss(net, path, x0: torch.Tensor, generator: torch.Generator, cfg: MeanFlowConfig) -> torch.Tensor:
-    eps = torch.randn(x0.shape, generator=generator)
-    t, r = sample_times(x0.shape[0], cfg, generator)
+    eps = gaussian_noise(x0, generator)
+    t, r = (s.to(x0.device) for s in sample_times(x0.shape[0], cfg, generator))
     z, v = path.sample(x0, eps, t), path.velocity_target(x0, eps)
     # Where r = t the identity's JVP term is multiplied by t - r = 0 and the target is v, so the
     # JVP (about 3 forward passes) runs only on the r != t part of the batch.
