@@ -16,11 +16,11 @@ STAGES = ("data", "pretrain", "trajectories", "midtrain", "posttrain", "evaluate
 TRAINING = ("pretrain", "midtrain", "posttrain")
 
 
-def _check_device(params: config.Params) -> None:
+def _check_device(params: config.Params, source: str) -> None:
     if params.compute.device == "cuda":
         import torch
         if not torch.cuda.is_available():
-            raise config.ParamsError(f"{params.preset}: compute.device: 'cuda' but torch sees no CUDA device; "
+            raise config.ParamsError(f"{source}: compute.device: 'cuda' but torch sees no CUDA device; "
                                      f"allowed here: auto, cpu")
 
 
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         params = config.load(args.params)
         if args.command not in ("report", "summary"):
-            _check_device(params)
+            _check_device(params, args.params)
     except config.ParamsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -26,10 +26,6 @@ class World:
     def main(self) -> bool:
         return self.rank == 0
 
-    def barrier(self) -> None:
-        if self.size > 1:
-            dist.barrier()
-
     def _tensor(self, values: list[float]) -> torch.Tensor:
         device = "cuda" if dist.get_backend() == "nccl" else "cpu"
         return torch.tensor(values, dtype=torch.float64, device=device)
