@@ -27,7 +27,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +35,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import mlflow  # noqa: E402
 
-from cmt_bench import config, data, losses, nets, sources  # noqa: E402
+from cmt_bench import config, data, losses, nets  # noqa: E402
 from cmt_bench.ledger import Ledger, device_name  # noqa: E402
 from cmt_bench.paths import LinearPath  # noqa: E402
 from cmt_bench.tracking import Tracker  # noqa: E402
@@ -58,11 +57,7 @@ def setup(preset: str, steps: int):
     cfg = params.pretrain.train.model_copy(update={
         "budget_images": steps * params.pretrain.train.batch_size,
         "log_every_images": post.log_every_images, "checkpoint_every_images": post.checkpoint_every_images})
-    if params.data.is_image:
-        train_images, _ = sources.SOURCES[params.data.dataset](params.data, np.random.default_rng(0))
-        x = torch.from_numpy(train_images).float() / 127.5 - 1
-    else:
-        x = torch.from_numpy(data.toy(params.data.dataset, params.data.train_size, np.random.default_rng(0)))
+    x = data.as_float(data.make_splits(params.data, seed=0)[0])  # the preset's training data
     return params, cfg, x
 
 

@@ -8,7 +8,7 @@ ECT costs a second (no-grad) forward.
     python benchmarks/step_cost.py [--preset toy|digits] [--steps N] [--reps R] [--threads T]
 
 Writes benchmarks/results/step_cost[_<preset>].json (the toy MLP, or the preset's UNet on
-random images of its data shape, with the preset's batch size and MeanFlow settings).
+random samples of its data shape, with the preset's batch size and MeanFlow settings).
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cmt_bench import config, losses, nets  # noqa: E402
+from cmt_bench import config, data, losses, nets  # noqa: E402
 from cmt_bench.paths import LinearPath  # noqa: E402
 
 
@@ -61,7 +61,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     params = config.preset(args.preset, ROOT)
-    shape = {"digits": (1, 8, 8), "fashion": (1, 32, 32)}.get(params.data.dataset, (2,))
+    shape = tuple(data.make_splits(params.data, seed=0)[1].shape[1:])  # one sample, as the data stage writes it
     torch.manual_seed(0)
     net = nets.build(shape, params.net, two_times=True)
     opt = torch.optim.Adam(net.parameters(), lr=1e-4, foreach=True)

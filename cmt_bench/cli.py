@@ -17,11 +17,13 @@ TRAINING = ("pretrain", "midtrain", "posttrain")
 
 
 def _check_device(params: config.Params, source: str) -> None:
+    """Refuse a device this machine lacks before any work (torch is imported only to check CUDA)."""
     if params.compute.device == "cuda":
-        import torch
-        if not torch.cuda.is_available():
-            raise config.ParamsError(f"{source}: compute.device: 'cuda' but torch sees no CUDA device; "
-                                     f"allowed here: auto, cpu")
+        from . import distributed
+        try:
+            distributed.device("cuda")
+        except RuntimeError as exc:
+            raise config.ParamsError(f"{source}: {exc}") from None
 
 
 def _relaunch_under_torchrun(processes: int, argv: list[str]) -> int:

@@ -72,9 +72,7 @@ def read_shards(out_dir: Path, prefix: str, verify: dict | None = None) -> torch
     # run exact. So no node splitting here, and reading is in order (no shard shuffle to seed).
     records = wds.WebDataset([str(p) for p in shards], shardshuffle=False, empty_check=False,
                              nodesplitter=_every_shard).decode()
-    array = np.concatenate([r["x.npy"] for r in records])
-    # uint8 images -> [-1, 1]
-    array = torch.from_numpy(array).float() / 127.5 - 1 if array.dtype == np.uint8 else torch.from_numpy(array)
+    array = as_float(np.concatenate([r["x.npy"] for r in records]))
     if verify is not None and len(array) != verify["count"]:
         raise ValueError(f"{out_dir}: read {len(array)} samples, manifest says {verify['count']}")
     return array
@@ -84,13 +82,22 @@ def _every_shard(urls):
     return urls
 
 
-def make_dataset(cfg: DataConfig, seed: int, out_dir: Path) -> dict:
-    """Write the train and held-out splits as shards; return the manifest (also written)."""
+def as_float(array: np.ndarray) -> torch.Tensor:
+    """Samples as float tensors: uint8 images map to [-1, 1], toy points stay as they are."""
+    return torch.from_numpy(array).float() / 127.5 - 1 if array.dtype == np.uint8 else torch.from_numpy(array)
+
+
+def make_splits(cfg: DataConfig, seed: int) -> list[np.ndarray]:
+    """The train and held-out arrays as the data stage stores them (uint8 images, float32 points)."""
     rng = np.random.default_rng(seed)
     if cfg.is_image:
-        splits = [sources.pad(x, cfg.pad_to) for x in sources.SOURCES[cfg.dataset](cfg, rng)]
-    else:
-        splits = [toy(cfg.dataset, n, rng) for n in (cfg.train_size, cfg.heldout_size)]
+        return [sources.pad(x, cfg.pad_to) for x in sources.SOURCES[cfg.dataset](cfg, rng)]
+    return [toy(cfg.dataset, n, rng) for n in (cfg.train_size, cfg.heldout_size)]
+
+
+def make_dataset(cfg: DataConfig, seed: int, out_dir: Path) -> dict:
+    """Write the train and held-out splits as shards; return the manifest (also written)."""
+    splits = make_splits(cfg, seed)
     manifest = {"dataset": cfg.dataset, "seed": seed, "shape": list(splits[0].shape[1:]),
                 "dtype": str(splits[0].dtype), "splits": {}}
     for split, array in zip(("train", "heldout"), splits):

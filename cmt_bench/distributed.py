@@ -70,7 +70,7 @@ def device(choice: str, world: World = World()) -> torch.device:
         choice = "cuda" if torch.cuda.is_available() else "cpu"
     if choice == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("compute.device='cuda' but torch sees no CUDA device; use 'auto' or 'cpu'")
+            raise RuntimeError("compute.device: 'cuda' but torch sees no CUDA device; allowed here: auto, cpu")
         return torch.device("cuda", world.local_rank)
     return torch.device("cpu")
 

@@ -167,20 +167,16 @@ def train(net: nn.Module, job: Job, cfg: TrainConfig, *, seed: int, ckpt_path: P
                 loss_sum, loss_n = 0.0, 0
             if last or _crossed(before, ledger.images_seen, cfg.checkpoint_every_images):
                 save()
-    except NonFiniteLoss as exc:
+        if not world.same_everywhere(net_params):
+            raise RanksDiverged(f"{job.stage}: the {world.size} processes ended with different weights "
+                                f"(a gradient bypassed DDP's synchronisation)")
+    except (NonFiniteLoss, RanksDiverged) as exc:
         if tracker is not None:
             tracker.set_tags({"failure": str(exc)})
             tracker.finish("FAILED")
         raise
     finally:
         bar.close()
-    if not world.same_everywhere(net_params):
-        exc = RanksDiverged(f"{job.stage}: the {world.size} processes ended with different weights "
-                            f"(a gradient bypassed DDP's synchronisation)")
-        if tracker is not None:
-            tracker.set_tags({"failure": str(exc)})
-            tracker.finish("FAILED")
-        raise exc
     if tracker is not None and world.size > 1:
         tracker.set_tags({"ranks_identical_weights": "true"})
     return result, tracker
