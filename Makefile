@@ -6,9 +6,9 @@ export PATH := $(BIN):$(PATH)
 export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: toy test setup fashion-data
+.PHONY: toy test setup fashion-data chromium plots-template
 
-setup: $(VENV)/installed fashion-data
+setup: $(VENV)/installed fashion-data chromium plots-template
 
 # Fashion-MNIST comes from Debian (no download at run time). Only the fashion preset needs it, so
 # where apt is unavailable this warns instead of failing.
@@ -19,11 +19,29 @@ fashion-data:
 	  || ($(SUDO) apt-get update -qq >/dev/null 2>&1 && $(SUDO) apt-get install -y -qq dataset-fashion-mnist >/dev/null) \
 	  || echo "warning: could not install dataset-fashion-mnist; the fashion preset will not run" >&2
 
+# Debian's Chromium renders the HTML report and the dvc plots page in the browser tests; without it
+# they skip (outside CI), so this warns instead of failing.
+chromium:
+	@[ -x /usr/bin/chromium ] || $(SUDO) apt-get install -y -qq chromium >/dev/null 2>&1 \
+	  || ($(SUDO) apt-get update -qq >/dev/null 2>&1 && $(SUDO) apt-get install -y -qq chromium >/dev/null) \
+	  || echo "warning: could not install chromium; the browser tests will not run" >&2
+
+# An offline page for `dvc plots show --html-template build/dvc_plots_template.html`: vega, vega-lite
+# and vega-embed from npm (pinned in cmt_bench/plots_template.py, installed into build/npm) inlined.
+PLOTS_TEMPLATE := build/dvc_plots_template.html
+plots-template: $(PLOTS_TEMPLATE)
+$(PLOTS_TEMPLATE): cmt_bench/plots_template.py | $(VENV)/installed
+	@python -m cmt_bench.plots_template -o $@ \
+	  || echo "warning: could not build $@ (needs npm); dvc plots show will need a network" >&2
+
 # torch first and pinned: it installs the local CPU build instead of a multi-GB CUDA download.
+# torch-fidelity without its dependencies: it declares torchvision, which would pull a CUDA torch and
+# has no build that loads beside torch 2.13.0+cpu (cmt_bench/fidelity.py stands in for it).
 $(VENV)/installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
 	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps torch-fidelity==0.4.0
 	touch $@
 
 toy: setup

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from . import config
 
-STAGES = ("data", "pretrain", "trajectories", "midtrain", "posttrain", "evaluate", "report")
+STAGES = ("data", "features", "pretrain", "trajectories", "midtrain", "posttrain", "evaluate", "report")
 TRAINING = ("pretrain", "midtrain", "posttrain")
 
 
@@ -24,6 +24,15 @@ def _check_device(params: config.Params, source: str) -> None:
             distributed.device("cuda")
         except RuntimeError as exc:
             raise config.ParamsError(f"{source}: {exc}") from None
+
+
+def _check_inception_weights(params: config.Params, source: str) -> None:
+    """fid_inception reads torch-fidelity's Inception from a local file; it is never downloaded."""
+    weights = params.evaluate.inception_weights
+    if params.features == "inception" and not Path(weights).is_file():
+        raise config.ParamsError(f"{source}: evaluate.inception_weights: no file at {weights!r}; the Inception "
+                                 f"weights are never downloaded: copy torch-fidelity's pt_inception-2015-12-05 "
+                                 f"file there, or set evaluate.features to 'classifier' or 'raw'")
 
 
 def _relaunch_under_torchrun(processes: int, argv: list[str]) -> int:
@@ -44,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--init", required=True, choices=config.INITS)
         if stage in ("midtrain", "posttrain", "evaluate"):
             s.add_argument("--method", required=True, choices=config.METHODS)
+        if stage in ("posttrain", "evaluate"):
+            s.add_argument("--seed", type=int, default=None,
+                           help="post-training seed (default: the first of posttrain.seeds)")
     sub.add_parser("check", help="validate the parameter file and exit")
     sub.add_parser("summary", help="print the report's short summary")
     pre = sub.add_parser("preset", help="write params.yaml from experiments/NAME.yaml")
@@ -63,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         params = config.load(args.params)
         if args.command not in ("report", "summary"):
             _check_device(params, args.params)
+            _check_inception_weights(params, args.params)
     except config.ParamsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -81,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     run = getattr(stages, f"run_{args.command}")
     try:
         if args.command in ("posttrain", "evaluate"):
-            run(params, args.init, args.method)
+            run(params, args.init, args.method, params.posttrain.seeds[0] if args.seed is None else args.seed)
         elif args.command == "midtrain":
             run(params, args.method)
         else:

@@ -20,7 +20,8 @@ Probability = Annotated[float, Field(gt=0, lt=1)]
 
 INITS = ("random", "diffusion", "cmt")
 METHODS = ("ect", "meanflow")  # post-training families: consistency training and MeanFlow
-METRICS = ("fd_raw_1step", "fd_raw_2step", "sw_1step", "sw_2step")
+FEATURES = ("auto", "raw", "classifier", "inception")
+LABELLED_DATASETS = ("digits", "fashion", "cifar10")  # the datasets a feature classifier can learn
 
 
 class Section(BaseModel):
@@ -153,8 +154,11 @@ class MeanFlowConfig(Section):
 
 
 class PosttrainConfig(Section):
-    # which post-training methods the DVC matrix runs (init x method); each from all three inits
+    # which post-training methods the DVC matrix runs (init x method x seed); each from all three inits
     methods: list[Literal[METHODS]] = list(METHODS)  # type: ignore[valid-type]
+    # post-training seeds (init of fresh layers, batches, noise): every init x method cell runs once
+    # per seed, the report shows their mean and spread. Upstream stages use the top-level `seed`.
+    seeds: list[Annotated[int, Field(ge=0, strict=True)]] = [0]
     train: TrainConfig = TrainConfig()
     distance: Distance = Distance()
     ect: EctConfig = EctConfig()
@@ -167,16 +171,37 @@ class PosttrainConfig(Section):
             raise ValueError(f"list each post-training method at most once, at least one of: {', '.join(METHODS)}")
         return methods
 
+    @field_validator("seeds")
+    @classmethod
+    def _some_seeds_once_each(cls, seeds: list[int]) -> list[int]:
+        if not seeds or len(set(seeds)) != len(seeds):
+            raise ValueError("list each seed at most once, at least one, e.g. [0, 1, 2]")
+        return seeds
+
 
 class SamplingConfig(Section):
     t_mid: Probability = 0.5  # the intermediate time of 2-step sampling
 
 
+class ClassifierConfig(Section):
+    """The feature network of `fd_<dataset>`: a small CNN trained on the training split's labels."""
+    epochs: PositiveInt = 30
+    batch_size: PositiveInt = 128
+    lr: PositiveFloat = 2e-3
+    feature_dim: PositiveInt = 64
+
+
 class EvaluateConfig(Section):
-    samples: PositiveInt = 4000
-    inloop_samples: PositiveInt = 1000
+    samples: PositiveInt = 4000  # final evaluation; metric keys carry the count, e.g. fd_digits_2step_n4000
+    inloop_samples: PositiveInt = 1000  # during training, at every logged point
     seed: int = 1234
     sw_projections: PositiveInt = 256
+    # Feature space of the Frechet distance: raw coordinates (fd_raw), a classifier trained in the
+    # pipeline (fd_<dataset>) or torch-fidelity's Inception (fid_inception, from a local file only).
+    # auto: raw for 2-D points, the classifier for labelled images, Inception where weights are given.
+    features: Literal[FEATURES] = "auto"  # type: ignore[valid-type]
+    inception_weights: str | None = None  # local path of torch-fidelity's pt_inception weights
+    classifier: ClassifierConfig = ClassifierConfig()
 
 
 class ComputeConfig(Section):
@@ -191,7 +216,9 @@ class ComputeConfig(Section):
 
 
 class ReportConfig(Section):
-    metric: Literal[METRICS] = "sw_2step"  # type: ignore[valid-type]
+    # the metric curves, targets and claims use: a family (fd_raw, sw, or the feature metric such
+    # as fd_digits) and a step count; auto: the feature metric at 2 steps
+    metric: str = "auto"
 
 
 class Params(Section):
@@ -218,7 +245,42 @@ class Params(Section):
         if self.data.is_image != (self.net.kind == "unet"):
             raise ValueError(f"net.kind: {self.net.kind!r} does not fit data.dataset={self.data.dataset!r}; "
                              f"use unet for images ({', '.join(IMAGE_DATASETS)}), mlp for 2-D toy data")
+        features, dataset = self.evaluate.features, self.data.dataset
+        if features == "classifier" and dataset not in LABELLED_DATASETS:
+            raise ValueError(f"evaluate.features: 'classifier' needs labelled images ({', '.join(LABELLED_DATASETS)}), "
+                             f"not data.dataset={dataset!r}; use 'raw'" + (" or 'inception'" if self.data.is_image else ""))
+        if features == "inception" and not self.data.is_image:
+            raise ValueError("evaluate.features: 'inception' scores images; 2-D points use 'raw'")
+        if features == "inception" and not self.evaluate.inception_weights:
+            raise ValueError("evaluate.inception_weights: give the local path of the Inception weights file "
+                             "(it is never downloaded), or choose evaluate.features 'raw' or 'classifier'")
+        if self.report.metric != "auto" and self.report.metric not in report_metrics(self):
+            raise ValueError(f"report.metric: {self.report.metric!r} is not measured for this preset; allowed: "
+                             f"auto, {', '.join(report_metrics(self))}")
         return self
+
+    @property
+    def features(self) -> str:
+        """The feature space actually used: raw, classifier or inception (auto resolved)."""
+        if self.evaluate.features != "auto":
+            return self.evaluate.features
+        if self.data.dataset in LABELLED_DATASETS:
+            return "classifier"
+        return "inception" if self.data.is_image and self.evaluate.inception_weights else "raw"
+
+    @property
+    def fd_name(self) -> str:
+        """The Frechet distance's honest name: fd_raw, fd_<dataset> or fid_inception."""
+        return {"raw": "fd_raw", "classifier": f"fd_{self.data.dataset}", "inception": "fid_inception"}[self.features]
+
+    @property
+    def report_metric(self) -> str:
+        return f"{self.fd_name}_2step" if self.report.metric == "auto" else self.report.metric
+
+
+def report_metrics(params: Params) -> list[str]:
+    """Metric families a run measures (its Frechet distance and sliced Wasserstein), at 1 and 2 steps."""
+    return [f"{family}_{k}step" for family in (params.fd_name, "sw") for k in (1, 2)]
 
 
 class ParamsError(ValueError):

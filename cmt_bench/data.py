@@ -3,6 +3,11 @@
 Small samples are packed several to a tar member (`samples_per_record`), since each member costs
 a 512-byte header. A manifest beside the shards records counts, shape, seed and each shard's
 sha256. Images are stored as uint8 and come back as floats in [-1, 1].
+
+Class labels of image datasets that have them (digits, fashion, cifar10) are stored as int64
+shards `labels_train-*.tar` / `labels_heldout-*.tar` beside the images (a prefix the image globs
+`train-*` / `heldout-*` do not match), under the manifest's `labels` key; `load_labels` reads them.
+Toy points and image folders have none: no shards, no `labels` key.
 """
 from __future__ import annotations
 
@@ -87,21 +92,36 @@ def as_float(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(array).float() / 127.5 - 1 if array.dtype == np.uint8 else torch.from_numpy(array)
 
 
+SPLITS = ("train", "heldout")
+LABELS_PREFIX = "labels_"  # labels_train-*.tar: not matched by the image glob train-*.tar
+
+
 def make_splits(cfg: DataConfig, seed: int) -> list[np.ndarray]:
     """The train and held-out arrays as the data stage stores them (uint8 images, float32 points)."""
+    return make_labeled_splits(cfg, seed)[0]
+
+
+def make_labeled_splits(cfg: DataConfig, seed: int) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+    """([train, heldout], [train labels, heldout labels] or None where the data has no labels).
+    The arrays are those of `make_splits`: labels take nothing from the seeded generator."""
     rng = np.random.default_rng(seed)
-    if cfg.is_image:
-        return [sources.pad(x, cfg.pad_to) for x in sources.SOURCES[cfg.dataset](cfg, rng)]
-    return [toy(cfg.dataset, n, rng) for n in (cfg.train_size, cfg.heldout_size)]
+    if not cfg.is_image:
+        return [toy(cfg.dataset, n, rng) for n in (cfg.train_size, cfg.heldout_size)], None
+    train, heldout, *labels = sources.SOURCES[cfg.dataset](cfg, rng, with_labels=True)
+    return [sources.pad(x, cfg.pad_to) for x in (train, heldout)], None if labels[0] is None else labels
 
 
 def make_dataset(cfg: DataConfig, seed: int, out_dir: Path) -> dict:
-    """Write the train and held-out splits as shards; return the manifest (also written)."""
-    splits = make_splits(cfg, seed)
+    """Write the train and held-out splits (and their labels, if any) as shards; return the
+    manifest (also written)."""
+    splits, labels = make_labeled_splits(cfg, seed)
     manifest = {"dataset": cfg.dataset, "seed": seed, "shape": list(splits[0].shape[1:]),
                 "dtype": str(splits[0].dtype), "splits": {}}
-    for split, array in zip(("train", "heldout"), splits):
+    for split, array in zip(SPLITS, splits):
         manifest["splits"][split] = write_shards(out_dir, split, array, cfg.samples_per_record, cfg.records_per_shard)
+    if labels is not None:  # unlabeled data keeps the manifest it always had
+        manifest["labels"] = {split: write_shards(out_dir, LABELS_PREFIX + split, y, cfg.samples_per_record,
+                                                  cfg.records_per_shard) for split, y in zip(SPLITS, labels)}
     write_json(out_dir / "manifest.json", manifest)
     return manifest
 
@@ -114,6 +134,16 @@ def data_shape(data_dir: Path) -> tuple[int, ...]:
 def load_split(data_dir: Path, split: str) -> torch.Tensor:
     manifest = read_json(data_dir / "manifest.json")
     return read_shards(data_dir, split, manifest["splits"][split])
+
+
+def load_labels(data_dir: Path, split: str) -> torch.Tensor | None:
+    """The class labels (int64, aligned with `load_split`) of `split`, or None if the data has none."""
+    manifest = read_json(Path(data_dir) / "manifest.json")
+    if "labels" not in manifest:
+        return None
+    if split not in manifest["labels"]:
+        raise KeyError(f"no split {split!r} in {data_dir}; splits: {', '.join(manifest['labels'])}")
+    return read_shards(Path(data_dir), LABELS_PREFIX + split, manifest["labels"][split]).long()
 
 
 def write_json(path: Path, obj) -> None:

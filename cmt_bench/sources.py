@@ -1,4 +1,8 @@
-"""Where image datasets come from. Each source returns (train, heldout) as uint8 arrays [N, C, H, W].
+"""Where image datasets come from. Each source returns (train, heldout) as uint8 arrays [N, C, H, W];
+with `with_labels=True` it also returns their class labels (int64 [N], or None where the source has
+none: image folders), so (train, heldout, train_labels, heldout_labels). Labels go through the
+same permutation / subset as the images, and asking for them draws nothing more from `rng`, so the
+images are the same either way.
 
 Nothing here downloads: digits ship inside scikit-learn, Fashion-MNIST comes from the Debian
 package `dataset-fashion-mnist` (the project's setup installs it), and image folders and CIFAR-10
@@ -18,47 +22,66 @@ FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
 
-def _split(images: np.ndarray, cfg: DataConfig, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _split(images: np.ndarray, labels: np.ndarray | None, cfg: DataConfig, rng: np.random.Generator,
+           with_labels: bool) -> tuple:
     """A fixed-seed split of one pool: the first `heldout_size` of a permutation are held out, then
     at most `train_size` of the rest train."""
     if cfg.heldout_size >= len(images):
         raise ValueError(f"data.heldout_size={cfg.heldout_size} leaves no training images: "
                          f"the {cfg.dataset} pool has {len(images)}")
     order = rng.permutation(len(images))
-    return images[order[cfg.heldout_size:][: cfg.train_size]], images[order[: cfg.heldout_size]]
+    train, heldout = order[cfg.heldout_size:][: cfg.train_size], order[: cfg.heldout_size]
+    return _pick((images, images), (labels, labels), (train, heldout), with_labels)
 
 
-def _subset(images: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    """At most n images, drawn without replacement at a fixed seed (all of them, in order, if n >= N)."""
-    return images if n >= len(images) else images[np.sort(rng.choice(len(images), n, replace=False))]
+def _subset_index(n_pool: int, n: int, rng: np.random.Generator) -> np.ndarray:
+    """At most n indices, drawn without replacement at a fixed seed (all of them, in order, if n >= N)."""
+    return np.arange(n_pool) if n >= n_pool else np.sort(rng.choice(n_pool, n, replace=False))
 
 
-def digits(cfg: DataConfig, rng: np.random.Generator):
-    """scikit-learn's 1,797 real 8x8 digits; grey levels 0..16 scaled to 0..255."""
+def _pick(images: tuple, labels: tuple, index: tuple, with_labels: bool) -> tuple:
+    """(train, heldout) images from their pools at their indices, then, if asked, their labels
+    (None where a pool has none)."""
+    out = tuple(x[i] for x, i in zip(images, index))
+    return out + tuple(None if y is None else y[i] for y, i in zip(labels, index)) if with_labels else out
+
+
+def digits(cfg: DataConfig, rng: np.random.Generator, with_labels: bool = False):
+    """scikit-learn's 1,797 real 8x8 digits; grey levels 0..16 scaled to 0..255; labels 0..9."""
     from sklearn.datasets import load_digits
-    images = load_digits().images  # float 0..16, [N, 8, 8]
-    return _split(np.rint(images * 255 / 16).astype(np.uint8)[:, None], cfg, rng)
+    pool = load_digits()  # images: float 0..16, [N, 8, 8]
+    images = np.rint(pool.images * 255 / 16).astype(np.uint8)[:, None]
+    return _split(images, pool.target.astype(np.int64), cfg, rng, with_labels)
+
+
+def _read_idx(path: Path, dims: int) -> np.ndarray:
+    """An idx .gz file: a 4-byte magic, `dims` 4-byte big-endian sizes, then uint8 data."""
+    with gzip.open(path, "rb") as f:
+        raw = f.read()
+    shape = [int.from_bytes(raw[i:i + 4], "big") for i in range(4, 4 + 4 * dims, 4)]
+    return np.frombuffer(raw, np.uint8, offset=4 + 4 * dims).reshape(shape)
 
 
 def _read_idx_images(path: Path) -> np.ndarray:
-    with gzip.open(path, "rb") as f:
-        raw = f.read()
-    n, rows, cols = (int.from_bytes(raw[i:i + 4], "big") for i in (4, 8, 12))
-    return np.frombuffer(raw, np.uint8, offset=16).reshape(n, 1, rows, cols)
+    return _read_idx(path, 3)[:, None]
 
 
-def fashion(cfg: DataConfig, rng: np.random.Generator):
-    """Fashion-MNIST's own split: 60k train, 10k test (held out)."""
+def fashion(cfg: DataConfig, rng: np.random.Generator, with_labels: bool = False):
+    """Fashion-MNIST's own split: 60k train, 10k test (held out); labels 0..9 from its idx files."""
     root = Path(cfg.path) if cfg.path else FASHION_DIR
-    files = [root / f"{stem}-images-idx3-ubyte.gz" for stem in ("train", "t10k")]
-    missing = [str(f) for f in files if not f.exists()]
+    kinds = ("images-idx3", "labels-idx1") if with_labels else ("images-idx3",)
+    files = {(stem, kind): root / f"{stem}-{kind}-ubyte.gz" for kind in kinds for stem in ("train", "t10k")}
+    missing = [str(f) for f in files.values() if not f.exists()]
     if missing:
         raise FileNotFoundError(
             f"Fashion-MNIST files missing: {', '.join(missing)}. Install the Debian package "
             f"dataset-fashion-mnist (`make setup` does: apt-get install -y dataset-fashion-mnist), "
             f"or set data.path to a folder holding the idx .gz files.")
-    train, heldout = (_read_idx_images(f) for f in files)
-    return _subset(train, cfg.train_size, rng), _subset(heldout, cfg.heldout_size, rng)
+    images = tuple(_read_idx_images(files[stem, "images-idx3"]) for stem in ("train", "t10k"))
+    labels = tuple(_read_idx(files[stem, "labels-idx1"], 1).astype(np.int64) if with_labels else None
+                   for stem in ("train", "t10k"))
+    index = (_subset_index(len(images[0]), cfg.train_size, rng), _subset_index(len(images[1]), cfg.heldout_size, rng))
+    return _pick(images, labels, index, with_labels)
 
 
 def _need_path(cfg: DataConfig, what: str) -> Path:
@@ -70,8 +93,9 @@ def _need_path(cfg: DataConfig, what: str) -> Path:
     return root
 
 
-def folder(cfg: DataConfig, rng: np.random.Generator):
-    """Every image under data.path (recursively), as `data.channels` channels at data.resolution."""
+def folder(cfg: DataConfig, rng: np.random.Generator, with_labels: bool = False):
+    """Every image under data.path (recursively), as `data.channels` channels at data.resolution.
+    No labels (None): sub-folder names are not taken to be classes."""
     from PIL import Image
     root = _need_path(cfg, "a folder of images")
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -82,22 +106,28 @@ def folder(cfg: DataConfig, rng: np.random.Generator):
     images = np.stack([np.asarray(Image.open(p).convert(mode).resize((size, size), Image.BICUBIC))
                        for p in files])
     images = images[:, None] if images.ndim == 3 else images.transpose(0, 3, 1, 2)
-    return _split(images, cfg, rng)
+    return _split(images, None, cfg, rng, with_labels)
 
 
-def cifar10(cfg: DataConfig, rng: np.random.Generator):
-    """CIFAR-10's python batches (data_batch_1..5 train, test_batch held out) under data.path."""
+def cifar10(cfg: DataConfig, rng: np.random.Generator, with_labels: bool = False):
+    """CIFAR-10's python batches (data_batch_1..5 train, test_batch held out) under data.path;
+    labels 0..9 from the same batches."""
     root = _need_path(cfg, "the folder cifar-10-batches-py holding data_batch_1..5 and test_batch")
     names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
     missing = [n for n in names if not (root / n).exists()]
     if missing:
         raise FileNotFoundError(f"CIFAR-10 python batches missing under {root}: {', '.join(missing)}")
 
-    def batch(name: str) -> np.ndarray:
+    def batch(name: str) -> tuple[np.ndarray, np.ndarray]:
         with open(root / name, "rb") as f:  # the official format is a pickle; only local files are read
-            return pickle.load(f, encoding="bytes")[b"data"].reshape(-1, 3, 32, 32)
-    train = np.concatenate([batch(n) for n in names[:5]])
-    return _subset(train, cfg.train_size, rng), _subset(batch("test_batch"), cfg.heldout_size, rng)
+            d = pickle.load(f, encoding="bytes")
+        return d[b"data"].reshape(-1, 3, 32, 32), np.asarray(d[b"labels"], np.int64)
+    train = [batch(n) for n in names[:5]]
+    test = batch("test_batch")
+    images = (np.concatenate([x for x, _ in train]), test[0])
+    labels = (np.concatenate([y for _, y in train]), test[1])
+    index = (_subset_index(len(images[0]), cfg.train_size, rng), _subset_index(len(images[1]), cfg.heldout_size, rng))
+    return _pick(images, labels, index, with_labels)
 
 
 def pad(images: np.ndarray, size: int | None) -> np.ndarray:

@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import data as datasets
-from . import distributed, losses, metrics, nets, sampling, solvers
+from . import distributed, losses, nets, sampling, scoring, solvers
 from .config import INITS, METHODS, Params, fingerprint
 from .data import read_json, write_json
 from .ledger import Ledger, device_name
@@ -26,18 +26,22 @@ METHOD = {"pretrain": "flow_matching", "trajectories": "teacher_ode"}
 MIDTRAIN_LOSS = {"cm": losses.cmt_cm_loss, "mf": losses.cmt_mf_loss}
 
 
-def out_dir(stage: str, init: str | None = None, method: str | None = None) -> Path:
-    """artifacts/<stage>[/<method>][/<init>]: post-training and evaluation have one per cell."""
-    return ART.joinpath(stage, *(part for part in (method, init) if part))
+def out_dir(stage: str, init: str | None = None, method: str | None = None, seed: int | None = None) -> Path:
+    """artifacts/<stage>[/<method>][/<init>][/seed<N>]: post-training and evaluation have one per cell."""
+    return ART.joinpath(stage, *(part for part in (method, init, _seed_part(seed)) if part))
 
 
-def cell(stage: str, init: str | None, method: str | None) -> str:
-    """A stage's name for one matrix cell, e.g. posttrain-meanflow-cmt (run names, checkpoints)."""
-    return "-".join(part for part in (stage, method, init) if part)
+def cell(stage: str, init: str | None, method: str | None, seed: int | None = None) -> str:
+    """A stage's name for one matrix cell, e.g. posttrain-meanflow-cmt-seed1 (run names, checkpoints)."""
+    return "-".join(part for part in (stage, method, init, _seed_part(seed)) if part)
 
 
-def _seeded_net(params: Params, shape: tuple[int, ...], two_times: bool, *tag) -> torch.nn.Module:
-    torch.manual_seed(derive_seed(params.seed, "init", *tag))
+def _seed_part(seed: int | None) -> str | None:
+    return None if seed is None else f"seed{seed}"
+
+
+def _seeded_net(seed: int, params: Params, shape: tuple[int, ...], two_times: bool, *tag) -> torch.nn.Module:
+    torch.manual_seed(derive_seed(seed, "init", *tag))
     return nets.build(shape, params.net, two_times)
 
 
@@ -50,55 +54,56 @@ def _load_weights(stage: str, method: str | None = None) -> dict:
 
 def _heldout_eval(params: Params, path, heldout: torch.Tensor, shape: tuple[int, ...]):
     """In-loop 1- and 2-step metrics at a fixed sample seed, so curve points are comparable."""
-    ref = heldout[: params.evaluate.inloop_samples].numpy()
-    n = params.evaluate.inloop_samples
+    score = scoring.Scorer(params, heldout.numpy())
 
     def evaluate(net) -> dict[str, float]:
         net.eval()
-        out = sampling.sample(net, path, n, shape, params.evaluate.seed, params.sampling.t_mid)
+        out = sampling.sample(net, path, params.evaluate.inloop_samples, shape, params.evaluate.seed,
+                              params.sampling.t_mid)
         net.train()
-        return metrics.score({k: v.numpy() for k, v in out.items()}, ref, params.evaluate.sw_projections,
-                             params.evaluate.seed)
+        return score({k: v.numpy() for k, v in out.items()})
     return evaluate
 
 
-def _finish_training(stage: str, result, tracker, *, init: str | None = None, method: str | None = None) -> None:
+def _finish_training(stage: str, result, tracker, *, init: str | None = None, method: str | None = None,
+                     seed: int | None = None) -> None:
     """Write the stage's outputs, close its run, then drop the resumable checkpoint (rank 0 only:
     the other ranks of a DDP run have no tracker)."""
     if tracker is None:
         return
-    out = out_dir(stage, init, method)
+    out = out_dir(stage, init, method, seed)
     out.mkdir(parents=True, exist_ok=True)
     torch.save({"ema": result.ema.state_dict(), "net": result.net.state_dict()}, out / "model.pt")
     write_json(out / "run.json", {"run_id": tracker.run_id, "stage": stage, "init": init, "method": method,
-                                  "ledger": result.ledger.to_dict()})
+                                  "seed": seed, "ledger": result.ledger.to_dict()})
     tracker.finish()
-    shutil.rmtree(CKPT / cell(stage, init, method), ignore_errors=True)
+    shutil.rmtree(CKPT / cell(stage, init, method, seed), ignore_errors=True)
 
 
 def _train_stage(params: Params, stage: str, net, job: Job, train_cfg, inputs: list[Path], *,
                  init: str | None = None, method: str | None = None, method_tag: str | None = None,
-                 stage_params: dict):
+                 seed: int | None = None, stage_params: dict):
     """Train one stage (or matrix cell) on this process's device; `method_tag` names the method in
-    MLflow where it is not a cell. Batches are drawn on the CPU and moved to the device."""
+    MLflow where it is not a cell; `seed` is a post-training cell's seed (else the top-level one).
+Batches are drawn on the CPU and moved to the device."""
     world = distributed.init()
     dev = distributed.device(params.compute.device, world)
     net.to(dev)
     job = dataclasses.replace(job, batch=lambda g, b, draw=job.batch: draw(g, b).to(dev, non_blocking=True))
     precision = distributed.precision_used(params.compute.precision, dev)
     ledger = Ledger(device=device_name(dev))
-    fp = fingerprint(params, stage, init, method, [datasets.sha256(p) for p in inputs])
-    ckpt = CKPT / cell(stage, init, method) / "last.pt"
+    fp = fingerprint(params, stage, init, method, seed, [datasets.sha256(p) for p in inputs])
+    ckpt = CKPT / cell(stage, init, method, seed) / "last.pt"
 
     def open_tracker(run_id):
         tracker = Tracker.open(params, stage, init=init, method=method_tag or method or METHOD[stage], run_id=run_id,
-                               stage_params=stage_params)
+                               seed=seed, stage_params=stage_params)
         if run_id is None:
             tracker.set_tags({"device": ledger.device, "world_size": ledger.world_size, "precision": precision,
                               "device_hours_measures": "wall time of training steps x devices; "
                                                        "excludes in-loop evaluation and checkpoint I/O"})
         return tracker
-    return train(net, job, train_cfg, seed=params.seed, ckpt_path=ckpt, fingerprint=fp, ledger=ledger,
+    return train(net, job, train_cfg, seed=params.seed if seed is None else seed, ckpt_path=ckpt, fingerprint=fp, ledger=ledger,
                  open_tracker=open_tracker, world=world, precision=precision)
 
 
@@ -115,21 +120,57 @@ def run_data(params: Params) -> None:
                                   "counts": {k: v["count"] for k, v in manifest["splits"].items()}})
 
 
+def run_features(params: Params) -> None:
+    """The metric's feature space: for `fd_<dataset>` a classifier trained on the training split
+    (held-out accuracy logged), then the held-out reference statistics cached once, and the
+    metric's noise floor: training images (never the reference) scored as if they were samples."""
+    data_dir, out = out_dir("data"), out_dir("features")
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    train_x, heldout = datasets.load_split(data_dir, "train"), datasets.load_split(data_dir, "heldout")
+    tracker = Tracker.open(params, "features", method=params.fd_name,
+                           stage_params={"features": params.features, "metric": params.fd_name,
+                                         "evaluate": params.evaluate.model_dump()})
+    result: dict = {"features": params.features, "metric": params.fd_name}
+    if params.features == "classifier":
+        from . import classifier
+        cfg = params.evaluate.classifier
+        labels = {split: datasets.load_labels(data_dir, split) for split in ("train", "heldout")}
+        start = time.perf_counter()
+        model = classifier.train_classifier(train_x, labels["train"], epochs=cfg.epochs, batch_size=cfg.batch_size,
+                                            lr=cfg.lr, feature_dim=cfg.feature_dim, seed=params.seed)
+        result["train_seconds"] = time.perf_counter() - start
+        result["heldout_accuracy"] = classifier.accuracy(model, heldout, labels["heldout"])
+        classifier.save(model, scoring.CLASSIFIER)
+    score = scoring.Scorer(params, heldout.numpy())
+    floors = {}
+    for n in sorted({params.evaluate.inloop_samples, params.evaluate.samples}):
+        floor_samples = train_x[:n].numpy()  # at most n: a small training split gives fewer
+        for name, value in score({"floor": floor_samples}).items():
+            floors[name] = value
+    result["floor"] = floors
+    tracker.log_metrics(0, {**{k: v for k, v in result.items() if isinstance(v, float)}, **floors})
+    tracker.finish()
+    write_json(out / "run.json", {"run_id": tracker.run_id, "stage": "features", **result})
+    # DVC metrics (`dvc metrics show`): numbers only
+    write_json(ART / "features.json", {k: v for k, v in result.items() if k not in ("features", "metric")})
+
+
 def run_pretrain(params: Params) -> None:
     data_dir = out_dir("data")
     train_x, heldout = datasets.load_split(data_dir, "train"), datasets.load_split(data_dir, "heldout")
     shape, path, cfg = tuple(train_x.shape[1:]), PATHS["linear"](), params.pretrain
-    net = _seeded_net(params, shape, False, "pretrain")
-    ref = heldout[: params.evaluate.inloop_samples].numpy()
+    net = _seeded_net(params.seed, params, shape, False, "pretrain")
+    score = scoring.Scorer(params, heldout.numpy())
     traj_cfg = params.trajectories
     grid = solvers.time_grid(traj_cfg.steps, traj_cfg.grid, traj_cfg.rho)
 
     def evaluate(ema) -> dict[str, float]:  # the teacher's ODE samples with the trajectory solver
-        x1 = torch.randn(len(ref), *shape, generator=torch.Generator().manual_seed(params.evaluate.seed))
+        x1 = torch.randn(params.evaluate.inloop_samples, *shape,
+                         generator=torch.Generator().manual_seed(params.evaluate.seed))
         x1 = x1.to(next(ema.parameters()).device)
         x0 = solvers.integrate(lambda x, t: ema(x, t), x1, grid, traj_cfg.solver)[0][-1].cpu().numpy()
-        return {"fd_raw_ode": metrics.fd_raw(x0, ref),
-                "sw_ode": metrics.sliced_wasserstein(x0, ref, params.evaluate.sw_projections, params.evaluate.seed)}
+        return score({"ode": x0})
 
     job = Job("pretrain", batch=lambda g, b: train_x[torch.randint(len(train_x), (b,), generator=g)],
               loss=lambda n, x, g, seen: losses.flow_matching_loss(n, path, x, g, cfg.t_sampling),
@@ -185,7 +226,7 @@ def run_midtrain(params: Params, method: str) -> None:
     shape, path, cfg = tuple(traj.shape[2:]), PATHS["linear"](), params.midtrain
     variant = cfg.variants[method]
     # seeded: the teacher has no gap embedding, so its first layers keep their fresh random values
-    net = _seeded_net(params, shape, True, "midtrain")
+    net = _seeded_net(params.seed, params, shape, True, "midtrain")
     nets.load_teacher_into(net, _load_weights("pretrain"))
     loss = MIDTRAIN_LOSS[variant]
     job = Job("midtrain", batch=lambda g, b: traj[torch.randint(len(traj), (b,), generator=g)],
@@ -199,10 +240,10 @@ def run_midtrain(params: Params, method: str) -> None:
     _finish_training("midtrain", result, tracker, method=method)
 
 
-def initial_net(params: Params, init: str, method: str, shape: tuple[int, ...]):
+def initial_net(params: Params, init: str, method: str, shape: tuple[int, ...], seed: int):
     # every init is seeded: a diffusion init keeps the fresh values of the gap embedding's first
     # layers (the teacher has none), and an unseeded draw made reruns differ (measured)
-    net = _seeded_net(params, shape, True, "posttrain")
+    net = _seeded_net(seed, params, shape, True, "posttrain")
     if init == "random":
         return net
     if init == "diffusion":
@@ -224,12 +265,12 @@ def posttrain_loss(params: Params, method: str, path):
     raise ValueError(f"unknown post-training method {method!r}; allowed: {', '.join(METHODS)}")
 
 
-def run_posttrain(params: Params, init: str, method: str) -> None:
+def run_posttrain(params: Params, init: str, method: str, seed: int) -> None:
     data_dir = out_dir("data")
     train_x, heldout = datasets.load_split(data_dir, "train"), datasets.load_split(data_dir, "heldout")
     shape, path, cfg = tuple(train_x.shape[1:]), PATHS["linear"](), params.posttrain
     loss = posttrain_loss(params, method, path)  # an unknown method fails before the net is built
-    net = initial_net(params, init, method, shape)
+    net = initial_net(params, init, method, shape, seed)
     inputs = [data_dir / "manifest.json"] + {"random": [], "diffusion": [out_dir("pretrain") / "model.pt"],
                                              "cmt": [out_dir("midtrain", method=method) / "model.pt"]}[init]
     job = Job("posttrain", batch=lambda g, b: train_x[torch.randint(len(train_x), (b,), generator=g)], loss=loss,
@@ -237,32 +278,35 @@ def run_posttrain(params: Params, init: str, method: str) -> None:
     method_params = {k: v for k, v in cfg.model_dump().items() if k in ("train", method) or
                      (k == "distance" and method == "ect")}
     result, tracker = _train_stage(params, "posttrain", net, job, cfg.train, inputs, init=init, method=method,
-                                   stage_params={"posttrain": method_params, "init": init, "method": method})
-    _finish_training("posttrain", result, tracker, init=init, method=method)
+                                   seed=seed, stage_params={"posttrain": method_params, "init": init,
+                                                            "method": method, "seed": seed})
+    _finish_training("posttrain", result, tracker, init=init, method=method, seed=seed)
 
 
-def run_evaluate(params: Params, init: str, method: str) -> None:
+def run_evaluate(params: Params, init: str, method: str, seed: int) -> None:
+    """Final 1- and 2-step scores of one post-trained cell with `evaluate.samples` samples."""
     heldout = datasets.load_split(out_dir("data"), "heldout")
     shape, path, cfg = tuple(heldout.shape[1:]), PATHS["linear"](), params.evaluate
     net = nets.build(shape, params.net, two_times=True)
-    weights = out_dir("posttrain", init, method) / "model.pt"
-    net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True)["ema"])
+    trained = out_dir("posttrain", init, method, seed)
+    net.load_state_dict(torch.load(trained / "model.pt", map_location="cpu", weights_only=True)["ema"])
     net.to(distributed.device(params.compute.device)).eval()
     start = time.perf_counter()
     samples = {k: v.numpy() for k, v in sampling.sample(net, path, cfg.samples, shape, cfg.seed,
                                                         params.sampling.t_mid).items()}
     seconds = time.perf_counter() - start
-    scores = metrics.score(samples, heldout.numpy(), cfg.sw_projections, cfg.seed)
-    out = out_dir("evaluate", init, method)
+    scores = scoring.Scorer(params, heldout.numpy())(samples)
+    out = out_dir("evaluate", init, method, seed)
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     np.savez_compressed(out / "samples.npz", **samples)
-    posttrain_run = read_json(out_dir("posttrain", init, method) / "run.json")["run_id"]
-    tracker = Tracker.open(params, "evaluate", init=init, method=method,
+    posttrain_run = read_json(trained / "run.json")["run_id"]
+    tracker = Tracker.open(params, "evaluate", init=init, method=method, seed=seed,
                            stage_params={"evaluate": cfg.model_dump(), "sampling": params.sampling.model_dump()})
     tracker.set_tags({"posttrain_run_id": posttrain_run, "samples": str(cfg.samples)})
     tracker.log_metrics(0, {**scores, "sampling_seconds": seconds})
     tracker.log_artifact(out / "samples.npz")
     tracker.finish()
-    write_json(out / "metrics.json", {"init": init, "method": method, "samples": cfg.samples, "run_id": tracker.run_id,
-                                      "posttrain_run_id": posttrain_run, "metrics": scores})
+    write_json(out / "run.json", {"run_id": tracker.run_id, "stage": "evaluate", "init": init, "method": method,
+                                  "seed": seed, "posttrain_run_id": posttrain_run})
+    write_json(out / "metrics.json", scores)  # DVC metrics: numbers only

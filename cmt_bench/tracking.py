@@ -53,7 +53,8 @@ class Tracker:
 
     @classmethod
     def open(cls, params: Params, stage: str, *, init: str | None = None, method: str | None = None,
-             run_id: str | None = None, stage_params: dict | None = None) -> "Tracker":
+             seed: int | None = None, run_id: str | None = None, stage_params: dict | None = None) -> "Tracker":
+        """`seed`: a post-training cell's seed, tagged instead of the top-level one."""
         client = MlflowClient(tracking_uri(params))
         if run_id is not None:
             client.update_run(run_id, status="RUNNING")
@@ -61,7 +62,8 @@ class Tracker:
             return cls(client, run_id, max((m.step for m in history), default=-1))
         experiment_id = _experiment(client, params)
         root = project_root()
-        tags = {"stage": stage, "preset": params.preset, "seed": str(params.seed), "git_sha": git_sha(root),
+        seed = params.seed if seed is None else seed
+        tags = {"stage": stage, "preset": params.preset, "seed": str(seed), "git_sha": git_sha(root),
                 "mlflow.parentRunId": _parent_run(client, experiment_id, params)}
         if init:
             tags["init"] = init
@@ -69,7 +71,7 @@ class Tracker:
             tags["method"] = method
         if os.environ.get("DVC_EXP_NAME"):
             tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
-        name = stage if init is None else f"{stage}-{method}-{init}"  # matrix cells: init x method
+        name = stage if init is None else f"{stage}-{method}-{init}-seed{seed}"  # matrix cells: init x method x seed
         run = client.create_run(experiment_id, run_name=name, tags=tags)
         tracker = cls(client, run.info.run_id)
         tracker.log_params(stage_params or {})

@@ -30,7 +30,17 @@ BAD = {
     "ema_decay_one": ("midtrain:\n  train: {ema_decay: 1.0}\n", ["midtrain.train.ema_decay", "less than 1"]),
     "t_mid_zero": ("sampling: {t_mid: 0}\n", ["sampling.t_mid", "greater than 0"]),
     "t_mid_above_one": ("sampling: {t_mid: 1.5}\n", ["sampling.t_mid", "less than 1"]),
-    "metric": ("report: {metric: fid}\n", ["report.metric", *(f"'{m}'" for m in config.METRICS)]),
+    "metric": ("report: {metric: fid}\n", ["report.metric", "'fid' is not measured", "auto, fd_raw_1step, "
+                                                                                     "fd_raw_2step, sw_1step, sw_2step"]),
+    "metric_of_other_features": ("report: {metric: fd_digits_2step}\n", ["report.metric", "auto, fd_raw_1step"]),
+    "seeds_repeated": ("posttrain: {seeds: [0, 0]}\n", ["posttrain.seeds", "at most once"]),
+    "seeds_negative": ("posttrain: {seeds: [-1]}\n", ["posttrain.seeds.0", "greater than or equal to 0"]),
+    "classifier_for_points": ("evaluate: {features: classifier}\n", ["evaluate.features", "needs labelled images",
+                                                                     "'raw'"]),
+    "inception_without_weights": ("data: {dataset: digits}\nnet: {kind: unet}\nevaluate: {features: inception}\n",
+                                  ["evaluate.inception_weights", "never downloaded"]),
+    "features_value": ("evaluate: {features: clip}\n", ["evaluate.features", "'auto'", "'raw'", "'classifier'",
+                                                         "'inception'"]),
     "budget_below_batch": ("posttrain:\n  train: {budget_images: 100, batch_size: 512}\n",
                            ["posttrain.train.budget_images", "got 100", "batch_size (512)"]),
     "ect_q_one": ("posttrain:\n  ect: {q: 1}\n", ["posttrain.ect.q", "greater than 1"]),
@@ -114,6 +124,15 @@ def test_cli_refuses_cuda_where_there_is_none(tmp_path):
     result = _cli(tmp_path, "--params", "gpu.yaml", "pretrain")
     assert result.returncode == 2 and "compute.device: 'cuda'" in result.stderr and "auto, cpu" in result.stderr
     assert not (tmp_path / "artifacts").exists()
+
+
+def test_cli_refuses_missing_inception_weights_before_any_work(tmp_path):
+    (tmp_path / "fid.yaml").write_text("data: {dataset: digits}\nnet: {kind: unet}\n"
+                                       "evaluate: {features: inception, inception_weights: /nowhere/pt_inception.pth}\n")
+    result = _cli(tmp_path, "--params", "fid.yaml", "evaluate", "--init", "cmt", "--method", "ect")
+    assert result.returncode == 2
+    assert "evaluate.inception_weights" in result.stderr and "never downloaded" in result.stderr
+    assert not (tmp_path / "artifacts").exists() and not (tmp_path / "mlflow.db").exists()
 
 
 def test_params_yaml_is_exactly_the_toy_preset():

@@ -1,4 +1,5 @@
-"""A real `dvc repro` of the smoke preset in a temporary git repo, read back from MLflow."""
+"""A real `dvc repro` of the smoke preset (two post-training seeds) in a temporary git repo, read
+back from MLflow, with DVC's metrics and plots over its outputs."""
 import json
 import re
 
@@ -10,7 +11,7 @@ from conftest import make_repo, mlflow_runs as _runs, sh
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
-    repo, env = make_repo(tmp_path_factory.mktemp("pipeline"), "smoke")
+    repo, env = make_repo(tmp_path_factory.mktemp("pipeline"), "smoke", {"posttrain": {"seeds": [0, 1]}})
     log = sh("dvc repro", repo, env)
     return repo, env, log
 
@@ -19,16 +20,16 @@ def test_repro_logs_every_stage_and_init(repo):
     repo, _, log = repo
     client, runs = _runs(repo)
     post = [r for r in runs if r.data.tags.get("stage") == "posttrain"]
-    assert sorted((r.data.tags["method"], r.data.tags["init"]) for r in post) == \
-        [(m, i) for m in ("ect", "meanflow") for i in ("cmt", "diffusion", "random")]
+    assert sorted((r.data.tags["method"], r.data.tags["init"], r.data.tags["seed"]) for r in post) == \
+        [(m, i, s) for m in ("ect", "meanflow") for i in ("cmt", "diffusion", "random") for s in ("0", "1")]
     parents = {r.data.tags["mlflow.parentRunId"] for r in runs if r.data.tags.get("stage") != "pipeline"}
     assert len(parents) == 1, "all stages of one pipeline run hang under one parent run"
-    assert {r.data.tags["stage"] for r in runs} >= {"pipeline", "data", "pretrain", "trajectories", "midtrain",
-                                                    "posttrain", "evaluate"}
+    assert {r.data.tags["stage"] for r in runs} >= {"pipeline", "data", "features", "pretrain", "trajectories",
+                                                    "midtrain", "posttrain", "evaluate"}
     for r in post:
         assert r.info.status == "FINISHED" and r.data.tags["git_sha"]
-        assert r.info.run_name == f"posttrain-{r.data.tags['method']}-{r.data.tags['init']}"
-        curve = client.get_metric_history(r.info.run_id, "sw_2step")
+        assert r.info.run_name == f"posttrain-{r.data.tags['method']}-{r.data.tags['init']}-seed{r.data.tags['seed']}"
+        curve = client.get_metric_history(r.info.run_id, "fd_raw_2step_n500")  # the key says its sample count
         hours = client.get_metric_history(r.info.run_id, "device_hours")
         seen = client.get_metric_history(r.info.run_id, "images_seen")
         assert len(curve) > 1
@@ -37,7 +38,8 @@ def test_repro_logs_every_stage_and_init(repo):
     traj = next(r for r in runs if r.data.tags.get("stage") == "trajectories")
     assert traj.data.metrics["teacher_nfe"] == 512 * 8 * 2  # Heun: 2 evaluations per step
     for r in post:  # each cell's output names its run, so the report reads the right curves
-        run_json = (repo / f"artifacts/posttrain/{r.data.tags['method']}/{r.data.tags['init']}/run.json").read_text()
+        tags = r.data.tags
+        run_json = (repo / f"artifacts/posttrain/{tags['method']}/{tags['init']}/seed{tags['seed']}/run.json").read_text()
         assert r.info.run_id in run_json
 
 
@@ -45,16 +47,38 @@ def test_report_and_summary(repo):
     repo, env, log = repo
     report = (repo / "reports/smoke/report.md").read_text()
     for method in ("ECT", "MeanFlow"):
-        assert f"Post-training ({method}) from CMT reaches the diffusion-init's final quality" in report
-    # whichever verdict was measured, one per method
-    assert len(re.findall(r"\*\*(holds|does not hold|not resolved) at this scale\*\*", report)) == 2
+        assert f"| 1 | {method} from CMT reaches the diffusion init's final `fd_raw_2step`" in report
+        assert f"| 2 | {method} from CMT reaches the random init's final `fd_raw_2step`" in report
+    assert "| 3 | MeanFlow from CMT reaches the from-scratch" in report
+    assert "| 4 | CMT makes post-training less sensitive" in report and "**not tested at this scale**" in report
+    # whichever verdicts were measured: claims 1 and 2 per method, then 3 and 4
+    assert len(re.findall(r"\*\*(holds|does not hold|not resolved|not tested) at this scale\*\*", report)) == 6
+    assert "2 seed(s) each (0, 1)" in report and "mean ± sd" in report
     for png in ("metric_vs_compute.png", "samples.png"):
         assert (repo / "reports/smoke" / png).stat().st_size > 10_000
+    html = (repo / "reports/smoke/report.html").read_text()
+    assert "data:image/png;base64," in html and "http://" not in html and "https://" not in html
     summary = sh("python -m cmt_bench summary", repo, env).strip().splitlines()
-    assert summary[0] == "report: reports/smoke/report.md" and len(summary) == 10
+    assert summary[0] == "report: reports/smoke/report.md" and len(summary) == 14
     assert [line.split()[:2] for line in summary[2:8]] == [[m, i] for m in ("ect", "meanflow")
                                                           for i in ("random", "diffusion", "cmt")]
-    assert summary[8].startswith("claim (ECT): ") and summary[9].startswith("claim (MeanFlow): ")
+    assert [line.split(":")[0] for line in summary[8:]] == ["claim 1 (ECT)", "claim 1 (MeanFlow)", "claim 2 (ECT)",
+                                                           "claim 2 (MeanFlow)", "claim 3 (MeanFlow)", "claim 4 (all)"]
+
+
+def test_dvc_metrics_and_plots_read_the_outputs(repo):
+    repo, env, _ = repo
+    metrics = json.loads(sh("dvc metrics show --json", repo, env))
+    files = next(iter(metrics.values()))["data"]
+    claims = files["reports/smoke/claims.json"]["data"]
+    assert claims["claim4_all"]["verdict"] == "not tested at this scale"
+    assert files["artifacts/evaluate/ect/cmt/seed1/metrics.json"]["data"]["fd_raw_2step_n1000"] > 0
+    assert "fd_raw_floor_n500" in files["artifacts/features.json"]["data"]["floor"]
+    plots = json.loads(sh("dvc plots show --json", repo, env))["data"]
+    assert sorted(plots) == ["reports/smoke/curves/ect.csv", "reports/smoke/curves/meanflow.csv",
+                             "reports/smoke/metric_vs_compute.png", "reports/smoke/samples.png"]
+    fields = {row["field"] for row in plots["reports/smoke/curves/ect.csv"][0]["content"]["data"]["values"]}
+    assert fields == {"random", "diffusion", "cmt"}  # one line per init
 
 
 def test_second_repro_is_a_no_op(repo):
@@ -70,7 +94,8 @@ def test_temp_experiment_logs_to_the_repo_store(repo):
     _, after = _runs(repo)
     new = [r for r in after if r.info.run_id not in {b.info.run_id for b in before}]
     post = [r for r in new if r.data.tags.get("stage") == "posttrain"]
-    assert sorted(r.data.tags["init"] for r in post) == ["cmt", "diffusion", "random"]
+    assert sorted((r.data.tags["init"], r.data.tags["seed"]) for r in post) == \
+        [(i, s) for i in ("cmt", "diffusion", "random") for s in ("0", "1")]
     assert {r.data.tags["method"] for r in post} == {"ect"}  # an ECT param leaves the MeanFlow cells alone
     assert all(r.data.tags.get("dvc_exp_name") == "ect-q32" for r in new if r.data.tags.get("stage") != "pipeline")
 
@@ -102,8 +127,8 @@ def test_posttrain_rerun_gives_identical_weights(repo):
     """Every random choice is seeded: rerunning a cell from the diffusion init (whose gap
     embedding is partly fresh) reproduces its weights bit for bit."""
     repo, env, _ = repo
-    model = repo / "artifacts/posttrain/ect/diffusion/model.pt"
+    model = repo / "artifacts/posttrain/ect/diffusion/seed1/model.pt"
     before = torch.load(model, weights_only=True)
-    sh("python -m cmt_bench posttrain --init diffusion --method ect", repo, env)
+    sh("python -m cmt_bench posttrain --init diffusion --method ect --seed 1", repo, env)
     after = torch.load(model, weights_only=True)
     assert all(torch.equal(before["net"][k], after["net"][k]) for k in before["net"])

@@ -13,7 +13,7 @@ def _train(images: int, batch: int = 32) -> dict:
 
 def test_digits_repro_runs_every_stage_for_three_inits_and_two_methods(tmp_path):
     repo, env = make_repo(tmp_path, "digits", {
-        "net": TINY_NET, "pretrain": _train(256), "midtrain": _train(128), "posttrain": _train(128),
+        "net": TINY_NET, "pretrain": _train(256), "midtrain": _train(128), "posttrain": {**_train(128), "seeds": [0]},
         "trajectories": {"count": 64, "steps": 4}, "evaluate": {"samples": 200, "inloop_samples": 100}})
     sh("dvc repro", repo, env)
     manifest = json.loads((repo / "artifacts/data/manifest.json").read_text())
@@ -26,8 +26,17 @@ def test_digits_repro_runs_every_stage_for_three_inits_and_two_methods(tmp_path)
     assert all(r.info.status == "FINISHED" and r.data.metrics["images_seen"] == 128 for r in post)
     mid = {r.data.tags["method"] for r in runs if r.data.tags.get("stage") == "midtrain"}
     assert mid == {"cmt_cm", "cmt_mf"}  # CMT-CM for ECT, CMT-MF for MeanFlow
+    features = next(r for r in runs if r.data.tags.get("stage") == "features")
+    assert features.data.metrics["heldout_accuracy"] > 0.9  # the fd_digits classifier, trained in the pipeline
+    for r in post:  # in-loop fd_digits through torch-fidelity, 1- and 2-step, named with the sample count
+        for key in ("fd_digits_1step_n100", "fd_digits_2step_n100", "sw_2step_n100"):
+            assert len(client.get_metric_history(r.info.run_id, key)) == 3
+    evaluated = [r for r in runs if r.data.tags.get("stage") == "evaluate"]
+    assert all(r.data.metrics["fd_digits_2step_n200"] > 0 for r in evaluated) and len(evaluated) == 6
+    assert list((repo / "artifacts/features/reference").glob("heldout-*-stat-fid-*.pt"))  # cached once, a DVC output
     report = (repo / "reports/digits/report.md").read_text()
-    assert "1x8x8 images" in report and "UNet" in report
+    assert "1x8x8 images" in report and "UNet" in report and "held-out accuracy" in report
+    assert "`fd_digits_2step`" in report
     assert (repo / "reports/digits/samples.png").stat().st_size > 10_000
 
 

@@ -1,25 +1,96 @@
-"""The claim verdict: holds / does not hold, and not resolved where noise cannot tell."""
+"""Compute to target and claim verdicts on synthetic curves whose answers are known by hand."""
 import pandas as pd
+import pytest
 
-from cmt_bench.report import claim_cmt_vs_diffusion
+from cmt_bench import evidence
+from cmt_bench.evidence import FAILS, HOLDS, NOT_RESOLVED, NOT_TESTED, Evidence
 
-
-def _table(cmt_total, diff_total, cmt_images=1000):
-    return pd.DataFrame([
-        {"init": "diffusion", "total_hours_to_target": diff_total, "posttrain_hours_to_target": diff_total / 2,
-         "images_to_target": 5000},
-        {"init": "cmt", "total_hours_to_target": cmt_total, "posttrain_hours_to_target": cmt_total / 4,
-         "images_to_target": cmt_images},
-    ]).set_index("init")
+UPSTREAM = {"random": 0.0, "diffusion": 10.0, "cmt": 14.0}  # device-hours before post-training
 
 
-def test_verdicts():
-    verdict = lambda table, target=0.5, floor=0.1: claim_cmt_vs_diffusion(table, "ect", target, floor)["verdict"]
-    assert verdict(_table(0.5, 1.0)) == "holds at this scale"
-    assert verdict(_table(1.5, 1.0)) == "does not hold at this scale"
-    assert verdict(_table(float("nan"), 1.0)) == "does not hold at this scale"  # CMT never got there
-    assert verdict(_table(0.95, 1.0)) == "not resolved at this scale"  # a tie within wall-time noise
-    assert verdict(_table(0.5, 1.0), target=0.12, floor=0.1) == "not resolved at this scale"  # target at the floor
-    assert verdict(_table(0.5, 1.0), floor=None) == "holds at this scale"  # no floor measured: compute decides
-    floor_claim = claim_cmt_vs_diffusion(_table(0.5, 1.0), "meanflow", 0.12, 0.1)
-    assert "noise floor (0.1)" in floor_claim["measured"] and floor_claim["claim"].startswith("Post-training (MeanFlow)")
+def _evidence(values: dict[tuple[str, str], list[list[float]]], floor=None, methods=("ect",)) -> Evidence:
+    """Curves of 5 logged points (100 images and 1 device-hour apart) per (method, init), one
+    list of values per seed; the 1-step metric is the 2-step one times 2."""
+    rows = []
+    for (method, init), seeds in values.items():
+        for seed, curve in enumerate(seeds):
+            for step, v in enumerate(curve):
+                rows.append({"method": method, "init": init, "seed": seed, "step": step, "images_seen": 100.0 * step,
+                             "device_hours": float(step), "upstream_hours": UPSTREAM[init],
+                             "total_hours": UPSTREAM[init] + step, "m_2step": v, "m_1step": 2 * v})
+    curves = pd.DataFrame(rows)
+    last = curves.sort_values("step").groupby(["method", "init", "seed"]).last().reset_index()
+    finals = last.rename(columns={"device_hours": "posttrain_hours"}).assign(
+        **{"eval_m_2step": last["m_2step"], "eval_m_1step": last["m_1step"]})
+    res = Evidence(metric="m_2step", metric_1step="m_1step", inloop_n=100, final_n=1000, methods=list(methods),
+                   seeds=sorted(curves.seed.unique().tolist()), curves=curves,
+                   mean=evidence.mean_curves(curves, ["m_2step", "m_1step"]), finals=finals, stage_hours={},
+                   upstream={}, floor=floor, floor_n=100 if floor else None, features={}, device="cpu", post_runs={})
+    res.targets, res.to_target = evidence.compute_to_target(res)
+    return res
+
+
+def test_reach_interpolates_between_logged_points():
+    curve = pd.DataFrame({"m": [1.0, 0.8, 0.4], "device_hours": [0.0, 1.0, 2.0], "images_seen": [0, 100, 200]})
+    assert evidence.reach(curve, "m", 0.6) == {"device_hours": 1.5, "images_seen": 150}
+    assert evidence.reach(curve, "m", 1.0) == {"device_hours": 0.0, "images_seen": 0}
+    assert evidence.reach(curve, "m", 0.3) is None
+
+
+def test_cmt_versus_diffusion_holds_with_exact_ratio():
+    # diffusion ends at 0.5 (its 4th point, total 10 + 4); CMT gets there at step 1 (total 14 + 1)
+    res = _evidence({("ect", "random"): [[2, 1.8, 1.6, 1.4, 1.2]], ("ect", "diffusion"): [[1, 0.9, 0.7, 0.6, 0.5]],
+                     ("ect", "cmt"): [[0.6, 0.5, 0.45, 0.4, 0.4]]})
+    claim = evidence.claim_cmt_vs_diffusion(res, "ect")
+    assert claim["verdict"] == NOT_RESOLVED  # 15 / 14 is within the wall-time tie
+    assert claim["ratio_total"] == pytest.approx(15 / 14) and claim["ratio_posttrain"] == pytest.approx(1 / 4)
+
+    UPSTREAM["cmt"] = 2.0  # cheap mid-training: 3 / 14
+    try:
+        res = _evidence({("ect", "random"): [[2, 1.8, 1.6, 1.4, 1.2]], ("ect", "diffusion"): [[1, 0.9, 0.7, 0.6, 0.5]],
+                         ("ect", "cmt"): [[0.6, 0.5, 0.45, 0.4, 0.4]]})
+    finally:
+        UPSTREAM["cmt"] = 14.0
+    claim = evidence.claim_cmt_vs_diffusion(res, "ect")
+    assert claim["verdict"] == HOLDS and claim["ratio_total"] == pytest.approx(3 / 14)
+    assert "CMT seeds reaching it: 1/1" in claim["measured"]
+
+
+def test_cmt_that_never_reaches_does_not_hold_and_a_target_at_the_floor_is_not_resolved():
+    values = {("ect", "random"): [[2, 1.8, 1.6, 1.4, 1.2]], ("ect", "diffusion"): [[1, 0.9, 0.7, 0.6, 0.5]],
+              ("ect", "cmt"): [[1, 0.9, 0.8, 0.7, 0.6]]}
+    assert evidence.claim_cmt_vs_diffusion(_evidence(values), "ect")["verdict"] == FAILS
+    at_floor = evidence.claim_cmt_vs_diffusion(_evidence(values, floor=0.45), "ect")
+    assert at_floor["verdict"] == NOT_RESOLVED and "noise floor (0.45)" in at_floor["measured"]
+
+
+def test_cmt_versus_random_savings_and_seed_spread():
+    # random's mean curve ends at 1.0 at step 4 (400 images, 4 h); CMT's mean gets there at step 1
+    res = _evidence({("ect", "random"): [[2, 1.8, 1.6, 1.3, 1.1], [2, 1.8, 1.4, 1.1, 0.9]],
+                     ("ect", "diffusion"): [[1.5, 1.2, 1.0, 0.9, 0.8]] * 2,
+                     ("ect", "cmt"): [[1.2, 1.0, 0.9, 0.8, 0.7], [1.2, 1.0, 0.9, 0.8, 0.7]]})
+    claim = evidence.claim_cmt_vs_random(res, "ect")
+    assert claim["saving_data"] == pytest.approx(1 - 100 / 400)
+    assert claim["saving_posttrain"] == pytest.approx(1 - 1 / 4)
+    assert claim["saving_total"] == pytest.approx(1 - 15 / 4)  # mid-training costs more than it saves
+    assert claim["verdict"] == FAILS and "275% more total time" in claim["measured"]
+    t = res.to_target
+    rnd = t[(t.metric == "m_2step") & (t.target_init == "random") & (t.init == "random")].iloc[0]
+    assert (rnd["seeds_reached"], rnd["seeds"]) == (1, 2)  # the seed that ended at 1.1 never got to 1.0
+
+
+def test_meanflow_claim_needs_meanflow_and_sensitivity_is_not_tested():
+    res = _evidence({("ect", i): [[1, 0.9, 0.8, 0.7, 0.6]] for i in ("random", "diffusion", "cmt")})
+    assert evidence.claim_meanflow_from_scratch(res)["verdict"] == NOT_TESTED
+    assert evidence.claim_sensitivity()["verdict"] == NOT_TESTED
+    UPSTREAM["cmt"] = 1.0
+    try:
+        res = _evidence({("meanflow", "random"): [[2, 1.8, 1.6, 1.4, 1.2]],
+                         ("meanflow", "diffusion"): [[1.5, 1.2, 1.0, 0.9, 0.8]],
+                         ("meanflow", "cmt"): [[1.4, 1.2, 1.0, 0.9, 0.8]]}, methods=("meanflow",))
+    finally:
+        UPSTREAM["cmt"] = 14.0
+    # the 1-step target (random's final 2 x 1.2) is reached by CMT at step 1: total 1 + 1 h against random's 4 h
+    claim = evidence.claim_meanflow_from_scratch(res)
+    assert claim["verdict"] == HOLDS and claim["saving_total"] == pytest.approx(0.5) and claim["cmt_final_not_worse"]
+    assert [c["id"] for c in evidence.claims(res)] == [1, 2, 3, 4]

@@ -39,7 +39,7 @@ def _stage(cwd, stage):
 def _history(workdir):
     run_id = yaml.safe_load((workdir / "artifacts/pretrain/run.json").read_text())["run_id"]
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
-    keys = ("loss", "fd_raw_ode", "sw_ode", "images_seen", "step")
+    keys = ("loss", "fd_raw_ode_n200", "sw_ode_n200", "images_seen", "step")
     return run_id, client, {k: sorted((m.step, m.value) for m in client.get_metric_history(run_id, k)) for k in keys}
 
 
