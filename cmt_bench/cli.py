@@ -85,7 +85,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("report", "summary"):
         from . import report
         if args.command == "report":
-            report.build(params)
+            try:
+                report.build(params)
+            except (LookupError, FileNotFoundError) as exc:  # a missing stage output or run: say which
+                print(f"error: {exc}", file=sys.stderr)
+                return 1
         print(report.summary(params))
         return 0
     if args.command in TRAINING and params.compute.processes > 1 and "WORLD_SIZE" not in os.environ:

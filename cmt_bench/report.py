@@ -131,7 +131,7 @@ def _metric_line(params: Params, res: Evidence) -> str:
 def _floor_line(res: Evidence) -> list[str]:
     if res.floor is None:
         return []
-    return [f"Noise floor: {res.floor_n} training images (never the reference) scored as if they were samples give "
+    return [f"Noise floor: {res.floor_n} training samples (never the reference) scored as if they were generated give "
             f"`{res.metric.rsplit('_', 1)[0]}` = {res.floor:.3g}; differences of that order are sampling noise "
             "(for a classifier metric the classifier has seen these images, so the floor is an upper estimate).", ""]
 

@@ -6,6 +6,7 @@ import re
 import pytest
 import torch
 import yaml
+from browser import bounding_box, colour_mask, require_chromium, screenshot
 from conftest import make_repo, mlflow_runs as _runs, sh
 
 
@@ -64,6 +65,24 @@ def test_report_and_summary(repo):
                                                           for i in ("random", "diffusion", "cmt")]
     assert [line.split(":")[0] for line in summary[8:]] == ["claim 1 (ECT)", "claim 1 (MeanFlow)", "claim 2 (ECT)",
                                                            "claim 2 (MeanFlow)", "claim 3 (MeanFlow)", "claim 4 (all)"]
+
+
+def test_html_report_shows_its_figures_in_chromium(repo, tmp_path):
+    """The real report.html in headless Chromium, with everything but the compute figure hidden:
+    the CMT (red) and diffusion (blue) curves must be drawn across the figure area."""
+    require_chromium()
+    repo, _, _ = repo
+    html = (repo / "reports/smoke/report.html").read_text()
+    only_figure = '<style>body > :not(p:has(img[alt="metric versus compute"])) { display: none }</style></head>'
+    page = tmp_path / "figure.html"  # a folder with nothing else: the figure must come from inside the HTML
+    page.write_text(html.replace("</head>", only_figure, 1))
+    pixels = screenshot(page, size=(1000, 1000))
+    for colour in ((0xd6, 0x27, 0x28), (0x1f, 0x77, 0xb4)):  # report.PALETTE: cmt, diffusion
+        box = bounding_box(colour_mask(pixels, colour, tol=40))
+        assert box is not None and box[2] > 300 and box[3] > 600, f"no curve of colour {colour} drawn: {box}"
+    broken = tmp_path / "broken.html"  # the same check on a page whose figure cannot load must fail
+    broken.write_text(page.read_text().replace('src="data:image/png;base64,', 'src="https://cdn.invalid/x.png?', 1))
+    assert bounding_box(colour_mask(screenshot(broken, size=(1000, 1000)), (0xd6, 0x27, 0x28), tol=40)) is None
 
 
 def test_dvc_metrics_and_plots_read_the_outputs(repo):
