@@ -38,11 +38,3 @@ def _quantiles(proj: np.ndarray, n: int) -> np.ndarray:
     index = ((2 * i + 1) * m + 2 * n - 1) // (2 * n) - 1
     return np.sort(proj, axis=0)[index]
 
-
-def score(samples: dict[str, np.ndarray], reference: np.ndarray, projections: int, seed: int) -> dict[str, float]:
-    """fd_raw and sw for each sampler (e.g. '1step', '2step'): keys like `fd_raw_2step`."""
-    out = {}
-    for name, x in samples.items():
-        out[f"fd_raw_{name}"] = fd_raw(x, reference)
-        out[f"sw_{name}"] = sliced_wasserstein(x, reference, projections, seed)
-    return out

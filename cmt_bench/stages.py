@@ -85,7 +85,7 @@ def _train_stage(params: Params, stage: str, net, job: Job, train_cfg, inputs: l
                  seed: int | None = None, stage_params: dict):
     """Train one stage (or matrix cell) on this process's device; `method_tag` names the method in
     MLflow where it is not a cell; `seed` is a post-training cell's seed (else the top-level one).
-Batches are drawn on the CPU and moved to the device."""
+    Batches are drawn on the CPU and moved to the device."""
     world = distributed.init()
     dev = distributed.device(params.compute.device, world)
     net.to(dev)
@@ -103,8 +103,8 @@ Batches are drawn on the CPU and moved to the device."""
                               "device_hours_measures": "wall time of training steps x devices; "
                                                        "excludes in-loop evaluation and checkpoint I/O"})
         return tracker
-    return train(net, job, train_cfg, seed=params.seed if seed is None else seed, ckpt_path=ckpt, fingerprint=fp, ledger=ledger,
-                 open_tracker=open_tracker, world=world, precision=precision)
+    return train(net, job, train_cfg, seed=params.seed if seed is None else seed, ckpt_path=ckpt, fingerprint=fp,
+                 ledger=ledger, open_tracker=open_tracker, world=world, precision=precision)
 
 
 # --- stages -----------------------------------------------------------------------------------
@@ -123,7 +123,7 @@ def run_data(params: Params) -> None:
 def run_features(params: Params) -> None:
     """The metric's feature space: for `fd_<dataset>` a classifier trained on the training split
     (held-out accuracy logged), then the held-out reference statistics cached once, and the
-    metric's noise floor: training images (never the reference) scored as if they were samples."""
+    metric's noise floor: training samples (never the reference) scored as if they were generated."""
     data_dir, out = out_dir("data"), out_dir("features")
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
@@ -145,9 +145,7 @@ def run_features(params: Params) -> None:
     score = scoring.Scorer(params, heldout.numpy())
     floors = {}
     for n in sorted({params.evaluate.inloop_samples, params.evaluate.samples}):
-        floor_samples = train_x[:n].numpy()  # at most n: a small training split gives fewer
-        for name, value in score({"floor": floor_samples}).items():
-            floors[name] = value
+        floors.update(score({"floor": train_x[:n].numpy()}))  # at most n: a small training split gives fewer
     result["floor"] = floors
     tracker.log_metrics(0, {**{k: v for k, v in result.items() if isinstance(v, float)}, **floors})
     tracker.finish()
