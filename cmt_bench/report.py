@@ -106,7 +106,7 @@ def plot_samples(res: Evidence, heldout: np.ndarray, path: Path) -> None:
         axes[r, 0].set_title("held-out data" if images else f"held-out data (n={min(n, len(heldout))})")
         for col, init in enumerate(INITS, start=1):
             show(axes[r, col], np.load(out_dir("evaluate", init, method, seed) / "samples.npz")[steps], PALETTE[init])
-            axes[r, col].set_title(f"{LABEL[method]}, {init} init, {STEPS[steps]}, seed {seed}")
+            axes[r, col].set_title(f"{LABEL[method]}, {init} init, {STEPS[steps]}, seed {seed}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
