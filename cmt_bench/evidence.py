@@ -222,6 +222,16 @@ def _floor_text(res: Evidence, target: float) -> str:
             "reaching it cannot be told from sampling noise")
 
 
+def _unreached(res: Evidence, target: float, cmt: pd.Series) -> tuple[str, str] | None:
+    """(verdict, what was measured) where the compute ratio cannot decide: a target at the noise
+    floor, or a CMT mean curve that never got there."""
+    if _at_floor(res, target):
+        return NOT_RESOLVED, _floor_text(res, target)
+    if pd.isna(cmt["total_hours"]):
+        return FAILS, "the CMT init's mean curve never reached the target"
+    return None
+
+
 def _ratio(a, b) -> float:
     return float("nan") if a is None or b is None or pd.isna(a) or pd.isna(b) or not b else float(a) / float(b)
 
@@ -236,10 +246,8 @@ def claim_cmt_vs_diffusion(res: Evidence, method: str) -> dict:
                                                  f"`{res.metric}` with less total compute than from diffusion"}
     target = res.targets[method, "diffusion", res.metric]
     cmt, diff = (_row(res, res.metric, method, "diffusion", i) for i in ("cmt", "diffusion"))
-    if _at_floor(res, target):
-        return {**claim, "verdict": NOT_RESOLVED, "measured": _floor_text(res, target)}
-    if pd.isna(cmt["total_hours"]):
-        return {**claim, "verdict": FAILS, "measured": "the CMT init's mean curve never reached the target"}
+    if undecided := _unreached(res, target, cmt):
+        return {**claim, "verdict": undecided[0], "measured": undecided[1]}
     total, post = _ratio(cmt["total_hours"], diff["total_hours"]), _ratio(cmt["posttrain_hours"], diff["posttrain_hours"])
     verdict = NOT_RESOLVED if abs(total - 1) < TIME_TIE else HOLDS if total < 1 else FAILS
     already = cmt["images"] == 0
@@ -257,10 +265,8 @@ def claim_cmt_vs_random(res: Evidence, method: str) -> dict:
                                                  f"`{res.metric}` with less data and compute than from random"}
     target = res.targets[method, "random", res.metric]
     cmt, rnd = (_row(res, res.metric, method, "random", i) for i in ("cmt", "random"))
-    if _at_floor(res, target):
-        return {**claim, "verdict": NOT_RESOLVED, "measured": _floor_text(res, target)}
-    if pd.isna(cmt["total_hours"]):
-        return {**claim, "verdict": FAILS, "measured": "the CMT init's mean curve never reached the target"}
+    if undecided := _unreached(res, target, cmt):
+        return {**claim, "verdict": undecided[0], "measured": undecided[1]}
     data = 1 - _ratio(cmt["images"], rnd["images"])
     post = 1 - _ratio(cmt["posttrain_hours"], rnd["posttrain_hours"])
     total = 1 - _ratio(cmt["total_hours"], rnd["total_hours"])
@@ -286,10 +292,8 @@ def claim_meanflow_from_scratch(res: Evidence) -> dict:
     better = finals["cmt"] <= finals["random"]
     final_text = (f"final 1-step `{key(metric, res.final_n)}` CMT {finals['cmt']:.3g} vs scratch "
                   f"{finals['random']:.3g} (paper: 3.34 vs 3.43 FID)")
-    if _at_floor(res, target):
-        return {**claim, "verdict": NOT_RESOLVED, "measured": _floor_text(res, target) + "; " + final_text}
-    if pd.isna(cmt["total_hours"]):
-        return {**claim, "verdict": FAILS, "measured": "the CMT init's mean curve never reached the target; " + final_text}
+    if undecided := _unreached(res, target, cmt):
+        return {**claim, "verdict": undecided[0], "measured": f"{undecided[1]}; {final_text}"}
     saving = 1 - _ratio(cmt["total_hours"], rnd["total_hours"])
     verdict = NOT_RESOLVED if abs(saving) < TIME_TIE else HOLDS if saving > 0 and better else FAILS
     return {**claim, "verdict": verdict, "saving_total": saving, "cmt_final_not_worse": bool(better),

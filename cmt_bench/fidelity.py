@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import Dataset
 
 from . import classifier
+from .data import sha256
 
 
 def _stand_in_for_torchvision() -> None:
@@ -168,14 +169,6 @@ def _weights(extractor: str, weights_path) -> Path:
     return path
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def reference_files(reference_cache, reference_name: str, extractor: str, weights_path) -> dict:
     """The reference's cache entry `name` (torch-fidelity's input2_cache_name: the weights' hash in
     it, since torch-fidelity keys its cache by extractor name only) and its files: `info` (ours:
@@ -185,7 +178,7 @@ def reference_files(reference_cache, reference_name: str, extractor: str, weight
         raise ValueError(f"reference_name {reference_name!r} must be a plain file name part")
     if extractor not in EXTRACTORS:
         raise ValueError(f"unknown extractor {extractor!r}; allowed: {', '.join(EXTRACTORS)}")
-    name, fe = f"{reference_name}-{_sha256(Path(weights_path).expanduser())[:12]}", EXTRACTORS[extractor]
+    name, fe = f"{reference_name}-{sha256(Path(weights_path).expanduser())[:12]}", EXTRACTORS[extractor]
     root, layer = Path(reference_cache), FEATURE[fe]
     return {"name": name, "info": root / f"{name}-{fe}.json",
             "features": root / f"{name}-{fe}-features-{layer}.pt", "stats": root / f"{name}-{fe}-stat-fid-{layer}.pt"}

@@ -9,6 +9,7 @@ features of the classifier the `features` stage trained (`fd_<dataset>`) or of I
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -37,16 +38,21 @@ class Scorer:
     params: Params
     reference: np.ndarray  # the held-out split as floats (points, or images in [-1, 1])
 
+    @cached_property
+    def reference_uint8(self):
+        """The held-out images as torch-fidelity reads them: converted once, not at every in-loop point."""
+        from . import fidelity
+        return fidelity.to_uint8(_tensor(self.reference))
+
     def frechet(self, x: np.ndarray) -> float:
         features = self.params.features
         if features == "raw":
             return metrics.fd_raw(x, self.reference)
         from . import fidelity  # torch-fidelity only where images are scored
         weights = CLASSIFIER if features == "classifier" else Path(self.params.evaluate.inception_weights)
-        reference = fidelity.to_uint8(_tensor(self.reference))
         scores = fidelity.frechet_distance(fidelity.to_uint8(_tensor(x)), extractor=features, weights_path=weights,
                                            reference_cache=REFERENCE_CACHE, reference_name=REFERENCE_NAME,
-                                           reference_images=reference)
+                                           reference_images=self.reference_uint8)
         return scores["fd"]
 
     def __call__(self, samples: dict[str, np.ndarray]) -> dict[str, float]:
