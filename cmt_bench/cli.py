@@ -35,6 +35,38 @@ def _check_inception_weights(params: config.Params, source: str) -> None:
                                  f"file there, or set evaluate.features to 'classifier' or 'raw'")
 
 
+def _study_specs(params: config.Params, args) -> list:
+    """Every study spec this command runs, validated against params before any trial starts."""
+    from .study_spec import load_spec
+    if args.command == "study":
+        if args.workers is not None and args.workers < 1:
+            raise config.ParamsError(f"--workers: must be at least 1 (got {args.workers})")
+        return [load_spec(args.spec, params)]
+    if args.command in ("studies", "check"):
+        return [load_spec(name, params) for name in params.studies.specs]
+    return []
+
+
+def _run_studies(params: config.Params, specs: list, args) -> int:
+    from . import study
+    from .data import write_json
+    if args.command == "study" and args.action == "worker":
+        if args.threads:
+            import torch
+            torch.set_num_threads(args.threads)
+        study.run_worker(params, specs[0], study.storage_url(params, args.storage), args.index)
+        return 0
+    workers = getattr(args, "workers", None) or params.studies.workers
+    url = study.storage_url(params, getattr(args, "storage", None))
+    for spec in specs:
+        studies = study.run_study(params, spec, workers, url, params_file=args.params)
+        print(f"[study {spec.name}] results in {study.write_results(params, spec, studies, url, workers)}")
+    if args.command == "studies":  # the DVC stage's output exists even when no study is listed
+        study.OUT.mkdir(parents=True, exist_ok=True)
+        write_json(study.OUT / "index.json", {"specs": [s.name for s in specs]})
+    return 0
+
+
 def _relaunch_under_torchrun(processes: int, argv: list[str]) -> int:
     """Run this same command as `processes` DDP workers on this machine (torch's own launcher)."""
     import subprocess
@@ -56,6 +88,17 @@ def _parser() -> argparse.ArgumentParser:
         if stage in ("posttrain", "evaluate"):
             s.add_argument("--seed", type=int, default=None,
                            help="post-training seed (default: the first of posttrain.seeds)")
+    sub.add_parser("studies", help="run every study in studies.specs and write artifacts/studies/ (the DVC stage)")
+    st = sub.add_parser("study", help="run one Optuna sensitivity study, or join it as a worker")
+    st.add_argument("action", choices=("run", "worker"),
+                    help="run: the whole study with --workers processes here, then its results; "
+                         "worker: one more process (on any machine) that joins it through --storage")
+    st.add_argument("spec", help="a spec name (experiments/studies/NAME.yaml) or path")
+    st.add_argument("--workers", type=int, default=None, help="worker processes (default: studies.workers)")
+    st.add_argument("--storage", default=None, help="Optuna storage URL (default: studies.storage, "
+                    "$CMT_BENCH_STUDY_STORAGE, else sqlite:///optuna.db)")
+    st.add_argument("--index", type=int, default=0, help=argparse.SUPPRESS)  # a worker's number (sampler seed)
+    st.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
     sub.add_parser("check", help="validate the parameter file and exit")
     sub.add_parser("summary", help="print the report's short summary")
     pre = sub.add_parser("preset", help="write params.yaml from experiments/NAME.yaml")
@@ -76,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command not in ("report", "summary"):
             _check_device(params, args.params)
             _check_inception_weights(params, args.params)
+        specs = _study_specs(params, args)
     except config.ParamsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -92,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
         print(report.summary(params))
         return 0
+    if args.command in ("study", "studies"):
+        return _run_studies(params, specs, args)
     if args.command in TRAINING and params.compute.processes > 1 and "WORLD_SIZE" not in os.environ:
         return _relaunch_under_torchrun(params.compute.processes, argv)
     from . import distributed, stages

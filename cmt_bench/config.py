@@ -221,6 +221,17 @@ class ReportConfig(Section):
     metric: str = "auto"
 
 
+class StudiesConfig(Section):
+    """Optuna sensitivity studies (specs in experiments/studies/) that the `studies` stage runs."""
+    specs: list[str] = []  # names of experiments/studies/<name>.yaml; none: the stage only writes an empty index
+    workers: PositiveInt = 1  # worker processes on this machine; several need PostgreSQL or a journal file
+    # None: $CMT_BENCH_STUDY_STORAGE, else sqlite:///<repo root>/optuna.db. Also postgresql+psycopg://...
+    # (parallel workers, any machine) or journal:<path> (a JournalStorage file)
+    storage: str | None = None
+    # a worker that sends no heartbeat for 2x this long has its trial failed and retried
+    heartbeat_seconds: PositiveInt = 10
+
+
 class Params(Section):
     preset: str = "toy"
     seed: int = 0
@@ -235,6 +246,7 @@ class Params(Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     compute: ComputeConfig = ComputeConfig()
     report: ReportConfig = ReportConfig()
+    studies: StudiesConfig = StudiesConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> "Params":

@@ -15,7 +15,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 import torch  # noqa: E402
 
-from . import html  # noqa: E402
+from . import html, study_report  # noqa: E402
 from .config import INITS, Params  # noqa: E402
 from .data import load_split, read_json, write_json  # noqa: E402
 from .evidence import LABEL, PAPER, SOURCE, TARGETS, Evidence, claims, collect  # noqa: E402
@@ -179,7 +179,8 @@ def _target_table(res: Evidence, method: str, unit: str, scale: float) -> list[s
     return lines + [""]
 
 
-def markdown(params: Params, res: Evidence, verdicts: list[dict], context: dict) -> str:
+def markdown(params: Params, res: Evidence, verdicts: list[dict], context: dict, studies: list[str] = ()) -> str:
+    """`studies`: the sensitivity section's lines (study_report), after the per-method tables."""
     unit, scale = _unit(res.curves["total_hours"].max())
     sh = res.stage_hours
     total_spent = (sh["pretrain"] + sh["trajectories"] + sum(sh["midtrain"].values())
@@ -215,7 +216,7 @@ def markdown(params: Params, res: Evidence, verdicts: list[dict], context: dict)
                   *_target_table(res, method, unit, scale)]
     lines += ["MLflow runs of post-training: " + ", ".join(f"{m}/{i}/seed{s} `{r}`"
                                                            for (m, i, s), r in res.post_runs.items()), ""]
-    return "\n".join(lines)
+    return "\n".join([*lines, *studies])
 
 
 def summary_lines(res: Evidence, verdicts: list[dict]) -> list[str]:
@@ -249,26 +250,27 @@ def _curve_files(res: Evidence, out: Path) -> None:
 
 def build(params: Params) -> Path:
     res = collect(params)
-    verdicts = claims(res)
+    out = report_dir(params)
+    out.mkdir(parents=True, exist_ok=True)
+    sensitivity_claims, sensitivity_lines = study_report.build(out)
+    verdicts = [c for c in claims(res) if c["id"] != 4 or not sensitivity_claims] + sensitivity_claims
     data_dir = out_dir("data")
     heldout = load_split(data_dir, "heldout").numpy()
     weights = out_dir("posttrain", "cmt", res.methods[0], res.seeds[0]) / "model.pt"
     parameters = sum(v.numel() for v in torch.load(weights, map_location="cpu", weights_only=True)["ema"].values())
     context = {"data": _data_line(params, res, heldout, read_json(data_dir / "manifest.json")["splits"]["train"]["count"]),
                "model": _model_line(params, parameters)}
-    out = report_dir(params)
-    out.mkdir(parents=True, exist_ok=True)
     plot_curves(res, out / "metric_vs_compute.png")
     plot_samples(res, heldout, out / "samples.png")
-    text = markdown(params, res, verdicts, context)
+    text = markdown(params, res, verdicts, context, sensitivity_lines)
     (out / "report.md").write_text(text)
     (out / "report.html").write_text(html.render(text, out, f"CMT benchmark report: {params.preset}"))
     res.to_target.to_csv(out / "compute_to_target.csv", index=False)
     res.finals.to_csv(out / "finals.csv", index=False)
     _curve_files(res, out)
     # DVC metrics: each claim's verdict and its measured ratios (the sentences are in report.md)
-    write_json(out / "claims.json", {f"claim{c['id']}_{c['method']}": {k: v for k, v in c.items()
-                                                                       if k not in ("id", "method", "claim", "measured")}
+    write_json(out / "claims.json", {f"claim{c['id']}_{c.get('study', c['method'])}":
+                                     {k: v for k, v in c.items() if k not in ("id", "method", "study", "claim", "measured", "comparisons")}
                                      for c in verdicts})
     write_json(out / "summary.json", {"metric": res.metric, "noise_floor": res.floor,
                                       "summary": summary_lines(res, verdicts)})

@@ -82,9 +82,10 @@ def _finish_training(stage: str, result, tracker, *, init: str | None = None, me
 
 def _train_stage(params: Params, stage: str, net, job: Job, train_cfg, inputs: list[Path], *,
                  init: str | None = None, method: str | None = None, method_tag: str | None = None,
-                 seed: int | None = None, stage_params: dict):
+                 seed: int | None = None, stage_params: dict, ckpt: Path | None = None, open_run=None):
     """Train one stage (or matrix cell) on this process's device; `method_tag` names the method in
     MLflow where it is not a cell; `seed` is a post-training cell's seed (else the top-level one).
+    A study trial passes its own checkpoint path and `open_run(run_id) -> Tracker`.
     Batches are drawn on the CPU and moved to the device."""
     world = distributed.init()
     dev = distributed.device(params.compute.device, world)
@@ -93,11 +94,14 @@ def _train_stage(params: Params, stage: str, net, job: Job, train_cfg, inputs: l
     precision = distributed.precision_used(params.compute.precision, dev)
     ledger = Ledger(device=device_name(dev))
     fp = fingerprint(params, stage, init, method, seed, [datasets.sha256(p) for p in inputs])
-    ckpt = CKPT / cell(stage, init, method, seed) / "last.pt"
+    ckpt = ckpt or CKPT / cell(stage, init, method, seed) / "last.pt"
 
     def open_tracker(run_id):
-        tracker = Tracker.open(params, stage, init=init, method=method_tag or method or METHOD[stage], run_id=run_id,
-                               seed=seed, stage_params=stage_params)
+        if open_run is not None:
+            tracker = open_run(run_id)
+        else:
+            tracker = Tracker.open(params, stage, init=init, method=method_tag or method or METHOD[stage],
+                                   run_id=run_id, seed=seed, stage_params=stage_params)
         if run_id is None:
             tracker.set_tags({"device": ledger.device, "world_size": ledger.world_size, "precision": precision,
                               "device_hours_measures": "wall time of training steps x devices; "
@@ -263,37 +267,60 @@ def posttrain_loss(params: Params, method: str, path):
     raise ValueError(f"unknown post-training method {method!r}; allowed: {', '.join(METHODS)}")
 
 
-def run_posttrain(params: Params, init: str, method: str, seed: int) -> None:
+def posttrain_inputs(init: str, method: str) -> list[Path]:
+    """The files a post-training cell starts from (their hashes key its checkpoint)."""
+    return [out_dir("data") / "manifest.json"] + {"random": [], "diffusion": [out_dir("pretrain") / "model.pt"],
+                                                  "cmt": [out_dir("midtrain", method=method) / "model.pt"]}[init]
+
+
+def posttrain_params(params: Params, method: str) -> dict:
+    """The post-training parameters `method` reads (what MLflow logs for its runs)."""
+    return {k: v for k, v in params.posttrain.model_dump().items()
+            if k in ("train", method) or (k == "distance" and method == "ect")}
+
+
+def train_posttrain(params: Params, init: str, method: str, seed: int, **stage_kwargs):
+    """Post-train one init x method x seed; returns the result and its open tracker. A study trial
+    passes its own checkpoint, run opener and `on_point` hook through `stage_kwargs`."""
     data_dir = out_dir("data")
     train_x, heldout = datasets.load_split(data_dir, "train"), datasets.load_split(data_dir, "heldout")
     shape, path, cfg = tuple(train_x.shape[1:]), PATHS["linear"](), params.posttrain
     loss = posttrain_loss(params, method, path)  # an unknown method fails before the net is built
     net = initial_net(params, init, method, shape, seed)
-    inputs = [data_dir / "manifest.json"] + {"random": [], "diffusion": [out_dir("pretrain") / "model.pt"],
-                                             "cmt": [out_dir("midtrain", method=method) / "model.pt"]}[init]
     job = Job("posttrain", batch=lambda g, b: train_x[torch.randint(len(train_x), (b,), generator=g)], loss=loss,
-              evaluate=_heldout_eval(params, path, heldout, shape), label=f"posttrain {method} ({init} init)")
-    method_params = {k: v for k, v in cfg.model_dump().items() if k in ("train", method) or
-                     (k == "distance" and method == "ect")}
-    result, tracker = _train_stage(params, "posttrain", net, job, cfg.train, inputs, init=init, method=method,
-                                   seed=seed, stage_params={"posttrain": method_params, "init": init,
-                                                            "method": method, "seed": seed})
+              evaluate=_heldout_eval(params, path, heldout, shape), label=f"posttrain {method} ({init} init)",
+              on_point=stage_kwargs.pop("on_point", None))
+    return _train_stage(params, "posttrain", net, job, cfg.train, posttrain_inputs(init, method), init=init,
+                        method=method, seed=seed, stage_params={"posttrain": posttrain_params(params, method),
+                                                                "init": init, "method": method, "seed": seed},
+                        **stage_kwargs)
+
+
+def run_posttrain(params: Params, init: str, method: str, seed: int) -> None:
+    result, tracker = train_posttrain(params, init, method, seed)
     _finish_training("posttrain", result, tracker, init=init, method=method, seed=seed)
+
+
+def final_scores(params: Params, ema) -> tuple[dict[str, float], dict[str, np.ndarray], float]:
+    """1- and 2-step scores of a trained model with `evaluate.samples` samples at the fixed sample
+    seed; also the samples and the seconds sampling took."""
+    heldout = datasets.load_split(out_dir("data"), "heldout")
+    shape, cfg = tuple(heldout.shape[1:]), params.evaluate
+    start = time.perf_counter()
+    samples = {k: v.numpy() for k, v in sampling.sample(ema, PATHS["linear"](), cfg.samples, shape, cfg.seed,
+                                                        params.sampling.t_mid).items()}
+    seconds = time.perf_counter() - start
+    return scoring.Scorer(params, heldout.numpy())(samples), samples, seconds
 
 
 def run_evaluate(params: Params, init: str, method: str, seed: int) -> None:
     """Final 1- and 2-step scores of one post-trained cell with `evaluate.samples` samples."""
-    heldout = datasets.load_split(out_dir("data"), "heldout")
-    shape, path, cfg = tuple(heldout.shape[1:]), PATHS["linear"](), params.evaluate
-    net = nets.build(shape, params.net, two_times=True)
+    cfg = params.evaluate
+    net = nets.build(datasets.data_shape(out_dir("data")), params.net, two_times=True)
     trained = out_dir("posttrain", init, method, seed)
     net.load_state_dict(torch.load(trained / "model.pt", map_location="cpu", weights_only=True)["ema"])
     net.to(distributed.device(params.compute.device)).eval()
-    start = time.perf_counter()
-    samples = {k: v.numpy() for k, v in sampling.sample(net, path, cfg.samples, shape, cfg.seed,
-                                                        params.sampling.t_mid).items()}
-    seconds = time.perf_counter() - start
-    scores = scoring.Scorer(params, heldout.numpy())(samples)
+    scores, samples, seconds = final_scores(params, net)
     out = out_dir("evaluate", init, method, seed)
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)

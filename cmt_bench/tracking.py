@@ -53,8 +53,10 @@ class Tracker:
 
     @classmethod
     def open(cls, params: Params, stage: str, *, init: str | None = None, method: str | None = None,
-             seed: int | None = None, run_id: str | None = None, stage_params: dict | None = None) -> "Tracker":
-        """`seed`: a post-training cell's seed, tagged instead of the top-level one."""
+             seed: int | None = None, run_id: str | None = None, stage_params: dict | None = None,
+             parent_run_id: str | None = None, name: str | None = None, tags: dict | None = None) -> "Tracker":
+        """`seed`: a post-training cell's seed, tagged instead of the top-level one. A study's runs
+        pass their own parent (the study run, not the pipeline run), name and extra tags."""
         client = MlflowClient(tracking_uri(params))
         if run_id is not None:
             client.update_run(run_id, status="RUNNING")
@@ -64,14 +66,15 @@ class Tracker:
         root = project_root()
         seed = params.seed if seed is None else seed
         tags = {"stage": stage, "preset": params.preset, "seed": str(seed), "git_sha": git_sha(root),
-                "mlflow.parentRunId": _parent_run(client, experiment_id, params)}
+                "mlflow.parentRunId": parent_run_id or _parent_run(client, experiment_id, params), **(tags or {})}
         if init:
             tags["init"] = init
         if method:
             tags["method"] = method
         if os.environ.get("DVC_EXP_NAME"):
             tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
-        name = stage if init is None else f"{stage}-{method}-{init}-seed{seed}"  # matrix cells: init x method x seed
+        if name is None:  # matrix cells: init x method x seed
+            name = stage if init is None else f"{stage}-{method}-{init}-seed{seed}"
         run = client.create_run(experiment_id, run_name=name, tags=tags)
         tracker = cls(client, run.info.run_id)
         tracker.log_params(stage_params or {})
@@ -113,7 +116,8 @@ def _experiment(client: MlflowClient, params: Params) -> str:
 
 
 def pipeline_key(params: Params) -> str:
-    return fingerprint(params, os.environ.get("DVC_EXP_NAME", ""))
+    # how studies run (workers, storage) is not part of what the pipeline computes
+    return fingerprint(params.model_dump(exclude={"studies"}), os.environ.get("DVC_EXP_NAME", ""))
 
 
 def _parent_run(client: MlflowClient, experiment_id: str, params: Params) -> str:

@@ -54,6 +54,9 @@ class Job:
     loss: Callable[[nn.Module, torch.Tensor, torch.Generator, int], torch.Tensor]
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None
     label: str = ""  # shown on the progress bar
+    # called with (images seen, logged values) after each logged point; may raise to stop the run
+    # (a study's pruner does); the checkpoint and the MLflow run stay as they were
+    on_point: Callable[[int, dict[str, float]], None] | None = None
 
 
 @dataclass
@@ -126,6 +129,8 @@ def train(net: nn.Module, job: Job, cfg: TrainConfig, *, seed: int, ckpt_path: P
             values.update(job.evaluate(ema))
         tracker.log_metrics(step, values)
         result.history.append(values)
+        if job.on_point is not None:
+            job.on_point(ledger.images_seen, values)
 
     def save() -> None:
         if not world.main:

@@ -1,7 +1,12 @@
+import contextlib
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
+import uuid
 from pathlib import Path
 
 import pytest
@@ -48,6 +53,64 @@ def require_fashion() -> None:
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail("CI must have dataset-fashion-mnist: `make setup` installs it")
     pytest.skip("dataset-fashion-mnist is not installed (`make setup` installs it)")
+
+
+PG = os.environ.get("CMT_BENCH_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+@contextlib.contextmanager
+def postgres_database():
+    """A fresh PostgreSQL database of its own (no state shared with other tests or runs), dropped
+    afterwards; yields its SQLAlchemy URL with the psycopg (3) driver. Skips where PostgreSQL is not
+    reachable, except in CI, which provides it."""
+    psycopg = pytest.importorskip("psycopg")
+    try:
+        conn = psycopg.connect(PG, connect_timeout=3, autocommit=True)
+    except psycopg.OperationalError as err:
+        message = f"PostgreSQL at {PG} is not reachable (set CMT_BENCH_TEST_POSTGRES): {err}"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)  # CI provides PostgreSQL; missing it there is a broken setup
+        pytest.skip(message)
+    db = f"cmt_bench_{uuid.uuid4().hex[:12]}"
+    conn.execute(f"CREATE DATABASE {db}")
+    try:
+        yield PG.replace("postgresql://", "postgresql+psycopg://", 1).rsplit("/", 1)[0] + f"/{db}"
+    finally:
+        conn.execute(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
+        conn.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def mlflow_server(tmp: Path, backend: str):
+    """A real `mlflow server` on 127.0.0.1 over `backend`; yields its URL once healthy."""
+    port, log = free_port(), open(tmp / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                             "--workers", "2", "--backend-store-uri", backend,
+                             "--artifacts-destination", str(tmp / "artifacts")],
+                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
+                    break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"mlflow server did not start:\n{(tmp / 'server.log').read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
 
 
 def mlflow_runs(repo: Path):

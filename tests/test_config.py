@@ -12,7 +12,7 @@ from cmt_bench import config
 from cmt_bench.config import ParamsError
 
 REPO = Path(__file__).parents[1]
-TOP_KEYS = "data, evaluate, midtrain, net, posttrain, preset, pretrain, report, sampling, seed, tracking, trajectories"
+TOP_KEYS = "data, evaluate, midtrain, net, posttrain, preset, pretrain, report, sampling, seed, studies, tracking, trajectories"
 TRAIN_KEYS = "batch_size, budget_images, checkpoint_every_images, ema_decay, log_every_images, lr"
 
 # (YAML text, substrings the error message must contain)

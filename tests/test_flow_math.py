@@ -195,6 +195,12 @@ def test_ect_schedule():
     assert torch.allclose(t - late, t * (1 + 8 * torch.sigmoid(-PATH.noise_to_signal(t))) / 2**11)
     fixed = EctConfig(q=4096.0, stage_images=0)
     assert torch.equal(losses.ect_r(t, 0, fixed, PATH), losses.ect_r(t, 10**9, fixed, PATH))
+    # a long run: dt stops at t / 4096, where float32 still tells r from t (it was NaN at stage 24)
+    t32 = t.float()
+    very_late = losses.ect_r(t32, 10**8, cfg, PATH)
+    assert (very_late < t32).all() and torch.equal(very_late, losses.ect_r(t32, 10**9, cfg, PATH))
+    assert torch.allclose(t32 - very_late, t32 * (1 + 8 * torch.sigmoid(-PATH.noise_to_signal(t32))) / 2**12,
+                          rtol=1e-2)
 
 
 def test_flow_map_net_starts_as_the_teacher():

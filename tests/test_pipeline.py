@@ -23,10 +23,11 @@ def test_repro_logs_every_stage_and_init(repo):
     post = [r for r in runs if r.data.tags.get("stage") == "posttrain"]
     assert sorted((r.data.tags["method"], r.data.tags["init"], r.data.tags["seed"]) for r in post) == \
         [(m, i, s) for m in ("ect", "meanflow") for i in ("cmt", "diffusion", "random") for s in ("0", "1")]
-    parents = {r.data.tags["mlflow.parentRunId"] for r in runs if r.data.tags.get("stage") != "pipeline"}
+    parents = {r.data.tags["mlflow.parentRunId"] for r in runs if r.data.tags.get("stage") not in
+               ("pipeline", "study_trial")}
     assert len(parents) == 1, "all stages of one pipeline run hang under one parent run"
     assert {r.data.tags["stage"] for r in runs} >= {"pipeline", "data", "features", "pretrain", "trajectories",
-                                                    "midtrain", "posttrain", "evaluate"}
+                                                    "midtrain", "posttrain", "evaluate", "study", "study_trial"}
     for r in post:
         assert r.info.status == "FINISHED" and r.data.tags["git_sha"]
         assert r.info.run_name == f"posttrain-{r.data.tags['method']}-{r.data.tags['init']}-seed{r.data.tags['seed']}"
@@ -51,7 +52,7 @@ def test_report_and_summary(repo):
         assert f"| 1 | {method} from CMT reaches the diffusion init's final `fd_raw_2step`" in report
         assert f"| 2 | {method} from CMT reaches the random init's final `fd_raw_2step`" in report
     assert "| 3 | MeanFlow from CMT reaches the from-scratch" in report
-    assert "| 4 | CMT makes post-training less sensitive" in report and "**not tested at this scale**" in report
+    assert "| 4 | CMT makes ECT post-training less sensitive to hyperparameters (study `smoke_ect`)" in report
     # whichever verdicts were measured: claims 1 and 2 per method, then 3 and 4
     assert len(re.findall(r"\*\*(holds|does not hold|not resolved|not tested) at this scale\*\*", report)) == 6
     assert "2 seed(s) each (0, 1)" in report and "mean ± sd" in report
@@ -64,7 +65,7 @@ def test_report_and_summary(repo):
     assert [line.split()[:2] for line in summary[2:8]] == [[m, i] for m in ("ect", "meanflow")
                                                           for i in ("random", "diffusion", "cmt")]
     assert [line.split(":")[0] for line in summary[8:]] == ["claim 1 (ECT)", "claim 1 (MeanFlow)", "claim 2 (ECT)",
-                                                           "claim 2 (MeanFlow)", "claim 3 (MeanFlow)", "claim 4 (all)"]
+                                                           "claim 2 (MeanFlow)", "claim 3 (MeanFlow)", "claim 4 (ECT)"]
 
 
 def test_html_report_shows_its_figures_in_chromium(repo, tmp_path):
@@ -90,7 +91,9 @@ def test_dvc_metrics_and_plots_read_the_outputs(repo):
     metrics = json.loads(sh("dvc metrics show --json", repo, env))
     files = next(iter(metrics.values()))["data"]
     claims = files["reports/smoke/claims.json"]["data"]
-    assert claims["claim4_all"]["verdict"] == "not tested at this scale"
+    study = claims["claim4_smoke_ect"]
+    assert study["verdict"].endswith("at this scale") and 0 <= study["within_best_cmt"] <= 1
+    assert set(study) >= {"difference_vs_random", "difference_vs_diffusion"}
     assert files["artifacts/evaluate/ect/cmt/seed1/metrics.json"]["data"]["fd_raw_2step_n1000"] > 0
     assert "fd_raw_floor_n500" in files["artifacts/features.json"]["data"]["floor"]
     plots = json.loads(sh("dvc plots show --json", repo, env))["data"]
@@ -151,3 +154,59 @@ def test_posttrain_rerun_gives_identical_weights(repo):
     sh("python -m cmt_bench posttrain --init diffusion --method ect --seed 1", repo, env)
     after = torch.load(model, weights_only=True)
     assert all(torch.equal(before["net"][k], after["net"][k]) for k in before["net"])
+
+
+def test_study_trials_are_nested_runs_and_fill_claim_4(repo, tmp_path):
+    """The smoke study (experiments/studies/smoke_ect.yaml) ran in `dvc repro`: one Optuna study per
+    init in the repo's SQLite storage, each trial an MLflow run under its study's run, which hangs under
+    the pipeline run; the report renders the sensitivity section; optuna-dashboard serves the storage."""
+    import optuna
+    import pandas as pd
+    repo, env, _ = repo
+    client, runs = _runs(repo)
+    storage = f"sqlite:///{repo / 'optuna.db'}"
+    results = json.loads((repo / "artifacts/studies/smoke_ect/study.json").read_text())
+    pipeline = next(r for r in runs if r.data.tags["stage"] == "pipeline").info.run_id
+    for init, name in results["studies"].items():
+        study = optuna.load_study(study_name=name, storage=storage)
+        finished = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
+        assert len(finished) >= 5 and study.user_attrs["init"] == init
+        study_run = client.get_run(study.user_attrs["mlflow_run_id"])
+        assert study_run.data.tags["mlflow.parentRunId"] == pipeline and study_run.info.status == "FINISHED"
+        assert study_run.data.metrics["finished"] == len(finished)
+        for t in finished:
+            run = client.get_run(t.user_attrs["mlflow_run_id"])
+            assert run.data.tags["mlflow.parentRunId"] == study_run.info.run_id
+            assert run.data.tags["trial_number"] == str(t.number) and run.data.tags["init"] == init
+            assert float(run.data.params["trial.posttrain.train.lr"]) == pytest.approx(t.params["posttrain.train.lr"])
+            assert run.data.params["posttrain.train.budget_images"] == "4096"  # the study's fixed budget
+            if t.state.name == "COMPLETE":
+                assert run.data.metrics["fd_raw_2step_n1000"] == pytest.approx(t.value)
+            else:
+                assert run.info.status == "KILLED" and run.data.tags["outcome"] in ("pruned", "diverged")
+    trials = pd.read_csv(repo / "artifacts/studies/smoke_ect/trials.csv")
+    assert set(trials["init"]) == {"random", "diffusion", "cmt"} and "posttrain.train.lr" in trials
+    report = (repo / "reports/smoke/report.md").read_text()
+    assert "## Sensitivity to hyperparameters (Optuna)" in report and "| cmt | " in report
+    for png in ("spread.png", "slices.png", "contours.png"):
+        assert (repo / "reports/smoke/studies/smoke_ect" / png).stat().st_size > 10_000
+
+    from conftest import free_port
+    import subprocess
+    import time
+    import urllib.request
+    port = free_port()
+    dash = subprocess.Popen(["optuna-dashboard", storage, "--host", "127.0.0.1", "--port", str(port)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline, body = time.time() + 60, None
+        while body is None and time.time() < deadline:
+            try:
+                body = urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=2).read()
+            except OSError:
+                time.sleep(0.3)
+        names = {s["study_name"] for s in json.loads(body)["studies"]}
+        assert set(results["studies"].values()) <= names
+    finally:
+        dash.terminate()
+        dash.wait(timeout=30)

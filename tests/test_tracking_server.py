@@ -2,19 +2,14 @@
 with MLFLOW_TRACKING_URI=http://... a stage's runs, metrics and artifacts go there, and no
 SQLite file appears in the repo."""
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
-import uuid
 
 import pytest
 import yaml
-from conftest import ROOT
+from conftest import ROOT, mlflow_server, postgres_database
 from mlflow.tracking import MlflowClient
 
-PG = os.environ.get("CMT_BENCH_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 PARAMS = {"preset": "server", "data": {"train_size": 2000, "heldout_size": 500},
           "net": {"hidden": 16, "depth": 1, "time_features": 8},
           "pretrain": {"train": {"batch_size": 128, "budget_images": 4096, "log_every_images": 1024,
@@ -22,56 +17,11 @@ PARAMS = {"preset": "server", "data": {"train_size": 2000, "heldout_size": 500},
           "trajectories": {"steps": 4}, "evaluate": {"inloop_samples": 200}}
 
 
-def _postgres():
-    psycopg2 = pytest.importorskip("psycopg2")
-    try:
-        conn = psycopg2.connect(PG, connect_timeout=3)
-    except psycopg2.OperationalError as err:
-        message = f"PostgreSQL at {PG} is not reachable (set CMT_BENCH_TEST_POSTGRES): {err}"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message)  # CI provides PostgreSQL; missing it there is a broken setup
-        pytest.skip(message)
-    conn.autocommit = True
-    return conn
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    conn, db = _postgres(), f"cmt_bench_{uuid.uuid4().hex[:12]}"
-    conn.cursor().execute(f"CREATE DATABASE {db}")  # a database of its own: no state shared with other runs
-    tmp, port = tmp_path_factory.mktemp("server"), _free_port()
-    # SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3; name the driver this project installs
-    backend = PG.replace("postgresql://", "postgresql+psycopg2://", 1).rsplit("/", 1)[0] + f"/{db}"
-    log = open(tmp / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                             "--workers", "1", "--backend-store-uri", backend,
-                             "--artifacts-destination", str(tmp / "artifacts")],
-                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
-                    break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"mlflow server did not start:\n{(tmp / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.5)
+    tmp = tmp_path_factory.mktemp("server")
+    with postgres_database() as backend, mlflow_server(tmp, backend) as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
-        conn.cursor().execute(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
-        conn.close()
 
 
 def test_stages_log_to_a_tracking_server(server, tmp_path):

@@ -4,6 +4,8 @@ The consistency function is the flow map to time 0, f(x, t) = X(x, t, 0). Pairs 
 the same noise, r = t - dt, the r-branch is under stop-gradient and r = 0 pins it to the data
 (X(x, 0, 0) = x). Loss weight 1/(t - r).
 """
+import math
+
 import torch
 
 from ..config import Distance, EctConfig
@@ -12,12 +14,19 @@ from .distance import distance
 from .flow_matching import gaussian_noise, logit_normal
 
 
+# dt stops shrinking at t / MAX_SHRINK: further down, t - dt rounds to t in float32 and the loss's
+# 1/(t - r) became NaN (measured: q=2 with a stage per 2048 images diverged at stage 24 on every lr)
+MAX_SHRINK = 2.0 ** 12
+
+
 def ect_r(t: torch.Tensor, images_seen: int, cfg: EctConfig, path) -> torch.Tensor:
     """ECT's schedule with EDM's sigma replaced by the path's noise-to-signal ratio: dt shrinks by
     a factor q every `stage_images` images, starting at dt >= t (r = 0, a denoising loss)."""
     stage = images_seen // cfg.stage_images if cfg.stage_images else 0
     adj = 1 + cfg.k * torch.sigmoid(-cfg.b * path.noise_to_signal(t))
-    return (t - t * adj / cfg.q ** (stage + 1)).clamp_min(0)
+    cap = max(cfg.q, MAX_SHRINK)  # a fixed q above the cap is the user's choice
+    shrink = cap if (stage + 1) * math.log(cfg.q) >= math.log(cap) else cfg.q ** (stage + 1)  # no float overflow
+    return (t - t * adj / shrink).clamp_min(0)
 
 
 def consistency_loss(net, x_t, t, x_r, r, dist: Distance) -> torch.Tensor:

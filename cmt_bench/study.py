@@ -1,0 +1,289 @@
+"""Optuna sensitivity studies: one study per (spec, init), trials as nested MLflow runs.
+
+Workers are separate processes that join a study by its storage URL, on this machine (`cmt-bench
+study run SPEC --workers N`) or any other (`cmt-bench study worker SPEC --storage URL`). On an RDB
+storage every trial sends heartbeats; a worker that dies mid-trial has its trial failed once the
+grace period passes and a copy enqueued (RetryHeartbeatStaleTrialCallback), which resumes from the dead
+trial's checkpoint into the same MLflow run. Each study stops at `trials` finished trials.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import optuna
+import torch
+from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages.journal import JournalFileBackend
+from optuna.study import MaxTrialsCallback
+from optuna.trial import TrialState
+
+from . import stages
+from .config import Params, fingerprint
+from .data import sha256, write_json
+from .study_spec import Choices, StudySpec, trial_params
+from .tracking import MlflowClient, Tracker, project_root, tracking_uri
+from .train import NonFiniteLoss, derive_seed
+
+# heartbeats and retries are marked experimental since Optuna 2.8; they are what makes workers restartable
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # what counts towards a study's trials
+OUT = stages.ART / "studies"
+
+
+# --- storage ----------------------------------------------------------------------------------
+
+def storage_url(params: Params, override: str | None = None) -> str:
+    return (override or os.environ.get("CMT_BENCH_STUDY_STORAGE") or params.studies.storage
+            or f"sqlite:///{project_root() / 'optuna.db'}")
+
+
+def redacted(url: str) -> str:
+    """The URL without its password, for logs and reports."""
+    if url.startswith("journal:"):
+        return url
+    from sqlalchemy.engine import make_url
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def open_storage(url: str, heartbeat_seconds: int):
+    if url.startswith("journal:"):  # no heartbeat: a killed worker's trial stays RUNNING (use an RDB for that)
+        return JournalStorage(JournalFileBackend(url.removeprefix("journal:")))
+    # RetryHeartbeatStaleTrialCallback is Optuna 4.9+'s name for RetryFailedTrialCallback
+    return RDBStorage(url, heartbeat_interval=heartbeat_seconds, grace_period=2 * heartbeat_seconds,
+                      heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
+                          max_retry=3, inherit_intermediate_values=True))
+
+
+# --- one study per init ------------------------------------------------------------------------
+
+def _code_hash() -> str:
+    """Trials of different code must not share a study: hash the package's sources."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(stages.__file__).parent.rglob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def study_name(params: Params, spec: StudySpec, init: str) -> str:
+    inputs = [sha256(p) for p in stages.posttrain_inputs(init, spec.method)]
+    key = fingerprint(spec.model_dump(exclude={"path"}), params.model_dump(exclude={"studies", "report", "tracking"}),
+                      inputs, _code_hash())
+    return f"{spec.name}-{init}-{key[:8]}"
+
+
+def _sampler(spec: StudySpec, init: str, worker: int) -> optuna.samplers.BaseSampler:
+    if spec.sampler == "qmc":  # the point comes from the trial number: workers share one sequence
+        return optuna.samplers.QMCSampler(seed=spec.sampler_seed, scramble=True, warn_asynchronous_seeding=False,
+                                          warn_independent_sampling=False)
+    seed = derive_seed(spec.sampler_seed, spec.name, init, worker) % 2**32  # workers must not draw alike
+    if spec.sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=seed)
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+def _pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
+    cfg = spec.pruner
+    if cfg.kind == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=cfg.startup_trials, n_warmup_steps=cfg.warmup_points)
+    if cfg.kind == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(reduction_factor=cfg.reduction)
+    return optuna.pruners.NopPruner()
+
+
+def finished(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=FINISHED))
+
+
+def prepare(params: Params, spec: StudySpec, url: str) -> dict[str, optuna.Study]:
+    """Create (or load) each init's study and its MLflow study run, before any worker starts."""
+    storage, studies = open_storage(url, params.studies.heartbeat_seconds), {}
+    for init in spec.inits:
+        name = study_name(params, spec, init)
+        study = optuna.create_study(study_name=name, storage=storage, direction="minimize", load_if_exists=True)
+        if "mlflow_run_id" not in study.user_attrs:
+            tracker = Tracker.open(params, "study", init=init, method=spec.method, seed=spec.seed,
+                                   name=f"study-{spec.name}-{init}",
+                                   tags={"study": spec.name, "optuna_study": name, "optuna_storage": redacted(url)},
+                                   stage_params={"spec": spec.model_dump(exclude={"name", "path"})})
+            for key, value in {"spec": spec.name, "init": init, "method": spec.method, "metric": spec.metric(params),
+                               "mlflow_run_id": tracker.run_id}.items():
+                study.set_user_attr(key, value)
+        studies[init] = study
+    return studies
+
+
+# --- the objective -----------------------------------------------------------------------------
+
+def _suggest(trial: optuna.Trial, key: str, dist):
+    if isinstance(dist, Choices):
+        return trial.suggest_categorical(key, dist.choices)
+    return trial.suggest_float(key, dist.low, dist.high, log=dist.log)
+
+
+def _origin(trial: optuna.Trial) -> int:
+    """The number of the trial this one retries (the first of a chain), else its own: a retry
+    resumes from its origin's checkpoint."""
+    frozen = next(t for t in trial.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                  if t.number == trial.number)
+    return (RetryHeartbeatStaleTrialCallback.retry_history(frozen) or [trial.number])[0]
+
+
+def objective(params: Params, spec: StudySpec, init: str, study_run_id: str):
+    """A trial: post-train from `init` with the sampled values at the study's budget, report the
+    in-loop metric at each logged point to the pruner, and return the final metric."""
+    metric = spec.metric(params)
+    inloop_key, final_key = f"{metric}_n{params.evaluate.inloop_samples}", f"{metric}_n{params.evaluate.samples}"
+
+    def run(trial: optuna.Trial) -> float:
+        values = {key: _suggest(trial, key, dist) for key, dist in spec.space.items()}
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # who ran it (and who to blame)
+        p = trial_params(params, spec, values, f"trial {trial.number}")
+        origin = _origin(trial)
+        ckpt_dir = stages.CKPT / "studies" / trial.study.study_name / f"trial{origin}"
+        runs: list[Tracker] = []
+
+        def open_run(run_id: str | None) -> Tracker:
+            tracker = Tracker.open(p, "study_trial", init=init, method=spec.method, seed=spec.seed, run_id=run_id,
+                                   parent_run_id=study_run_id, name=f"{spec.name}-{init}-trial{origin}",
+                                   tags={"study": spec.name, "optuna_study": trial.study.study_name,
+                                         "trial_number": str(origin)},
+                                   stage_params={"posttrain": stages.posttrain_params(p, spec.method),
+                                                 "trial": values})
+            if run_id is not None:
+                tracker.set_tags({"retried_as_trial": str(trial.number)})
+            trial.set_user_attr("mlflow_run_id", tracker.run_id)
+            runs.append(tracker)
+            return tracker
+
+        def on_point(images_seen: int, logged: dict[str, float]) -> None:
+            point = round(images_seen / p.posttrain.train.log_every_images)
+            trial.report(logged[inloop_key], point)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"{inloop_key}={logged[inloop_key]:.4g} at {images_seen} images")
+
+        try:
+            result, tracker = stages.train_posttrain(p, init, spec.method, spec.seed, ckpt=ckpt_dir / "last.pt",
+                                                     open_run=open_run, on_point=on_point)
+        except optuna.TrialPruned as exc:
+            runs[-1].set_tags({"outcome": "pruned", "pruned_at": str(exc)})
+            runs[-1].finish("KILLED")
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+            raise
+        except NonFiniteLoss as exc:  # FAILED in MLflow with the reason; the last good checkpoint stays
+            trial.set_user_attr("diverged", True)
+            runs[-1].set_tags({"outcome": "diverged"})
+            raise optuna.TrialPruned(f"diverged: {exc}") from None
+        scores, _, _ = stages.final_scores(p, result.ema)
+        tracker.log_metrics(result.steps, scores)
+        tracker.set_tags({"outcome": "complete"})
+        tracker.finish()
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        for key, value in result.ledger.metrics().items():
+            trial.set_user_attr(key, value)
+        return scores[final_key]
+    return run
+
+
+# --- workers and the driver --------------------------------------------------------------------
+
+def run_worker(params: Params, spec: StudySpec, url: str, worker: int = 0) -> None:
+    """Run trials of each init's study until it has `spec.trials` finished ones (creating the study
+    if this worker is the first)."""
+    for init, study in prepare(params, spec, url).items():
+        study.sampler, study.pruner = _sampler(spec, init, worker), _pruner(spec)
+        if finished(study) >= spec.trials:
+            continue
+        study.optimize(objective(params, spec, init, study.user_attrs["mlflow_run_id"]),
+                       callbacks=[MaxTrialsCallback(spec.trials, states=FINISHED)], gc_after_trial=True)
+
+
+def _reap(studies: dict[str, optuna.Study], params: Params, url: str) -> bool:
+    """Fail trials left RUNNING by a dead worker once their heartbeat is stale (which enqueues their
+    retries); True if some study still lacks trials."""
+    if url.startswith("journal:"):
+        return False
+    grace = 2 * params.studies.heartbeat_seconds
+    for study in studies.values():
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if running:
+            time.sleep(grace + 1)
+            optuna.storages.fail_stale_trials(study)
+    return True
+
+
+def run_study(params: Params, spec: StudySpec, workers: int = 1, url: str | None = None,
+              params_file: str = "params.yaml") -> dict[str, optuna.Study]:
+    """Run a study to its trial count with `workers` processes on this machine, then write its results."""
+    url = storage_url(params, url)
+    studies = prepare(params, spec, url)
+    if workers == 1:
+        _limit_threads(1)
+        run_worker(params, spec, url)
+    else:
+        _run_processes(spec, url, workers, params_file)
+    for _ in range(3):  # a worker killed mid-trial: fail its trial, then finish the retries here
+        if all(finished(s) >= spec.trials for s in studies.values()) or not _reap(studies, params, url):
+            break
+        run_worker(params, spec, url, worker=workers)
+    return studies
+
+
+def _limit_threads(workers: int) -> None:
+    """Workers share the machine's cores: more threads than cores slows every one of them."""
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
+def _run_processes(spec: StudySpec, url: str, workers: int, params_file: str) -> None:
+    cmd = [sys.executable, "-m", "cmt_bench", "--params", params_file, "study", "worker", spec.path,
+           "--storage", url, "--threads", str(max(1, (os.cpu_count() or 1) // workers))]
+    procs = [subprocess.Popen([*cmd, "--index", str(i)]) for i in range(workers)]
+    codes = [p.wait() for p in procs]
+    crashed = [(i, c) for i, c in enumerate(codes) if c > 0]
+    if crashed:  # an exception in a trial is a bug to fix, not something to retry
+        raise RuntimeError(f"study {spec.name}: worker(s) exited with an error: "
+                           + ", ".join(f"worker {i} (exit {c})" for i, c in crashed))
+    for i, code in enumerate(codes):
+        if code < 0:
+            print(f"[study {spec.name}] worker {i} was killed (signal {-code}); its trial is retried", file=sys.stderr)
+
+
+# --- results -----------------------------------------------------------------------------------
+
+def write_results(params: Params, spec: StudySpec, studies: dict[str, optuna.Study], url: str,
+                  workers: int) -> Path:
+    """The study's results for the report (`artifacts/studies/<name>/`): every trial, parameter
+    importances and the spread of outcomes per init; the same summary goes to each study run."""
+    from . import sensitivity
+    out = OUT / spec.name
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    frame = sensitivity.trials_frame(studies)
+    frame.to_csv(out / "trials.csv", index=False)
+    sensitivity.importances(studies).to_csv(out / "importances.csv", index=False)
+    spread = sensitivity.spread(frame)
+    trials = [t for s in studies.values() for t in s.get_trials(deepcopy=False, states=FINISHED)]
+    start = min((t.datetime_start for t in trials if t.datetime_start), default=None)
+    end = max((t.datetime_complete for t in trials if t.datetime_complete), default=None)
+    metric = spec.metric(params)
+    summary = {"spec": spec.model_dump(exclude={"path"}), "metric": metric,
+               "final_key": f"{metric}_n{params.evaluate.samples}", "storage": redacted(url), "workers": workers,
+               "studies": {init: s.study_name for init, s in studies.items()},
+               "wall_seconds": (end - start).total_seconds() if start and end else None,  # first start to last end
+               "spread": spread.reset_index().to_dict(orient="records")}
+    write_json(out / "study.json", summary)
+    for init, study in studies.items():
+        row = spread.loc[init] if init in spread.index else None
+        tracker = Tracker(MlflowClient(tracking_uri(params)), study.user_attrs["mlflow_run_id"])
+        if row is not None:
+            tracker.log_metrics(0, {k: float(v) for k, v in row.items() if v == v})  # NaN: no completed trial
+        tracker.finish()
+    return out

@@ -1,0 +1,104 @@
+"""The report's sensitivity part: for each study the `studies` stage ran (artifacts/studies/), the
+spread of trial outcomes per init, parameter importances, seaborn figures under
+reports/<preset>/studies/<name>/, and claim 4's verdict."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from . import sensitivity
+from .data import read_json
+from .evidence import FAILS, HOLDS, LABEL, NOT_RESOLVED, NOT_TESTED
+from .study import OUT
+
+VERDICT = {sensitivity.HOLDS: HOLDS, sensitivity.FAILS: FAILS, sensitivity.NOT_RESOLVED: NOT_RESOLVED,
+           sensitivity.NOT_TESTED: NOT_TESTED}
+
+
+def study_names() -> list[str]:
+    index = OUT / "index.json"
+    return read_json(index)["specs"] if index.exists() else []
+
+
+def _load(name: str) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
+    folder = OUT / name
+    summary, frame = read_json(folder / "study.json"), pd.read_csv(folder / "trials.csv")
+    frame.attrs["metric"] = summary["final_key"]  # the figures' axis label
+    return summary, frame, pd.read_csv(folder / "importances.csv")
+
+
+def _log_params(summary: dict) -> list[str]:
+    return [k for k, d in summary["spec"]["space"].items() if d.get("log")]
+
+
+def _claim(summary: dict, frame: pd.DataFrame) -> dict:
+    spec = summary["spec"]
+    found = sensitivity.sensitivity_claim(frame)
+    return {"id": 4, "method": spec["method"], "study": spec["name"],
+            "claim": f"CMT makes {LABEL[spec['method']]} post-training less sensitive to hyperparameters "
+                     f"(study `{spec['name']}`)",
+            "verdict": VERDICT[found["verdict"]], "measured": found["measured"], "comparisons": found["comparisons"],
+            # flat numbers for `dvc metrics show`
+            **{f"within_best_{i}": float(v) for i, v in sensitivity.spread(frame)["within_best"].items()},
+            **{f"difference_vs_{o}": c["difference"] for o, c in found["comparisons"].items()}}
+
+
+def _fmt(x) -> str:
+    return "–" if pd.isna(x) else f"{x:.4g}"
+
+
+def _section(summary: dict, frame: pd.DataFrame, imp: pd.DataFrame, figures: dict[str, Path | None],
+             rel: str) -> list[str]:
+    spec, spread = summary["spec"], sensitivity.spread(frame)
+    space = ", ".join(f"`{k}` " + (f"in {d['choices']}" if "choices" in d else
+                                   f"{d['low']:g} to {d['high']:g}{' (log)' if d.get('log') else ''}")
+                      for k, d in spec["space"].items())
+    minutes = summary["wall_seconds"] / 60 if summary.get("wall_seconds") else float("nan")
+    lines = [f"### Study `{spec['name']}`: {LABEL[spec['method']]}", "",
+             f"{spec['trials']} trials per init ({', '.join(spec['inits'])}), {spec['sampler']} sampler, pruner "
+             f"{spec['pruner']['kind']}, post-training seed {spec['seed']}, {spec['objective']['budget_images']:,} "
+             f"images per trial. Objective: `{summary['final_key']}` after the budget (lower is better). "
+             f"Space: {space}. Storage `{summary['storage']}`, {summary['workers']} worker(s), "
+             f"{minutes:.1f} min from the first trial's start to the last trial's end.", "",
+             f"| init | finished | completed | pruned | diverged | best | median | within {sensitivity.WITHIN:.0%} "
+             "of best |", "|---|---|---|---|---|---|---|---|"]
+    for init, row in spread.iterrows():
+        lines.append(f"| {init} | {row['finished']} | {row['completed']} | {row['pruned']} | {row['diverged']} | "
+                     f"{_fmt(row['best'])} | {_fmt(row['median'])} | {row['within_best']:.0%} |")
+    lines.append("")
+    if not imp.empty:
+        table = imp.pivot_table(index="param", columns=["evaluator", "init"], values="importance")
+        cols = list(table.columns)
+        lines += ["Parameter importances (Optuna; normalized per init and evaluator):", "",
+                  "| parameter | " + " | ".join(f"{e} {i}" for e, i in cols) + " |",
+                  "|---|" + "---|" * len(cols),
+                  *[f"| `{p}` | " + " | ".join(_fmt(table.at[p, c]) for c in cols) + " |" for p in table.index], ""]
+    for title, path in figures.items():
+        if path is not None:
+            lines += [f"![{title}]({rel}/{path.name})", ""]
+    return lines
+
+
+def build(out: Path) -> tuple[list[dict], list[str]]:
+    """Claim 4 per study and the report's sensitivity section; figures go to out/studies/<name>/."""
+    claims, lines = [], []
+    for name in study_names():
+        summary, frame, imp = _load(name)
+        folder = out / "studies" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        logs = _log_params(summary)
+        figures = {"final metric per trial, per init": sensitivity.plot_spread(frame, folder / "spread.png"),
+                   "final metric against each parameter": sensitivity.plot_slices(frame, folder / "slices.png", logs),
+                   "final metric over the two most important parameters":
+                       sensitivity.plot_contours(frame, imp, folder / "contours.png", logs)}
+        frame.to_csv(folder / "trials.csv", index=False)
+        claims.append(_claim(summary, frame))
+        lines += _section(summary, frame, imp, figures, f"studies/{name}")
+    if lines:
+        lines = ["## Sensitivity to hyperparameters (Optuna)", "",
+                 f"An init is less sensitive when more of its finished trials end within "
+                 f"{sensitivity.WITHIN:.0%} of its own best value; pruned and diverged trials never count as "
+                 "within. Claim 4 compares CMT's share with each other init's, with a bootstrap 90% interval.", "",
+                 *lines]
+    return claims, lines
