@@ -67,6 +67,22 @@ def _run_studies(params: config.Params, specs: list, args) -> int:
     return 0
 
 
+def _run_ablation(params: config.Params, spec, args) -> int:
+    from . import ablation
+    try:
+        if args.action == "queue":
+            print("queued: " + (", ".join(ablation.queue(spec)) or "nothing (every level exists)")
+                  + "; run them with `dvc queue start -j N`")
+            return 0
+        if args.action == "run":
+            ablation.run(spec, args.jobs)
+        print(f"[ablation {spec.name}] report in {ablation.report(spec, params)}")
+    except (RuntimeError, KeyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _relaunch_under_torchrun(processes: int, argv: list[str]) -> int:
     """Run this same command as `processes` DDP workers on this machine (torch's own launcher)."""
     import subprocess
@@ -99,6 +115,12 @@ def _parser() -> argparse.ArgumentParser:
                     "$CMT_BENCH_STUDY_STORAGE, else sqlite:///optuna.db)")
     st.add_argument("--index", type=int, default=0, help=argparse.SUPPRESS)  # a worker's number (sampler seed)
     st.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
+    ab = sub.add_parser("ablation", help="one factor at several levels as DVC experiments, and their report")
+    ab.add_argument("action", choices=("run", "queue", "report"),
+                    help="queue: one `dvc exp run --queue` per level; run: queue, `dvc queue start -j JOBS`, wait, "
+                         "report; report: reports/ablations/NAME/ from the finished experiments")
+    ab.add_argument("spec", help="a spec name (experiments/ablations/NAME.yaml) or path")
+    ab.add_argument("-j", "--jobs", type=int, default=1, help="experiments at once (default 1)")
     sub.add_parser("check", help="validate the parameter file and exit")
     sub.add_parser("summary", help="print the report's short summary")
     pre = sub.add_parser("preset", help="write params.yaml from experiments/NAME.yaml")
@@ -120,6 +142,11 @@ def main(argv: list[str] | None = None) -> int:
             _check_device(params, args.params)
             _check_inception_weights(params, args.params)
         specs = _study_specs(params, args)
+        if args.command == "ablation":
+            from . import ablation
+            specs = [ablation.load_spec(args.spec, params)]
+            if args.jobs < 1:
+                raise config.ParamsError(f"--jobs: must be at least 1 (got {args.jobs})")
     except config.ParamsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -138,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command in ("study", "studies"):
         return _run_studies(params, specs, args)
+    if args.command == "ablation":
+        return _run_ablation(params, specs[0], args)
     if args.command in TRAINING and params.compute.processes > 1 and "WORLD_SIZE" not in os.environ:
         return _relaunch_under_torchrun(params.compute.processes, argv)
     from . import distributed, stages

@@ -166,7 +166,8 @@ def test_study_trials_are_nested_runs_and_fill_claim_4(repo, tmp_path):
     client, runs = _runs(repo)
     storage = f"sqlite:///{repo / 'optuna.db'}"
     results = json.loads((repo / "artifacts/studies/smoke_ect/study.json").read_text())
-    pipeline = next(r for r in runs if r.data.tags["stage"] == "pipeline").info.run_id
+    pipeline = next(r.data.tags["mlflow.parentRunId"] for r in runs  # `dvc repro`'s, not the temp experiment's
+                    if r.data.tags["stage"] == "data" and "dvc_exp_name" not in r.data.tags)
     for init, name in results["studies"].items():
         study = optuna.load_study(study_name=name, storage=storage)
         finished = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
@@ -205,7 +206,7 @@ def test_study_trials_are_nested_runs_and_fill_claim_4(repo, tmp_path):
                 body = urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=2).read()
             except OSError:
                 time.sleep(0.3)
-        names = {s["study_name"] for s in json.loads(body)["studies"]}
+        names = {s["study_name"] for s in json.loads(body)["study_summaries"]}
         assert set(results["studies"].values()) <= names
     finally:
         dash.terminate()

@@ -1,0 +1,221 @@
+"""Ablations: one factor of the CMT pipeline at several levels, everything else fixed, each level a
+DVC experiment (`dvc exp run --queue -S factor=level`, then `dvc queue start -j N`), and a report
+per spec from the experiments' own report outputs (which the report stage built from MLflow).
+
+A spec (`experiments/ablations/<name>.yaml`) names the preset, the factor (a dotted parameter such
+as trajectories.steps), its levels, the post-training method whose CMT-init result is compared,
+and `fixed` overrides applied at every level (e.g. fewer seeds, no study).
+"""
+from __future__ import annotations
+
+import io
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+import yaml  # noqa: E402
+from pydantic import Field, ValidationError  # noqa: E402
+
+from .config import METHODS, Params, ParamsError, Section, deep_merge, flatten, validate  # noqa: E402
+from .evidence import LABEL  # noqa: E402
+
+ABLATIONS_DIR = Path("experiments/ablations")
+REPORTS = Path("reports/ablations")
+
+
+class AblationSpec(Section):
+    name: str = ""  # from the file name
+    preset: str
+    factor: str  # a dotted parameter, e.g. trajectories.steps
+    levels: list[Any] = Field(min_length=2)
+    method: str = "ect"  # whose CMT-init post-training is compared across levels
+    fixed: dict = {}  # overrides applied at every level
+
+    def overrides(self, level) -> dict:
+        """The -S assignments of one level: the fixed overrides, then the factor."""
+        return {**flatten(self.fixed), self.factor: level}
+
+    def exp_name(self, level) -> str:
+        return f"{self.name}-{re.sub(r'[^A-Za-z0-9_.]+', '_', str(level))}".replace("..", "_")
+
+
+def _with(params: Params, assignments: dict, source: str) -> Params:
+    tree: dict = {}
+    for key, value in assignments.items():
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return validate(deep_merge(params.model_dump(), tree), source)
+
+
+def load_spec(name_or_path: str, params: Params, root: Path = Path(".")) -> AblationSpec:
+    """Read and validate a spec against params.yaml: every level must give valid parameters."""
+    path = Path(name_or_path) if name_or_path.endswith((".yaml", ".yml")) else root / ABLATIONS_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in (root / ABLATIONS_DIR).glob("*.yaml"))
+        raise ParamsError(f"ablation spec {name_or_path!r} not found at {path}; known: {', '.join(known) or 'none'}")
+    try:
+        spec = AblationSpec.model_validate({**(yaml.safe_load(path.read_text()) or {}), "name": path.stem})
+    except (ValidationError, yaml.YAMLError) as exc:
+        raise ParamsError(f"{path}: {exc}") from None
+    errors = []
+    if spec.preset != params.preset:
+        errors.append(f"preset: the ablation is for preset {spec.preset!r}, params.yaml holds {params.preset!r}")
+    if spec.factor not in flatten(params):
+        errors.append(f"factor: {spec.factor!r} is not a parameter (e.g. trajectories.steps, trajectories.solver, "
+                      f"midtrain.train.budget_images, midtrain.distance.kind, posttrain.train.budget_images)")
+    if spec.method not in METHODS:
+        errors.append(f"method: {spec.method!r}; allowed: {', '.join(METHODS)}")
+    if len(set(map(str, spec.levels))) != len(spec.levels):
+        errors.append("levels: list each level once")
+    if not errors:
+        for level in spec.levels:
+            try:
+                p = _with(params, spec.overrides(level), f"{path} level {level!r}")
+            except ParamsError as exc:
+                errors.append(f"levels: {level!r} gives invalid parameters: {str(exc).splitlines()[-1].strip(' -')}")
+                continue
+            if spec.method not in p.posttrain.methods:
+                errors.append(f"method: {spec.method!r} is not in posttrain.methods at level {level!r}")
+    if errors:
+        raise ParamsError(f"{path}: {len(errors)} problem(s):\n" + "\n".join(f"  - {e}" for e in errors))
+    return spec
+
+
+# --- running through DVC experiments -----------------------------------------------------------
+
+def _dvc(*args: str) -> str:
+    out = subprocess.run(["dvc", *args], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"dvc {' '.join(args)} failed:\n{out.stdout[-2000:]}{out.stderr[-2000:]}")
+    return out.stdout
+
+
+def experiments() -> dict[str, dict]:
+    """This repo's DVC experiments by name: their git revision and whether they ran."""
+    found = {}
+    for base in json.loads(_dvc("exp", "show", "--json", "--no-fetch")):
+        for exp in base.get("experiments") or []:
+            for rev in exp.get("revs", []):
+                if rev.get("name"):
+                    found[rev["name"]] = {"rev": rev["rev"], "state": rev.get("data", {}).get("status", "")}
+    return found
+
+
+def queue(spec: AblationSpec) -> list[str]:
+    """Queue one DVC experiment per level that has none yet; return the names queued."""
+    existing, queued = experiments(), []
+    for level in spec.levels:
+        name = spec.exp_name(level)
+        if name in existing:
+            print(f"[ablation {spec.name}] {name} exists; kept (dvc exp remove {name} to rerun it)", file=sys.stderr)
+            continue
+        sets = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
+                for k, v in spec.overrides(level).items()]
+        _dvc("exp", "run", "--queue", "-n", name, *(a for s in sets for a in ("-S", s)))
+        queued.append(name)
+    return queued
+
+
+def run(spec: AblationSpec, jobs: int) -> None:
+    """Queue the levels, run the queue with `jobs` workers and wait for it to drain."""
+    if queue(spec):
+        _dvc("queue", "start", "-j", str(jobs))
+        while True:
+            status = _dvc("queue", "status")
+            if not re.search(r"\b(Queued|Running)\b", status):
+                break
+            time.sleep(5)
+    missing = [spec.exp_name(level) for level in spec.levels if spec.exp_name(level) not in experiments()]
+    if missing:
+        raise RuntimeError(f"ablation {spec.name}: experiment(s) {', '.join(missing)} did not finish; "
+                           f"see `dvc queue logs <name>`")
+
+
+# --- the report ---------------------------------------------------------------------------------
+
+def _finals(rev: str, preset: str) -> pd.DataFrame:
+    """The level's per-seed final metrics and compute, from the report stage's finals.csv in the
+    experiment's commit."""
+    text = subprocess.run(["git", "show", f"{rev}:reports/{preset}/finals.csv"], capture_output=True, text=True)
+    if text.returncode != 0:
+        raise RuntimeError(f"experiment {rev[:8]} has no reports/{preset}/finals.csv: did its pipeline finish?")
+    return pd.read_csv(io.StringIO(text.stdout))
+
+
+def collect(spec: AblationSpec, metric: str) -> pd.DataFrame:
+    """One row per level x seed of the CMT init: final metric, post-training and total device-hours."""
+    exps, rows = experiments(), []
+    for level in spec.levels:
+        finals = _finals(exps[spec.exp_name(level)]["rev"], spec.preset)
+        cmt = finals[(finals.method == spec.method) & (finals.init == "cmt")]
+        for _, row in cmt.iterrows():
+            rows.append({"level": str(level), "seed": int(row["seed"]), "metric": row[f"eval_{metric}"],
+                         "posttrain_hours": row["posttrain_hours"], "total_hours": row["total_hours"]})
+    return pd.DataFrame(rows)
+
+
+def _sentence(spec: AblationSpec, table: pd.DataFrame, metric: str) -> str:
+    best, worst = table["mean"].idxmin(), table["mean"].idxmax()
+    gap = table.at[worst, "mean"] - table.at[best, "mean"]
+    spread = table["sd"].max()
+    resolved = "larger than" if gap > 2 * spread else "within"
+    cheap = table["total_hours"].idxmin()
+    return (f"`{spec.factor}` = {best} gives the best final `{metric}` of {LABEL.get(spec.method, spec.method)} "
+            f"from CMT ({table.at[best, 'mean']:.4g}), {worst} the worst ({table.at[worst, 'mean']:.4g}); the gap "
+            f"of {gap:.3g} is {resolved} twice the largest seed sd ({spread:.3g}), so the ranking is "
+            f"{'resolved' if resolved == 'larger than' else 'not resolved'} at this scale. The cheapest level in "
+            f"total compute is {cheap} ({table.at[cheap, 'total_hours'] * 3600:.0f} device-seconds).")
+
+
+def report(spec: AblationSpec, params: Params) -> Path:
+    """reports/ablations/<name>/: a table (CSV + Markdown) and a figure of the final metric and the
+    compute per level, with the seed spread, and one sentence on what the ablation shows."""
+    from .html import render
+    metric = params.report_metric
+    rows = collect(spec, metric)
+    table = rows.groupby("level", sort=False).agg(mean=("metric", "mean"), sd=("metric", "std"),
+                                                  seeds=("seed", "count"), posttrain_hours=("posttrain_hours", "mean"),
+                                                  total_hours=("total_hours", "mean")).fillna({"sd": 0.0})
+    out = REPORTS / spec.name
+    out.mkdir(parents=True, exist_ok=True)
+    rows.to_csv(out / "runs.csv", index=False)
+    table.to_csv(out / "table.csv")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    sns.pointplot(rows, x="level", y="metric", errorbar=("pi", 100), capsize=0.15, color="#d62728", ax=axes[0])
+    sns.stripplot(rows, x="level", y="metric", color="#d62728", alpha=0.4, ax=axes[0])
+    axes[0].set(xlabel=spec.factor, ylabel=f"final {metric} (lower is better)",
+                title=f"{LABEL.get(spec.method, spec.method)} from CMT: mean, min-max over seeds")
+    hours = table[["total_hours", "posttrain_hours"]] * 3600
+    hours.plot.bar(ax=axes[1], color=["#555555", "#d62728"], rot=0)
+    axes[1].set(xlabel=spec.factor, ylabel="device-seconds (measured)", title="compute per level")
+    axes[1].legend(["total (every stage CMT needs)", "post-training"])
+    fig.tight_layout()
+    fig.savefig(out / "ablation.png", dpi=110)
+    plt.close(fig)
+    md = [f"# Ablation `{spec.name}`: {spec.factor}", "",
+          f"Preset `{spec.preset}`, levels {', '.join(map(str, spec.levels))}, everything else fixed"
+          + (f" (at every level: {', '.join(f'`{k}={v}`' for k, v in flatten(spec.fixed).items())})" if spec.fixed else "")
+          + f". Each level is the DVC experiment `{spec.name}-<level>`; numbers are each experiment's report "
+            "(read from MLflow), CMT init only.", "", _sentence(spec, table, metric), "",
+          f"| {spec.factor} | final {metric} (mean ± sd) | seeds | post-training device-s | total device-s |",
+          "|---|---|---|---|---|",
+          *[f"| {lvl} | {r['mean']:.4g} ± {r['sd']:.2g} | {r['seeds']} | {r['posttrain_hours'] * 3600:.3g} | "
+            f"{r['total_hours'] * 3600:.3g} |" for lvl, r in table.iterrows()],
+          "", "![ablation](ablation.png)", ""]
+    text = "\n".join(md)
+    (out / "report.md").write_text(text)
+    (out / "report.html").write_text(render(text, out, f"Ablation {spec.name}"))
+    return out
