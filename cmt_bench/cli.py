@@ -38,6 +38,9 @@ def _check_inception_weights(params: config.Params, source: str) -> None:
 def _study_specs(params: config.Params, args) -> list:
     """Every study spec this command runs, validated against params before any trial starts."""
     from .study_spec import load_spec
+    env_workers = os.environ.get("CMT_BENCH_STUDY_WORKERS", "")
+    if env_workers and not (env_workers.isdigit() and int(env_workers) >= 1):
+        raise config.ParamsError(f"CMT_BENCH_STUDY_WORKERS: must be a whole number >= 1 (got {env_workers!r})")
     if args.command == "study":
         if args.workers is not None and args.workers < 1:
             raise config.ParamsError(f"--workers: must be at least 1 (got {args.workers})")
@@ -56,7 +59,7 @@ def _run_studies(params: config.Params, specs: list, args) -> int:
             torch.set_num_threads(args.threads)
         study.run_worker(params, specs[0], study.storage_url(params, args.storage), args.index)
         return 0
-    workers = getattr(args, "workers", None) or params.studies.workers
+    workers = getattr(args, "workers", None) or int(os.environ.get("CMT_BENCH_STUDY_WORKERS") or params.studies.workers)
     url = study.storage_url(params, getattr(args, "storage", None))
     for spec in specs:
         studies = study.run_study(params, spec, workers, url, params_file=args.params)
@@ -110,7 +113,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="run: the whole study with --workers processes here, then its results; "
                          "worker: one more process (on any machine) that joins it through --storage")
     st.add_argument("spec", help="a spec name (experiments/studies/NAME.yaml) or path")
-    st.add_argument("--workers", type=int, default=None, help="worker processes (default: studies.workers)")
+    st.add_argument("--workers", type=int, default=None,
+                    help="worker processes (default: $CMT_BENCH_STUDY_WORKERS, else studies.workers)")
     st.add_argument("--storage", default=None, help="Optuna storage URL (default: studies.storage, "
                     "$CMT_BENCH_STUDY_STORAGE, else sqlite:///optuna.db)")
     st.add_argument("--index", type=int, default=0, help=argparse.SUPPRESS)  # a worker's number (sampler seed)

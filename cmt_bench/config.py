@@ -224,6 +224,9 @@ class ReportConfig(Section):
 class StudiesConfig(Section):
     """Optuna sensitivity studies (specs in experiments/studies/) that the `studies` stage runs."""
     specs: list[str] = []  # names of experiments/studies/<name>.yaml; none: the stage only writes an empty index
+    # Where and how wide studies run (not what they compute: with a QMC sampler and no pruner a trial's
+    # parameters follow from its number, so results do not depend on these); $CMT_BENCH_STUDY_WORKERS
+    # and $CMT_BENCH_STUDY_STORAGE override them, as MLFLOW_TRACKING_URI does tracking.uri.
     workers: PositiveInt = 1  # worker processes on this machine; several need PostgreSQL or a journal file
     # None: $CMT_BENCH_STUDY_STORAGE, else sqlite:///<repo root>/optuna.db. Also postgresql+psycopg://...
     # (parallel workers, any machine) or journal:<path> (a JournalStorage file)

@@ -160,9 +160,11 @@ def sensitivity_claim(frame: pd.DataFrame, within: float = WITHIN, resamples: in
     parts = [f"{o} {c['other']:.0%} of {s.at[o, 'finished']} (difference {c['difference']:+.2f}, 90% interval "
              f"{c['ci90'][0]:+.2f} to {c['ci90'][1]:+.2f})" for o, c in comparisons.items()]
     diverged = ", ".join(f"{i} {s.at[i, 'diverged_fraction']:.0%}" for i in ["cmt", *others])
+    # context, not the verdict: where the landscape sits, and how far its middle is from its best
+    levels = ", ".join(f"{i} {s.at[i, 'best']:.3g} / {s.at[i, 'median']:.3g}" for i in ["cmt", *others])
     measured = (f"Share of finished trials within {within:.0%} of the init's best value: cmt "
                 f"{s.at['cmt', 'within_best']:.0%} of {s.at['cmt', 'finished']} vs {'; '.join(parts)}; "
-                f"diverged: {diverged}.")
+                f"diverged: {diverged}. Best / median final value: {levels}.")
     return {"verdict": _verdict(comparisons), "measured": measured, "comparisons": comparisons}
 
 

@@ -126,6 +126,8 @@ def prepare(params: Params, spec: StudySpec, url: str) -> dict[str, optuna.Study
 def _suggest(trial: optuna.Trial, key: str, dist):
     if isinstance(dist, Choices):
         return trial.suggest_categorical(key, dist.choices)
+    if dist.int:
+        return trial.suggest_int(key, int(dist.low), int(dist.high), log=dist.log)
     return trial.suggest_float(key, dist.low, dist.high, log=dist.log)
 
 

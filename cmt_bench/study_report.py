@@ -61,11 +61,12 @@ def _section(summary: dict, frame: pd.DataFrame, imp: pd.DataFrame, figures: dic
              f"images per trial. Objective: `{summary['final_key']}` after the budget (lower is better). "
              f"Space: {space}. Storage `{summary['storage']}`, {summary['workers']} worker(s), "
              f"{minutes:.1f} min from the first trial's start to the last trial's end.", "",
-             f"| init | finished | completed | pruned | diverged | best | median | within {sensitivity.WITHIN:.0%} "
-             "of best |", "|---|---|---|---|---|---|---|---|"]
+             f"| init | finished | completed | pruned | diverged | best | median | median / best | within "
+             f"{sensitivity.WITHIN:.0%} of best |", "|---|---|---|---|---|---|---|---|---|"]
     for init, row in spread.iterrows():
         lines.append(f"| {init} | {row['finished']} | {row['completed']} | {row['pruned']} | {row['diverged']} | "
-                     f"{_fmt(row['best'])} | {_fmt(row['median'])} | {row['within_best']:.0%} |")
+                     f"{_fmt(row['best'])} | {_fmt(row['median'])} | {_fmt(row['median'] / row['best'])} | "
+                     f"{row['within_best']:.0%} |")
     lines.append("")
     if not imp.empty:
         table = imp.pivot_table(index="param", columns=["evaluator", "init"], values="importance")

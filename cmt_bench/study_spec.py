@@ -20,17 +20,20 @@ STUDIES_DIR = Path("experiments/studies")
 TUNABLE_PREFIXES = ("posttrain.train.", "posttrain.distance.", "posttrain.ect.", "posttrain.meanflow.", "sampling.")
 
 
-class FloatRange(Section):
+class Range(Section):
     low: float
     high: float
     log: bool = False
+    int: bool = False  # integers (e.g. batch sizes); a range keeps QMC sampling deterministic, choices do not
 
     @model_validator(mode="after")
-    def _ordered(self) -> "FloatRange":
+    def _ordered(self) -> "Range":
         if not self.low < self.high:
             raise ValueError(f"low ({self.low}) must be below high ({self.high})")
         if self.log and self.low <= 0:
             raise ValueError("a log range needs low > 0")
+        if self.int and not (float(self.low).is_integer() and float(self.high).is_integer()):
+            raise ValueError("an int range needs whole low and high")
         return self
 
 
@@ -64,7 +67,7 @@ class StudySpec(Section):
     sampler_seed: int = 0
     pruner: PrunerConfig = PrunerConfig()
     objective: ObjectiveConfig
-    space: dict[str, FloatRange | Choices]
+    space: dict[str, Range | Choices]
 
     @model_validator(mode="after")
     def _inits_once(self) -> "StudySpec":
@@ -106,7 +109,8 @@ def _check_against(params: Params, spec: StudySpec, source: str) -> None:
             tunable = sorted(k for k in leaves if k.startswith(TUNABLE_PREFIXES))
             errors.append(f"space.{key}: not a tunable parameter; allowed: {', '.join(tunable)}")
             continue
-        ends = dist.choices if isinstance(dist, Choices) else [dist.low, dist.high]
+        ends = dist.choices if isinstance(dist, Choices) else \
+            [int(dist.low), int(dist.high)] if dist.int else [dist.low, dist.high]
         for value in ends:
             try:
                 trial_params(params, spec, {key: value})

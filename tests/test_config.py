@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -111,6 +112,9 @@ def test_cli_refuses_before_any_work(tmp_path):
 
 def test_cli_check_accepts_good_file(tmp_path):
     (tmp_path / "good.yaml").write_text((REPO / "params.yaml").read_text())
+    result = _cli(tmp_path, "--params", "good.yaml", "check")
+    assert result.returncode == 2 and "study spec 'toy_ect' not found" in result.stderr  # check reads the specs too
+    shutil.copytree(REPO / "experiments", tmp_path / "experiments")
     result = _cli(tmp_path, "--params", "good.yaml", "check")
     assert result.returncode == 0, result.stderr
     assert "valid (preset toy)" in result.stdout

@@ -47,6 +47,8 @@ def _spec_file(root):
     ({"space": {"posttrain.train.batch_size": {"choices": [8192, 128]}}},
      "space.posttrain.train.batch_size: value 8192 is invalid: posttrain.train.budget_images: Value error, smaller "
      "than batch_size (8192)"),
+    ({"space": {"posttrain.train.batch_size": {"low": 128.5, "high": 512, "int": True}}},
+     "an int range needs whole low and high"),
     ({"preset": "toy"}, "preset: the study is for preset 'toy', params.yaml holds 'smoke'"),
     ({"objective": {"budget_images": 4096, "metric": "fid_inception_2step"}},
      "objective.metric: 'fid_inception_2step' is not measured for this preset; allowed: auto, fd_raw_1step"),
