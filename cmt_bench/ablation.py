@@ -104,13 +104,15 @@ def _dvc(*args: str) -> str:
 
 
 def experiments() -> dict[str, dict]:
-    """This repo's DVC experiments by name: their git revision and whether they ran."""
+    """This repo's DVC experiments by name: their git revision and state (queued, running, failed;
+    None once finished and saved)."""
     found = {}
     for base in json.loads(_dvc("exp", "show", "--json", "--no-fetch")):
         for exp in base.get("experiments") or []:
+            state = (exp.get("executor") or {}).get("state")
             for rev in exp.get("revs", []):
                 if rev.get("name"):
-                    found[rev["name"]] = {"rev": rev["rev"], "state": rev.get("data", {}).get("status", "")}
+                    found[rev["name"]] = {"rev": rev["rev"], "state": state}
     return found
 
 
@@ -138,7 +140,9 @@ def run(spec: AblationSpec, jobs: int) -> None:
             if not re.search(r"\b(Queued|Running)\b", status):
                 break
             time.sleep(5)
-    missing = [spec.exp_name(level) for level in spec.levels if spec.exp_name(level) not in experiments()]
+    exps = experiments()
+    missing = [spec.exp_name(level) for level in spec.levels
+               if spec.exp_name(level) not in exps or exps[spec.exp_name(level)]["state"] is not None]
     if missing:
         raise RuntimeError(f"ablation {spec.name}: experiment(s) {', '.join(missing)} did not finish; "
                            f"see `dvc queue logs <name>`")
@@ -159,7 +163,11 @@ def collect(spec: AblationSpec, metric: str) -> pd.DataFrame:
     """One row per level x seed of the CMT init: final metric, post-training and total device-hours."""
     exps, rows = experiments(), []
     for level in spec.levels:
-        finals = _finals(exps[spec.exp_name(level)]["rev"], spec.preset)
+        name = spec.exp_name(level)
+        if name not in exps or exps[name]["state"] is not None:
+            raise RuntimeError(f"ablation {spec.name}: no finished DVC experiment {name} "
+                               f"({exps.get(name, {}).get('state') or 'missing'}); run `cmt-bench ablation run {spec.name}`")
+        finals = _finals(exps[name]["rev"], spec.preset)
         cmt = finals[(finals.method == spec.method) & (finals.init == "cmt")]
         for _, row in cmt.iterrows():
             rows.append({"level": str(level), "seed": int(row["seed"]), "metric": row[f"eval_{metric}"],

@@ -80,7 +80,7 @@ def _run_ablation(params: config.Params, spec, args) -> int:
         if args.action == "run":
             ablation.run(spec, args.jobs)
         print(f"[ablation {spec.name}] report in {ablation.report(spec, params)}")
-    except (RuntimeError, KeyError) as exc:
+    except RuntimeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

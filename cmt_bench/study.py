@@ -19,7 +19,6 @@ import warnings
 from pathlib import Path
 
 import optuna
-import torch
 from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend
 from optuna.study import MaxTrialsCallback
@@ -228,7 +227,6 @@ def run_study(params: Params, spec: StudySpec, workers: int = 1, url: str | None
     url = storage_url(params, url)
     studies = prepare(params, spec, url)
     if workers == 1:
-        _limit_threads(1)
         run_worker(params, spec, url)
     else:
         _run_processes(spec, url, workers, params_file)
@@ -239,12 +237,8 @@ def run_study(params: Params, spec: StudySpec, workers: int = 1, url: str | None
     return studies
 
 
-def _limit_threads(workers: int) -> None:
-    """Workers share the machine's cores: more threads than cores slows every one of them."""
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
-
-
 def _run_processes(spec: StudySpec, url: str, workers: int, params_file: str) -> None:
+    # workers share the cores: more threads than cores slows every one of them
     cmd = [sys.executable, "-m", "cmt_bench", "--params", params_file, "study", "worker", spec.path,
            "--storage", url, "--threads", str(max(1, (os.cpu_count() or 1) // workers))]
     procs = [subprocess.Popen([*cmd, "--index", str(i)]) for i in range(workers)]
