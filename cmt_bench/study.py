@@ -64,16 +64,27 @@ def open_storage(url: str, heartbeat_seconds: int):
 
 # --- one study per init ------------------------------------------------------------------------
 
+# modules that only present results: changing them must not throw away a study's trials
+PRESENTATION = {"ablation.py", "cli.py", "evidence.py", "html.py", "plots_template.py", "report.py",
+                "sensitivity.py", "study_report.py"}
+
+
 def _code_hash() -> str:
-    """Trials of different code must not share a study: hash the package's sources."""
+    """Trials of different training or scoring code must not share a study: hash those sources."""
     digest = hashlib.sha256()
     for path in sorted(Path(stages.__file__).parent.rglob("*.py")):
-        digest.update(path.read_bytes())
+        if path.name not in PRESENTATION:
+            digest.update(path.read_bytes())
     return digest.hexdigest()[:12]
 
 
 def study_name(params: Params, spec: StudySpec, init: str) -> str:
-    inputs = [sha256(p) for p in stages.posttrain_inputs(init, spec.method)]
+    """<spec>-<init>-<key>: the key covers what a trial's value depends on (spec, parameters, the
+    init's weights, the metric's feature space, training code), so a rerun reuses finished trials
+    only when they would come out the same."""
+    # the feature network and reference statistics (run.json also holds measured seconds: left out)
+    features = sorted(p for p in (stages.ART / "features").rglob("*") if p.is_file() and p.name != "run.json")
+    inputs = [sha256(p) for p in [*stages.posttrain_inputs(init, spec.method), *features]]
     key = fingerprint(spec.model_dump(exclude={"path"}), params.model_dump(exclude={"studies", "report", "tracking"}),
                       inputs, _code_hash())
     return f"{spec.name}-{init}-{key[:8]}"

@@ -64,7 +64,8 @@ def _section(summary: dict, frame: pd.DataFrame, imp: pd.DataFrame, figures: dic
              f"| init | finished | completed | pruned | diverged | best | median | median / best | within "
              f"{sensitivity.WITHIN:.0%} of best |", "|---|---|---|---|---|---|---|---|---|"]
     for init, row in spread.iterrows():
-        lines.append(f"| {init} | {row['finished']} | {row['completed']} | {row['pruned']} | {row['diverged']} | "
+        counts = " | ".join(str(int(row[k])) for k in ("finished", "completed", "pruned", "diverged"))
+        lines.append(f"| {init} | {counts} | "
                      f"{_fmt(row['best'])} | {_fmt(row['median'])} | {_fmt(row['median'] / row['best'])} | "
                      f"{row['within_best']:.0%} |")
     lines.append("")
@@ -100,6 +101,8 @@ def build(out: Path) -> tuple[list[dict], list[str]]:
         lines = ["## Sensitivity to hyperparameters (Optuna)", "",
                  f"An init is less sensitive when more of its finished trials end within "
                  f"{sensitivity.WITHIN:.0%} of its own best value; pruned and diverged trials never count as "
-                 "within. Claim 4 compares CMT's share with each other init's, with a bootstrap 90% interval.", "",
+                 "within. Claim 4 compares CMT's share with each other init's, with a bootstrap 90% interval. "
+                 "The band is relative: an init with a lower best gets a narrower band in absolute terms, so read "
+                 "it with the median / best column and the metric's noise floor.", "",
                  *lines]
     return claims, lines
