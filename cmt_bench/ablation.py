@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -96,8 +97,8 @@ def load_spec(name_or_path: str, params: Params, root: Path = Path(".")) -> Abla
 
 # --- running through DVC experiments -----------------------------------------------------------
 
-def _dvc(*args: str) -> str:
-    out = subprocess.run(["dvc", *args], capture_output=True, text=True)
+def _dvc(*args: str, env: dict | None = None) -> str:
+    out = subprocess.run(["dvc", *args], capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"dvc {' '.join(args)} failed:\n{out.stdout[-2000:]}{out.stderr[-2000:]}")
     return out.stdout
@@ -134,7 +135,10 @@ def queue(spec: AblationSpec) -> list[str]:
 def run(spec: AblationSpec, jobs: int) -> None:
     """Queue the levels, run the queue with `jobs` workers and wait for it to drain."""
     if queue(spec):
-        _dvc("queue", "start", "-j", str(jobs))
+        # experiments share the cores: torch threads beyond them made two toy experiments ~10x slower
+        # each (measured: 2.5 min per post-training cell instead of 15 s), so split the cores
+        threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // jobs))
+        _dvc("queue", "start", "-j", str(jobs), env={**os.environ, "OMP_NUM_THREADS": threads})
         while True:
             status = _dvc("queue", "status")
             if not re.search(r"\b(Queued|Running)\b", status):
