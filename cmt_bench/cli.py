@@ -44,10 +44,24 @@ def _study_specs(params: config.Params, args) -> list:
     if args.command == "study":
         if args.workers is not None and args.workers < 1:
             raise config.ParamsError(f"--workers: must be at least 1 (got {args.workers})")
-        return [load_spec(args.spec, params)]
-    if args.command in ("studies", "check"):
-        return [load_spec(name, params) for name in params.studies.specs]
-    return []
+        specs = [load_spec(args.spec, params)]
+    elif args.command in ("studies", "check"):
+        specs = [load_spec(name, params) for name in params.studies.specs]
+    else:
+        return []
+    workers, url = _study_plan(params, args)
+    if specs and workers > 1 and url.startswith("sqlite"):
+        raise config.ParamsError(f"studies.workers: {workers} workers need a storage that takes concurrent writers "
+                                 f"(postgresql+psycopg://... or journal:<file>, via --storage, studies.storage or "
+                                 f"CMT_BENCH_STUDY_STORAGE); {url} is for one worker")
+    return specs
+
+
+def _study_plan(params: config.Params, args) -> tuple[int, str]:
+    """How many workers, on which storage: the command line, then the environment, then params.yaml."""
+    from .study import storage_url
+    workers = getattr(args, "workers", None) or int(os.environ.get("CMT_BENCH_STUDY_WORKERS") or params.studies.workers)
+    return workers, storage_url(params, getattr(args, "storage", None))
 
 
 def _run_studies(params: config.Params, specs: list, args) -> int:
@@ -59,8 +73,10 @@ def _run_studies(params: config.Params, specs: list, args) -> int:
             torch.set_num_threads(args.threads)
         study.run_worker(params, specs[0], study.storage_url(params, args.storage), args.index)
         return 0
-    workers = getattr(args, "workers", None) or int(os.environ.get("CMT_BENCH_STUDY_WORKERS") or params.studies.workers)
-    url = study.storage_url(params, getattr(args, "storage", None))
+    workers, url = _study_plan(params, args)
+    if workers > 1 and study.tracking_uri(params).startswith("sqlite"):
+        print(f"warning: {workers} study workers write to the SQLite MLflow store {study.tracking_uri(params)}; "
+              "use a tracking server for parallel work (README: Sensitivity studies)", file=sys.stderr)
     for spec in specs:
         studies = study.run_study(params, spec, workers, url, params_file=args.params)
         print(f"[study {spec.name}] results in {study.write_results(params, spec, studies, url, workers)}")
