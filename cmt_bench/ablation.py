@@ -104,9 +104,12 @@ def _dvc(*args: str, env: dict | None = None) -> str:
     return out.stdout
 
 
+DONE = (None, "success")  # executor states of a finished, saved experiment
+
+
 def experiments() -> dict[str, dict]:
-    """This repo's DVC experiments by name: their git revision and state (queued, running, failed;
-    None once finished and saved)."""
+    """This repo's DVC experiments by name: their git revision and executor state (queued, running,
+    failed, success; None for one run in the workspace)."""
     found = {}
     for base in json.loads(_dvc("exp", "show", "--json", "--no-fetch")):
         for exp in base.get("experiments") or []:
@@ -146,7 +149,7 @@ def run(spec: AblationSpec, jobs: int) -> None:
             time.sleep(5)
     exps = experiments()
     missing = [spec.exp_name(level) for level in spec.levels
-               if spec.exp_name(level) not in exps or exps[spec.exp_name(level)]["state"] is not None]
+               if spec.exp_name(level) not in exps or exps[spec.exp_name(level)]["state"] not in DONE]
     if missing:
         raise RuntimeError(f"ablation {spec.name}: experiment(s) {', '.join(missing)} did not finish; "
                            f"see `dvc queue logs <name>`")
@@ -168,7 +171,7 @@ def collect(spec: AblationSpec, metric: str) -> pd.DataFrame:
     exps, rows = experiments(), []
     for level in spec.levels:
         name = spec.exp_name(level)
-        if name not in exps or exps[name]["state"] is not None:
+        if name not in exps or exps[name]["state"] not in DONE:
             raise RuntimeError(f"ablation {spec.name}: no finished DVC experiment {name} "
                                f"({exps.get(name, {}).get('state') or 'missing'}); run `cmt-bench ablation run {spec.name}`")
         finals = _finals(exps[name]["rev"], spec.preset)
