@@ -104,25 +104,24 @@ def _dvc(*args: str, env: dict | None = None) -> str:
     return out.stdout
 
 
-DONE = (None, "success")  # executor states of a finished, saved experiment
-
-
-def experiments() -> dict[str, dict]:
-    """This repo's DVC experiments by name: their git revision and executor state (queued, running,
-    failed, success; None for one run in the workspace)."""
+def experiments() -> dict[str, str]:
+    """Finished DVC experiments of this repo, on any baseline commit, by name: their git revision."""
     found = {}
-    for base in json.loads(_dvc("exp", "show", "--json", "--no-fetch")):
-        for exp in base.get("experiments") or []:
-            state = (exp.get("executor") or {}).get("state")
-            for rev in exp.get("revs", []):
-                if rev.get("name"):
-                    found[rev["name"]] = {"rev": rev["rev"], "state": state}
+    for line in _dvc("exp", "list", "--all-commits").splitlines():
+        match = re.match(r"\s+([0-9a-f]{7,40}) \[(.+)\]$", line)
+        if match:
+            found[match.group(2)] = match.group(1)
     return found
+
+
+def _in_queue() -> set[str]:
+    """Experiments queued or running now."""
+    return {m.group(1) for m in re.finditer(r"^\S+\s+(\S+)\s.*\b(Queued|Running)\b", _dvc("queue", "status"), re.M)}
 
 
 def queue(spec: AblationSpec) -> list[str]:
     """Queue one DVC experiment per level that has none yet; return the names queued."""
-    existing, queued = experiments(), []
+    existing, queued = set(experiments()) | _in_queue(), []
     for level in spec.levels:
         name = spec.exp_name(level)
         if name in existing:
@@ -142,14 +141,9 @@ def run(spec: AblationSpec, jobs: int) -> None:
         # each (measured: 2.5 min per post-training cell instead of 15 s), so split the cores
         threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // jobs))
         _dvc("queue", "start", "-j", str(jobs), env={**os.environ, "OMP_NUM_THREADS": threads})
-        while True:
-            status = _dvc("queue", "status")
-            if not re.search(r"\b(Queued|Running)\b", status):
-                break
+        while _in_queue():
             time.sleep(5)
-    exps = experiments()
-    missing = [spec.exp_name(level) for level in spec.levels
-               if spec.exp_name(level) not in exps or exps[spec.exp_name(level)]["state"] not in DONE]
+    missing = [spec.exp_name(level) for level in spec.levels if spec.exp_name(level) not in experiments()]
     if missing:
         raise RuntimeError(f"ablation {spec.name}: experiment(s) {', '.join(missing)} did not finish; "
                            f"see `dvc queue logs <name>`")
@@ -171,10 +165,10 @@ def collect(spec: AblationSpec, metric: str) -> pd.DataFrame:
     exps, rows = experiments(), []
     for level in spec.levels:
         name = spec.exp_name(level)
-        if name not in exps or exps[name]["state"] not in DONE:
-            raise RuntimeError(f"ablation {spec.name}: no finished DVC experiment {name} "
-                               f"({exps.get(name, {}).get('state') or 'missing'}); run `cmt-bench ablation run {spec.name}`")
-        finals = _finals(exps[name]["rev"], spec.preset)
+        if name not in exps:
+            raise RuntimeError(f"ablation {spec.name}: no finished DVC experiment {name}; "
+                               f"run `cmt-bench ablation run {spec.name}`")
+        finals = _finals(exps[name], spec.preset)
         cmt = finals[(finals.method == spec.method) & (finals.init == "cmt")]
         for _, row in cmt.iterrows():
             rows.append({"level": str(level), "seed": int(row["seed"]), "metric": row[f"eval_{metric}"],
