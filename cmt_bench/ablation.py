@@ -28,7 +28,7 @@ import yaml  # noqa: E402
 from pydantic import Field, ValidationError  # noqa: E402
 
 from .config import METHODS, Params, ParamsError, Section, deep_merge, flatten, validate  # noqa: E402
-from .evidence import LABEL  # noqa: E402
+from .evidence import LABEL, TIME_TIE  # noqa: E402
 
 ABLATIONS_DIR = Path("experiments/ablations")
 REPORTS = Path("reports/ablations")
@@ -160,8 +160,15 @@ def _finals(rev: str, preset: str) -> pd.DataFrame:
     return pd.read_csv(io.StringIO(text.stdout))
 
 
+def _stage_hours(rev: str, stage: str) -> float:
+    """Measured device-hours of an upstream stage of the experiment, from its run.json in the DVC cache."""
+    import dvc.api
+    return json.loads(dvc.api.read(f"artifacts/{stage}/run.json", rev=rev))["ledger"]["device_hours"]
+
+
 def collect(spec: AblationSpec, metric: str) -> pd.DataFrame:
-    """One row per level x seed of the CMT init: final metric, post-training and total device-hours."""
+    """One row per level x seed of the CMT init: final metric and measured device-hours per stage
+    (teacher, trajectories, mid-training, post-training)."""
     exps, rows = experiments(), []
     for level in spec.levels:
         name = spec.exp_name(level)
@@ -170,9 +177,14 @@ def collect(spec: AblationSpec, metric: str) -> pd.DataFrame:
                                f"run `cmt-bench ablation run {spec.name}`")
         finals = _finals(exps[name], spec.preset)
         cmt = finals[(finals.method == spec.method) & (finals.init == "cmt")]
+        upstream = {key: _stage_hours(exps[name], stage) for key, stage in
+                    (("teacher_hours", "pretrain"), ("trajectories_hours", "trajectories"),
+                     ("midtrain_hours", f"midtrain/{spec.method}"))}
         for _, row in cmt.iterrows():
-            rows.append({"level": str(level), "seed": int(row["seed"]), "metric": row[f"eval_{metric}"],
-                         "posttrain_hours": row["posttrain_hours"], "total_hours": row["total_hours"]})
+            rows.append({"level": str(level), "seed": int(row["seed"]), "metric": row[f"eval_{metric}"], **upstream,
+                         "posttrain_hours": row["posttrain_hours"], "total_hours": row["total_hours"],
+                         "cmt_hours": upstream["trajectories_hours"] + upstream["midtrain_hours"]
+                         + row["posttrain_hours"]})
     return pd.DataFrame(rows)
 
 
@@ -181,12 +193,16 @@ def _sentence(spec: AblationSpec, table: pd.DataFrame, metric: str) -> str:
     gap = table.at[worst, "mean"] - table.at[best, "mean"]
     spread = table["sd"].max()
     resolved = "larger than" if gap > 2 * spread else "within"
-    cheap = table["total_hours"].idxmin()
+    cheap, dear = table["cmt_hours"].idxmin(), table["cmt_hours"].idxmax()
+    ratio = table.at[dear, "cmt_hours"] / table.at[cheap, "cmt_hours"]
+    compute = (f"CMT-stage compute (trajectories + mid-training + post-training) runs from "
+               f"{table.at[cheap, 'cmt_hours'] * 3600:.3g} device-seconds ({cheap}) to "
+               f"{table.at[dear, 'cmt_hours'] * 3600:.3g} ({dear})"
+               + (", within the 10% of wall-time noise." if ratio < 1 + TIME_TIE else "."))
     return (f"`{spec.factor}` = {best} gives the best final `{metric}` of {LABEL.get(spec.method, spec.method)} "
             f"from CMT ({table.at[best, 'mean']:.4g}), {worst} the worst ({table.at[worst, 'mean']:.4g}); the gap "
             f"of {gap:.3g} is {resolved} twice the largest seed sd ({spread:.3g}), so the ranking is "
-            f"{'resolved' if resolved == 'larger than' else 'not resolved'} at this scale. The cheapest level in "
-            f"total compute is {cheap} ({table.at[cheap, 'total_hours'] * 3600:.0f} device-seconds).")
+            f"{'resolved' if resolved == 'larger than' else 'not resolved'} at this scale. {compute}")
 
 
 def report(spec: AblationSpec, params: Params) -> Path:
@@ -195,9 +211,10 @@ def report(spec: AblationSpec, params: Params) -> Path:
     from .html import render
     metric = params.report_metric
     rows = collect(spec, metric)
+    hours = ["teacher_hours", "trajectories_hours", "midtrain_hours", "posttrain_hours", "cmt_hours", "total_hours"]
     table = rows.groupby("level", sort=False).agg(mean=("metric", "mean"), sd=("metric", "std"),
-                                                  seeds=("seed", "count"), posttrain_hours=("posttrain_hours", "mean"),
-                                                  total_hours=("total_hours", "mean")).fillna({"sd": 0.0})
+                                                  seeds=("seed", "count"), **{h: (h, "mean") for h in hours})
+    table = table.fillna({"sd": 0.0}).astype({"seeds": int})
     out = REPORTS / spec.name
     out.mkdir(parents=True, exist_ok=True)
     rows.to_csv(out / "runs.csv", index=False)
@@ -207,22 +224,29 @@ def report(spec: AblationSpec, params: Params) -> Path:
     sns.stripplot(rows, x="level", y="metric", color="#d62728", alpha=0.4, ax=axes[0])
     axes[0].set(xlabel=spec.factor, ylabel=f"final {metric} (lower is better)",
                 title=f"{LABEL.get(spec.method, spec.method)} from CMT: mean, min-max over seeds")
-    hours = table[["total_hours", "posttrain_hours"]] * 3600
-    hours.plot.bar(ax=axes[1], color=["#555555", "#d62728"], rot=0)
-    axes[1].set(xlabel=spec.factor, ylabel="device-seconds (measured)", title="compute per level")
-    axes[1].legend(["total (every stage CMT needs)", "post-training"])
+    stages = table[["trajectories_hours", "midtrain_hours", "posttrain_hours"]] * 3600
+    stages.plot.bar(ax=axes[1], stacked=True, color=["#9467bd", "#ff7f0e", "#d62728"], rot=0)
+    axes[1].set(xlabel=spec.factor, ylabel="device-seconds (measured, mean over seeds)",
+                title="CMT-stage compute per level")
+    axes[1].legend(["trajectories", "mid-training", "post-training"])
     fig.tight_layout()
     fig.savefig(out / "ablation.png", dpi=110)
     plt.close(fig)
     md = [f"# Ablation `{spec.name}`: {spec.factor}", "",
           f"Preset `{spec.preset}`, levels {', '.join(map(str, spec.levels))}, everything else fixed"
           + (f" (at every level: {', '.join(f'`{k}={v}`' for k, v in flatten(spec.fixed).items())})" if spec.fixed else "")
-          + f". Each level is the DVC experiment `{spec.name}-<level>`; numbers are each experiment's report "
-            "(read from MLflow), CMT init only.", "", _sentence(spec, table, metric), "",
-          f"| {spec.factor} | final {metric} (mean ± sd) | seeds | post-training device-s | total device-s |",
-          "|---|---|---|---|---|",
-          *[f"| {lvl} | {r['mean']:.4g} ± {r['sd']:.2g} | {r['seeds']} | {r['posttrain_hours'] * 3600:.3g} | "
-            f"{r['total_hours'] * 3600:.3g} |" for lvl, r in table.iterrows()],
+          + f". Each level is the DVC experiment `{spec.name}-<level>`; final metrics and post-training compute "
+            "come from each experiment's report (read from MLflow), upstream compute from its stages' run.json; "
+            "CMT init only. The teacher does not depend on these factors; where a level retrained it (DVC reruns "
+            "a stage whose parameters changed, even if its result cannot), its time is listed but not compared.",
+          "", _sentence(spec, table, metric), "",
+          f"| {spec.factor} | final {metric} (mean ± sd) | seeds | trajectories | mid-training | post-training | "
+          "CMT stages | teacher | total |", "|---|---|---|---|---|---|---|---|---|",
+          *[f"| {lvl} | {r['mean']:.4g} ± {r['sd']:.2g} | {int(r['seeds'])} | "
+            + " | ".join(f"{r[h] * 3600:.3g}" for h in ("trajectories_hours", "midtrain_hours", "posttrain_hours",
+                                                        "cmt_hours", "teacher_hours", "total_hours")) + " |"
+            for lvl, r in table.iterrows()],
+          "", "Compute columns: measured device-seconds (mean over seeds).",
           "", "![ablation](ablation.png)", ""]
     text = "\n".join(md)
     (out / "report.md").write_text(text)

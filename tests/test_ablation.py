@@ -55,7 +55,9 @@ def test_ablation_runs_as_queued_dvc_experiments(tmp_path_factory):
     assert len(rows) == 4  # 2 levels x 2 seeds
     for _, row in rows.iterrows():
         assert row["metric"] == pytest.approx(final[f"steps-{row['level']}", row["seed"]])
-        assert 0 < row["posttrain_hours"] < row["total_hours"]
+        assert 0 < row["posttrain_hours"] < row["total_hours"] and row["trajectories_hours"] > 0
+        assert row["cmt_hours"] == pytest.approx(row["trajectories_hours"] + row["midtrain_hours"] + row["posttrain_hours"])
+        assert row["total_hours"] == pytest.approx(row["cmt_hours"] + row["teacher_hours"])  # every stage CMT needs
     table = pd.read_csv(out / "table.csv", index_col="level")
     for level in (2, 8):  # the table is the seeds' mean and spread
         seeds = rows[rows.level == level]
