@@ -28,6 +28,10 @@ def test_bad_ablation_specs_are_refused(tmp_path):
             load_spec(str(path), params)
         assert message in str(err.value)
     assert load_spec("toy_traj_steps", preset("toy", ROOT), ROOT).levels == [4, 8, 16, 32]
+    shipped = sorted(p.stem for p in (ROOT / "experiments/ablations").glob("*.yaml"))
+    factors = {load_spec(name, preset("toy", ROOT), ROOT).factor for name in shipped}
+    assert factors == {"trajectories.solver", "trajectories.steps", "midtrain.train.budget_images",
+                       "midtrain.distance.kind", "posttrain.train.budget_images"}  # the five factors
 
 
 def test_ablation_runs_as_queued_dvc_experiments(tmp_path_factory):
