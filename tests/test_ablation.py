@@ -58,7 +58,7 @@ def test_ablation_runs_as_queued_dvc_experiments(tmp_path_factory):
     rows = pd.read_csv(out / "runs.csv")
     assert len(rows) == 4  # 2 levels x 2 seeds
     for _, row in rows.iterrows():
-        assert row["metric"] == pytest.approx(final[f"steps-{row['level']}", row["seed"]])
+        assert row["metric"] == pytest.approx(final[f"steps-{int(row['level'])}", int(row["seed"])])
         assert 0 < row["posttrain_hours"] < row["total_hours"] and row["trajectories_hours"] > 0
         assert row["cmt_hours"] == pytest.approx(row["trajectories_hours"] + row["midtrain_hours"] + row["posttrain_hours"])
         assert row["total_hours"] == pytest.approx(row["cmt_hours"] + row["teacher_hours"])  # every stage CMT needs
