@@ -27,7 +27,7 @@ import seaborn as sns  # noqa: E402
 import yaml  # noqa: E402
 from pydantic import Field, ValidationError  # noqa: E402
 
-from .config import METHODS, Params, ParamsError, Section, deep_merge, flatten, validate  # noqa: E402
+from .config import METHODS, Params, ParamsError, Section, flatten, override  # noqa: E402
 from .evidence import LABEL, TIME_TIE  # noqa: E402
 
 ABLATIONS_DIR = Path("experiments/ablations")
@@ -48,17 +48,6 @@ class AblationSpec(Section):
 
     def exp_name(self, level) -> str:
         return f"{self.name}-{re.sub(r'[^A-Za-z0-9_.]+', '_', str(level))}".replace("..", "_")
-
-
-def _with(params: Params, assignments: dict, source: str) -> Params:
-    tree: dict = {}
-    for key, value in assignments.items():
-        node = tree
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return validate(deep_merge(params.model_dump(), tree), source)
 
 
 def load_spec(name_or_path: str, params: Params, root: Path = Path(".")) -> AblationSpec:
@@ -84,7 +73,7 @@ def load_spec(name_or_path: str, params: Params, root: Path = Path(".")) -> Abla
     if not errors:
         for level in spec.levels:
             try:
-                p = _with(params, spec.overrides(level), f"{path} level {level!r}")
+                p = override(params, spec.overrides(level), f"{path} level {level!r}")
             except ParamsError as exc:
                 errors.append(f"levels: {level!r} gives invalid parameters: {str(exc).splitlines()[-1].strip(' -')}")
                 continue

@@ -356,6 +356,18 @@ def deep_merge(base: dict, override: dict) -> dict:
     return out
 
 
+def override(params: Params, dotted: dict[str, Any], source: str) -> Params:
+    """`params` with values set by dotted key (e.g. posttrain.train.lr), validated as a whole."""
+    tree: dict = {}
+    for key, value in dotted.items():
+        *parents, leaf = key.split(".")
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return validate(deep_merge(params.model_dump(), tree), source)
+
+
 def preset(name: str, root: Path = Path(".")) -> Params:
     """A named preset: `experiments/<name>.yaml` holds overrides of the defaults above."""
     path = root / "experiments" / f"{name}.yaml"

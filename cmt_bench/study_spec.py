@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from .config import INITS, METHODS, Params, ParamsError, PositiveInt, Section, deep_merge, report_metrics, validate
+from .config import INITS, METHODS, Params, ParamsError, PositiveInt, Section, flatten, override, report_metrics
 
 STUDIES_DIR = Path("experiments/studies")
 # what a trial may change: post-training and sampling; upstream stages are fixed artifacts
@@ -83,14 +83,7 @@ class StudySpec(Section):
 
 def trial_params(params: Params, spec: StudySpec, values: dict[str, Any], source: str = "trial") -> Params:
     """The pipeline's params with one trial's values and the study's budget applied (validated)."""
-    override: dict = {"posttrain": {"train": {"budget_images": spec.objective.budget_images}}}
-    for key, value in values.items():
-        node = override
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return validate(deep_merge(params.model_dump(), override), source)
+    return override(params, {"posttrain.train.budget_images": spec.objective.budget_images, **values}, source)
 
 
 def _check_against(params: Params, spec: StudySpec, source: str) -> None:
@@ -103,7 +96,7 @@ def _check_against(params: Params, spec: StudySpec, source: str) -> None:
     if metric not in report_metrics(params):
         errors.append(f"objective.metric: {metric!r} is not measured for this preset; allowed: auto, "
                       f"{', '.join(report_metrics(params))}")
-    leaves = _leaves(params.model_dump())
+    leaves = set(flatten(params))
     for key, dist in spec.space.items():
         if not key.startswith(TUNABLE_PREFIXES) or key not in leaves:
             tunable = sorted(k for k in leaves if k.startswith(TUNABLE_PREFIXES))
@@ -122,13 +115,6 @@ def _check_against(params: Params, spec: StudySpec, source: str) -> None:
         errors.append(f"objective.budget_images: {str(exc).splitlines()[-1].strip(' -')}")
     if errors:
         raise ParamsError(f"{source}: {len(errors)} problem(s):\n" + "\n".join(f"  - {e}" for e in errors))
-
-
-def _leaves(tree: dict, prefix: str = "") -> set[str]:
-    out: set[str] = set()
-    for key, value in tree.items():
-        out |= _leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}"}
-    return out
 
 
 def spec_path(name_or_path: str, root: Path = Path(".")) -> Path:
