@@ -6,9 +6,12 @@ time within the rep, measured in this one run. MeanFlow's JVP costs extra forwar
 ECT costs a second (no-grad) forward.
 
     python benchmarks/step_cost.py [--preset toy|digits] [--steps N] [--reps R] [--threads T]
+    python benchmarks/step_cost.py --preset fashion --device cuda --precision fp32,bf16 --shape 1,32,32
 
 Writes benchmarks/results/step_cost[_<preset>].json (the toy MLP, or the preset's UNet on
-random samples of its data shape, with the preset's batch size and MeanFlow settings).
+random samples of its data shape, with the preset's batch size and MeanFlow settings). `--shape`
+stands in for the data when it is not on this machine. With several precisions every
+(precision, method) pair is timed in each rep, and ratios are to fp32 flow matching.
 """
 from __future__ import annotations
 
@@ -26,7 +29,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cmt_bench import config, data, losses, nets  # noqa: E402
+from cmt_bench import config, data, distributed, ledger, losses, nets  # noqa: E402
+from cmt_bench.distributed import autocast  # noqa: E402
 from cmt_bench.paths import LinearPath  # noqa: E402
 
 
@@ -40,13 +44,17 @@ def step_fns(params: config.Params, net) -> dict:
     }
 
 
-def timed(fn, opt, x, steps: int, gen) -> float:
+def timed(fn, opt, x, steps: int, gen, precision: str) -> float:
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    sync()
     start = time.perf_counter()
     for _ in range(steps):
-        loss = fn(x, gen)
+        with autocast(precision, x.device):
+            loss = fn(x, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+    sync()  # the clock must include the queued GPU work
     return time.perf_counter() - start
 
 
@@ -56,39 +64,63 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--precision", default="fp32", help="comma-separated: fp32, bf16 (bf16 autocasts on CUDA only)")
+    ap.add_argument("--shape", help="one sample's shape, e.g. 3,32,32, instead of reading the preset's data")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
+    precisions = args.precision.split(",")
+    if not set(precisions) <= {"fp32", "bf16"} or (args.device == "cpu" and precisions != ["fp32"]):
+        ap.error(f"--precision {args.precision!r}: allowed fp32, bf16 (bf16 with --device cuda)")
     if args.threads:
         torch.set_num_threads(args.threads)
     params = config.preset(args.preset, ROOT)
-    shape = tuple(data.make_splits(params.data, seed=0)[1].shape[1:])  # one sample, as the data stage writes it
+    # one sample, as the data stage writes it
+    shape = tuple(map(int, args.shape.split(","))) if args.shape else tuple(data.make_splits(params.data, seed=0)[1].shape[1:])
+    device = distributed.device(args.device)
     torch.manual_seed(0)
-    net = nets.build(shape, params.net, two_times=True)
+    net = nets.build(shape, params.net, two_times=True).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=1e-4, foreach=True)
-    x = torch.randn(params.posttrain.train.batch_size, *shape)
+    x = torch.randn(params.posttrain.train.batch_size, *shape).to(device)
     fns, gen = step_fns(params, net), torch.Generator().manual_seed(0)
-    names = list(fns)
-    for name in names:
-        timed(fns[name], opt, x, 10, gen)  # warm-up (forward-mode AD loads its decompositions once)
-    seconds = {n: [] for n in names}
+    names = [(p, n) for p in precisions for n in fns]
+    peak_gib = {}
+    for p, n in names:
+        if x.is_cuda:
+            torch.cuda.reset_peak_memory_stats()
+        timed(fns[n], opt, x, 10, gen, p)  # warm-up (forward-mode AD loads its decompositions once; cuDNN picks kernels)
+        if x.is_cuda:
+            peak_gib.setdefault(p, {})[n] = torch.cuda.max_memory_allocated() / 2**30
+    seconds = {pn: [] for pn in names}
     for rep in range(args.reps):
-        for name in names[rep % len(names):] + names[:rep % len(names)]:
-            seconds[name].append(timed(fns[name], opt, x, args.steps, gen))
-    base = seconds["flow_matching"]
+        for pn in names[rep % len(names):] + names[:rep % len(names)]:
+            seconds[pn].append(timed(fns[pn[1]], opt, x, args.steps, gen, pn[0]))
+    base = seconds[("fp32", "flow_matching")]
+
+    def table(stat) -> dict:  # {method: value} for one precision, {precision: {method: value}} for several
+        out = {p: {n: stat(seconds[(p, n)]) for n in fns} for p in precisions}
+        return out[precisions[0]] if len(precisions) == 1 else out
+
     result = {
-        "ratio_to_flow_matching": {n: statistics.median(s / b for s, b in zip(seconds[n], base)) for n in names},
-        "ms_per_step": {n: 1000 * statistics.median(seconds[n]) / args.steps for n in names},
-        "net": params.net.model_dump(), "batch_size": len(x), "steps": args.steps, "reps": args.reps,
+        "ratio_to_flow_matching": table(lambda s: statistics.median(a / b for a, b in zip(s, base))),
+        "ms_per_step": table(lambda s: 1000 * statistics.median(s) / args.steps),
+        "images_per_second": table(lambda s: len(x) * args.steps / statistics.median(s)),
+        **({"peak_memory_gib": peak_gib} if peak_gib else {}),
+        "net": params.net.model_dump(), "params_millions": sum(p.numel() for p in net.parameters()) / 1e6,
+        "shape": list(shape), "batch_size": len(x), "steps": args.steps, "reps": args.reps,
+        "device": ledger.device_name(device), "precisions": precisions,
         "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.platform(),
         "cpus": os.cpu_count(),
     }
     result = {"preset": args.preset, "meanflow": params.posttrain.meanflow.model_dump(), **result}
+    suffix = "" if args.preset == "toy" else f"_{args.preset}"
     args.out = args.out or ROOT / "benchmarks" / "results" / (
-        "step_cost.json" if args.preset == "toy" else f"step_cost_{args.preset}.json")
+        f"step_cost{suffix}.json" if args.device == "cpu" else f"step_cost_gpu{suffix}.json")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(" | ".join(f"{n}: {result['ms_per_step'][n]:.1f} ms, x{result['ratio_to_flow_matching'][n]:.2f}"
-                     for n in names) + f" | {args.out}")
+    print(" | ".join(f"{p} {n}: {1000 * statistics.median(seconds[(p, n)]) / args.steps:.1f} ms, "
+                     f"x{statistics.median(a / b for a, b in zip(seconds[(p, n)], base)):.2f}"
+                     for p, n in names) + f" | {args.out}")
 
 
 if __name__ == "__main__":

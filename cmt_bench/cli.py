@@ -17,13 +17,21 @@ TRAINING = ("pretrain", "midtrain", "posttrain")
 
 
 def _check_device(params: config.Params, source: str) -> None:
-    """Refuse a device this machine lacks before any work (torch is imported only to check CUDA)."""
-    if params.compute.device == "cuda":
-        from . import distributed
-        try:
-            distributed.device("cuda")
-        except RuntimeError as exc:
-            raise config.ParamsError(f"{source}: {exc}") from None
+    """Refuse a device this machine lacks, or more CUDA processes than it has GPUs (NCCL takes one
+    GPU per process), before any work; torch is imported only where CUDA may be in play."""
+    compute = params.compute
+    if compute.device == "cpu" or (compute.device == "auto" and compute.processes == 1):
+        return
+    from . import distributed
+    try:
+        dev = distributed.device(compute.device)
+    except RuntimeError as exc:
+        raise config.ParamsError(f"{source}: {exc}") from None
+    import torch
+    gpus = torch.cuda.device_count()
+    if dev.type == "cuda" and compute.processes > gpus:
+        raise config.ParamsError(f"{source}: compute.processes: {compute.processes} processes on CUDA need one GPU each; "
+                                 f"this machine has {gpus}; allowed here: 1 to {gpus}, or compute.device: cpu")
 
 
 def _check_inception_weights(params: config.Params, source: str) -> None:
