@@ -1,0 +1,85 @@
+"""Where a training step's time goes: torch.profiler over a few steps of one method, after a
+warm-up, on the preset's network (random samples of its data shape, as benchmarks/step_cost.py).
+
+    python benchmarks/profile_step.py --preset fashion --shape 1,32,32 --device cuda \\
+        --precision bf16 --method meanflow [--cudnn-benchmark] [--out FILE]
+
+Prints (and writes to --out) the wall time per step, the summed self time of the GPU kernels per
+step (so the GPU's busy fraction), and the top operators by self GPU time and by self CPU time.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT))
+
+from step_cost import step_fns  # noqa: E402
+
+from cmt_bench import config, data, distributed, nets  # noqa: E402
+from cmt_bench.distributed import autocast  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="toy")
+    ap.add_argument("--shape")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--method", default="flow_matching", choices=["flow_matching", "ect", "meanflow"])
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN time its algorithms per shape")
+    ap.add_argument("--rows", type=int, default=15)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    params = config.preset(args.preset, ROOT)
+    shape = tuple(map(int, args.shape.split(","))) if args.shape else tuple(data.make_splits(params.data, seed=0)[1].shape[1:])
+    device = distributed.device(args.device)
+    torch.manual_seed(0)
+    net = nets.build(shape, params.net, two_times=True).to(device)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-4, foreach=True)
+    x = torch.randn(params.posttrain.train.batch_size, *shape).to(device)
+    fn, gen = step_fns(params, net)[args.method], torch.Generator().manual_seed(0)
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+
+    def step():
+        with autocast(args.precision, device):
+            loss = fn(x, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(10):
+        step()
+    sync()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if x.is_cuda else [])
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        sync()
+        wall = (time.perf_counter() - start) / args.steps
+    events = prof.key_averages()
+    gpu_us = sum(e.self_device_time_total for e in events) / args.steps if x.is_cuda else 0.0
+    lines = [f"{args.preset} {args.method} {args.precision} on {device} (batch {len(x)}, shape {shape}, "
+             f"cudnn.benchmark={args.cudnn_benchmark}): {1000 * wall:.1f} ms per step under the profiler"]
+    if x.is_cuda:
+        lines.append(f"GPU kernels {gpu_us / 1000:.1f} ms per step: busy {100 * gpu_us / 1e6 / wall:.0f}% of the wall time")
+        lines.append(events.table(sort_by="self_device_time_total", row_limit=args.rows))
+    lines.append(events.table(sort_by="self_cpu_time_total", row_limit=args.rows))
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
