@@ -237,6 +237,8 @@ def _ratio(a, b) -> float:
 
 
 def _less(saving: float) -> str:
+    if pd.isna(saving):  # a ratio over zero: the init compared against needed none of it
+        return "no comparable share of (the other init needed none)"
     return f"{saving:.0%} less" if saving >= 0 else f"{-saving:.0%} more"
 
 

@@ -92,6 +92,9 @@ def _check_against(params: Params, spec: StudySpec, source: str) -> None:
     if spec.preset != params.preset:
         errors.append(f"preset: the study is for preset {spec.preset!r}, params.yaml holds {params.preset!r} "
                       f"(run `cmt-bench preset {spec.preset}` first)")
+    if spec.method not in params.posttrain.methods:  # the CMT init needs this method's mid-training
+        errors.append(f"method: {spec.method!r} is not post-trained by this pipeline; posttrain.methods holds "
+                      f"{', '.join(params.posttrain.methods)} (add it there, or study one of those)")
     metric = spec.metric(params)
     if metric not in report_metrics(params):
         errors.append(f"objective.metric: {metric!r} is not measured for this preset; allowed: auto, "

@@ -79,6 +79,16 @@ def test_cmt_versus_random_savings_and_seed_spread():
     assert (rnd["seeds_reached"], rnd["seeds"]) == (1, 2)  # the seed that ended at 1.1 never got to 1.0
 
 
+def test_a_baseline_that_needed_nothing_is_said_so_not_nan():
+    """Random's first logged point already beats its final value: it reached its own target with
+    no post-training, so no share of its compute can be saved; CMT (14 h upstream) does not win."""
+    res = _evidence({("ect", "random"): [[1.0, 1.5, 1.4, 1.3, 1.2]], ("ect", "diffusion"): [[1.5, 1.2, 1.0, 0.9, 0.8]],
+                     ("ect", "cmt"): [[0.9, 0.8, 0.7, 0.6, 0.5]]})
+    claim = evidence.claim_cmt_vs_random(res, "ect")
+    assert claim["verdict"] == FAILS and "nan" not in claim["measured"]
+    assert "no comparable share of (the other init needed none) total time" in claim["measured"]
+
+
 def test_meanflow_claim_needs_meanflow_and_sensitivity_is_not_tested():
     res = _evidence({("ect", i): [[1, 0.9, 0.8, 0.7, 0.6]] for i in ("random", "diffusion", "cmt")})
     assert evidence.claim_meanflow_from_scratch(res)["verdict"] == NOT_TESTED

@@ -6,7 +6,7 @@ import pytest
 import yaml
 from conftest import ROOT
 
-from cmt_bench.config import ParamsError, preset
+from cmt_bench.config import ParamsError, flatten, override, preset
 from cmt_bench.study_spec import load_spec, trial_params
 
 SMOKE = {"preset": "smoke", "method": "ect", "trials": 3, "objective": {"budget_images": 4096},
@@ -19,10 +19,20 @@ def _spec(tmp_path, **changes):
     return path
 
 
-@pytest.mark.parametrize("name", ["toy_ect", "smoke_ect"])
+@pytest.mark.parametrize("name", ["toy_ect", "smoke_ect", "toy_meanflow"])
 def test_shipped_specs_fit_their_presets(name):
-    spec = load_spec(name, preset(name.split("_")[0], ROOT), ROOT)
+    params = override(preset(name.split("_")[0], ROOT), {"posttrain.methods": ["ect", "meanflow"]}, "test")
+    spec = load_spec(name, params, ROOT)
     assert spec.name == name and spec.trials >= 5 and spec.space
+    assert set(spec.space) <= set(flatten(params))
+
+
+def test_a_method_the_pipeline_does_not_post_train_is_refused(tmp_path):
+    params = override(preset("smoke", ROOT), {"posttrain.methods": ["ect"]}, "test")
+    with pytest.raises(ParamsError, match=r"method: 'meanflow' is not post-trained by this pipeline; "
+                                          r"posttrain.methods holds ect"):
+        load_spec(str(_spec(tmp_path, method="meanflow", space={"posttrain.meanflow.r_neq_t": {"low": 0.1, "high": 0.9}})),
+                  params, ROOT)
 
 
 def test_trial_params_apply_values_and_budget():
