@@ -108,24 +108,26 @@ def _in_queue() -> set[str]:
     return {m.group(1) for m in re.finditer(r"^\S+\s+(\S+)\s.*\b(Queued|Running)\b", _dvc("queue", "status"), re.M)}
 
 
-def queue(spec: AblationSpec) -> list[str]:
-    """Queue one DVC experiment per level that has none yet; return the names queued."""
+def queue(spec: AblationSpec, force: bool = False) -> list[str]:
+    """Queue one DVC experiment per level that has none yet (every level with `force`: each
+    stage reruns, so no compute figure comes from DVC's run-cache of an earlier run); return the
+    names queued."""
     existing, queued = set(experiments()) | _in_queue(), []
     for level in spec.levels:
         name = spec.exp_name(level)
-        if name in existing:
-            print(f"[ablation {spec.name}] {name} exists; kept (dvc exp remove {name} to rerun it)", file=sys.stderr)
+        if name in existing and not force:
+            print(f"[ablation {spec.name}] {name} exists; kept (--force reruns it)", file=sys.stderr)
             continue
         sets = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
                 for k, v in spec.overrides(level).items()]
-        _dvc("exp", "run", "--queue", "-n", name, *(a for s in sets for a in ("-S", s)))
+        _dvc("exp", "run", "--queue", *(["--force"] if force else []), "-n", name, *(a for s in sets for a in ("-S", s)))
         queued.append(name)
     return queued
 
 
-def run(spec: AblationSpec, jobs: int) -> None:
+def run(spec: AblationSpec, jobs: int, force: bool = False) -> None:
     """Queue the levels, run the queue with `jobs` workers and wait for it to drain."""
-    if queue(spec):
+    if queue(spec, force):
         # experiments share the cores: torch threads beyond them made two toy experiments ~10x slower
         # each (measured: 2.5 min per post-training cell instead of 15 s), so split the cores
         threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // jobs))

@@ -98,11 +98,11 @@ def _run_ablation(params: config.Params, spec, args) -> int:
     from . import ablation
     try:
         if args.action == "queue":
-            print("queued: " + (", ".join(ablation.queue(spec)) or "nothing (every level exists)")
+            print("queued: " + (", ".join(ablation.queue(spec, args.force)) or "nothing (every level exists)")
                   + "; run them with `dvc queue start -j N`")
             return 0
         if args.action == "run":
-            ablation.run(spec, args.jobs)
+            ablation.run(spec, args.jobs, args.force)
         print(f"[ablation {spec.name}] report in {ablation.report(spec, params)}")
     except RuntimeError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -149,6 +149,8 @@ def _parser() -> argparse.ArgumentParser:
                          "report; report: reports/ablations/NAME/ from the finished experiments")
     ab.add_argument("spec", help="a spec name (experiments/ablations/NAME.yaml) or path")
     ab.add_argument("-j", "--jobs", type=int, default=1, help="experiments at once (default 1)")
+    ab.add_argument("-f", "--force", action="store_true",
+                    help="rerun levels that have an experiment already, every stage afresh (no run-cache)")
     sub.add_parser("check", help="validate the parameter file and exit")
     sub.add_parser("summary", help="print the report's short summary")
     pre = sub.add_parser("preset", help="write params.yaml from experiments/NAME.yaml")

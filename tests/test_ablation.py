@@ -1,6 +1,8 @@
 """An ablation as real DVC experiments: `cmt-bench ablation run` queues one experiment per level,
 runs the queue two at a time (`dvc queue start -j 2`) against an MLflow server on PostgreSQL, and
 reports the CMT init's final metric and compute per level, each number traceable to MLflow."""
+import re
+
 import pandas as pd
 import pytest
 import yaml
@@ -54,6 +56,11 @@ def test_ablation_runs_as_queued_dvc_experiments(tmp_path_factory):
         traj = {r.data.tags["dvc_exp_name"]: r.data.metrics["teacher_nfe"]
                 for r in client.search_runs([exp.experiment_id], "tags.stage = 'trajectories'")}
     assert traj == {"steps-2": 512 * 2 * 2, "steps-8": 512 * 8 * 2}  # each level ran its own teacher
+    # finished levels are kept; --force queues them again, to rerun every stage afresh
+    assert "queued: nothing (every level exists)" in sh("python -m cmt_bench ablation queue steps", repo, env)
+    assert "queued: steps-2, steps-8" in sh("python -m cmt_bench ablation queue steps --force", repo, env)
+    assert sorted(re.findall(r"^\S+\s+(steps-\d)\s.*Queued", sh("dvc queue status", repo, env), re.M)) == ["steps-2", "steps-8"]
+    sh("dvc queue remove --queued", repo, env)
     out = repo / "reports/ablations/steps"
     rows = pd.read_csv(out / "runs.csv")
     assert len(rows) == 4  # 2 levels x 2 seeds
