@@ -109,16 +109,30 @@ class Distance(Section):
     huber_c: PositiveFloat = 0.01  # pseudo-Huber sqrt(|d|^2 + c^2) - c
 
 
+Solver = Literal["euler", "heun", "dpm_solver_pp_2m", "dpm_solver_pp_3m"]
+Grid = Literal["uniform", "edm", "logsnr"]
+
+
+class TeacherOde(Section):
+    """The ODE solve that scores the teacher during pre-training. Its own setting, apart from the
+    trajectories stage's, so that an ablation of the trajectory solver or steps reuses the teacher."""
+    steps: PositiveInt = 16
+    solver: Solver = "heun"
+    grid: Grid = "uniform"
+    rho: PositiveFloat = 7.0
+
+
 class PretrainConfig(Section):
     train: TrainConfig = TrainConfig()
     t_sampling: TimeSampling = TimeSampling()
+    ode_eval: TeacherOde = TeacherOde()
 
 
 class TrajectoriesConfig(Section):
     count: PositiveInt = 8192
     steps: PositiveInt = 16
-    solver: Literal["euler", "heun", "dpm_solver_pp_2m", "dpm_solver_pp_3m"] = "heun"
-    grid: Literal["uniform", "edm", "logsnr"] = "uniform"
+    solver: Solver = "heun"
+    grid: Grid = "uniform"
     rho: PositiveFloat = 7.0  # EDM grid exponent, used when grid == "edm"
     batch_size: PositiveInt = 4096
 

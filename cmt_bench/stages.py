@@ -164,14 +164,14 @@ def run_pretrain(params: Params) -> None:
     shape, path, cfg = tuple(train_x.shape[1:]), PATHS["linear"](), params.pretrain
     net = _seeded_net(params.seed, params, shape, False, "pretrain")
     score = scoring.Scorer(params, heldout.numpy())
-    traj_cfg = params.trajectories
-    grid = solvers.time_grid(traj_cfg.steps, traj_cfg.grid, traj_cfg.rho)
+    ode = cfg.ode_eval
+    grid = solvers.time_grid(ode.steps, ode.grid, ode.rho)
 
-    def evaluate(ema) -> dict[str, float]:  # the teacher's ODE samples with the trajectory solver
+    def evaluate(ema) -> dict[str, float]:  # the teacher's ODE samples (pretrain.ode_eval's solver)
         x1 = torch.randn(params.evaluate.inloop_samples, *shape,
                          generator=torch.Generator().manual_seed(params.evaluate.seed))
         x1 = x1.to(next(ema.parameters()).device)
-        x0 = solvers.integrate(lambda x, t: ema(x, t), x1, grid, traj_cfg.solver)[0][-1].cpu().numpy()
+        x0 = solvers.integrate(lambda x, t: ema(x, t), x1, grid, ode.solver)[0][-1].cpu().numpy()
         return score({"ode": x0})
 
     job = Job("pretrain", batch=lambda g, b: train_x[torch.randint(len(train_x), (b,), generator=g)],

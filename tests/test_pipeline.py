@@ -108,6 +108,22 @@ def test_second_repro_is_a_no_op(repo):
     assert "Data and pipelines are up to date" in sh("dvc repro", repo, env)
 
 
+def test_a_trajectory_setting_leaves_the_teacher_alone(repo):
+    """Ablating the trajectory solver or steps must not retrain the teacher: DVC sees the
+    trajectories stage as changed (and reruns what follows from it), pre-training not."""
+    repo, env, _ = repo
+    path = repo / "params.yaml"
+    original = path.read_text()
+    changed = yaml.safe_load(original)
+    changed["trajectories"].update(steps=2 * changed["trajectories"]["steps"], solver="euler")
+    try:
+        path.write_text(yaml.safe_dump(changed, sort_keys=False))
+        stale = set(json.loads(sh("dvc status --json", repo, env)))
+    finally:
+        path.write_text(original)
+    assert "trajectories" in stale and not stale & {"data", "features", "pretrain"}, stale
+
+
 def test_temp_experiment_logs_to_the_repo_store(repo):
     """`dvc exp run --temp` runs in a copy under .dvc/tmp/exps; the store must stay the repo's."""
     repo, env, _ = repo

@@ -22,8 +22,8 @@ RESUME_PARAMS = {
     "preset": "resume", "data": {"train_size": 2000, "heldout_size": 500},
     "net": {"hidden": 32, "depth": 1, "time_features": 16},
     "pretrain": {"train": {"batch_size": 64, "budget_images": 128_000, "log_every_images": 12_800,
-                           "checkpoint_every_images": 19_200}},
-    "trajectories": {"steps": 4}, "evaluate": {"inloop_samples": 200},
+                           "checkpoint_every_images": 19_200}, "ode_eval": {"steps": 4}},
+    "evaluate": {"inloop_samples": 200},
 }
 
 
