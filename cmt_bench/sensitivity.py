@@ -105,10 +105,25 @@ def spread(frame: pd.DataFrame, within: float = WITHIN) -> pd.DataFrame:
     return pd.DataFrame.from_dict(rows, orient="index").rename_axis("init")
 
 
-def importances(studies: Mapping[str, optuna.Study]) -> pd.DataFrame:
-    """Long table (init, evaluator, param, importance), normalized per init and evaluator."""
+def counted(frame: pd.DataFrame, trials: int) -> pd.DataFrame:
+    """The trials the analysis counts: per init, the first `trials` finished ones by trial number.
+    Parallel workers can finish one or two more than asked (each checks the count as it starts a
+    trial); cutting at the spec's count keeps the statistics independent of worker timing."""
+    out = frame[frame["state"].isin(FINISHED)].sort_values(["init", "number"]).groupby("init", sort=False).head(trials)
+    out.attrs = dict(frame.attrs)
+    return out
+
+
+def importances(studies: Mapping[str, optuna.Study], numbers: Mapping[str, Iterable[int]] | None = None) -> pd.DataFrame:
+    """Long table (init, evaluator, param, importance), normalized per init and evaluator; over the
+    trials `numbers` names per init (see `counted`), or all of them."""
     rows = []
     for init, study in studies.items():
+        if numbers is not None:  # the counted trials, in a study of their own (in memory)
+            keep = set(numbers.get(init, ()))
+            copy = optuna.create_study(direction=study.direction)
+            copy.add_trials([t for t in study.get_trials(deepcopy=False) if t.number in keep])
+            study = copy
         if len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) < 2:
             continue
         for name, make in EVALUATORS.items():

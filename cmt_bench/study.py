@@ -274,9 +274,11 @@ def write_results(params: Params, spec: StudySpec, studies: dict[str, optuna.Stu
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     frame = sensitivity.trials_frame(studies)
-    frame.to_csv(out / "trials.csv", index=False)
-    sensitivity.importances(studies).to_csv(out / "importances.csv", index=False)
-    spread = sensitivity.spread(frame)
+    frame.to_csv(out / "trials.csv", index=False)  # every trial; the analysis counts the first spec.trials
+    counted = sensitivity.counted(frame, spec.trials)
+    numbers = {init: group["number"].tolist() for init, group in counted.groupby("init")}
+    sensitivity.importances(studies, numbers).to_csv(out / "importances.csv", index=False)
+    spread = sensitivity.spread(counted)
     trials = [t for s in studies.values() for t in s.get_trials(deepcopy=False, states=FINISHED)]
     start = min((t.datetime_start for t in trials if t.datetime_start), default=None)
     end = max((t.datetime_complete for t in trials if t.datetime_complete), default=None)

@@ -22,10 +22,11 @@ def study_names() -> list[str]:
 
 
 def _load(name: str) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
+    """The study's summary, its counted trials (the first spec.trials finished per init) and importances."""
     folder = OUT / name
     summary, frame = read_json(folder / "study.json"), pd.read_csv(folder / "trials.csv")
     frame.attrs["metric"] = summary["final_key"]  # the figures' axis label
-    return summary, frame, pd.read_csv(folder / "importances.csv")
+    return summary, sensitivity.counted(frame, summary["spec"]["trials"]), pd.read_csv(folder / "importances.csv")
 
 
 def _log_params(summary: dict) -> list[str]:
@@ -101,7 +102,9 @@ def build(out: Path) -> tuple[list[dict], list[str]]:
         lines = ["## Sensitivity to hyperparameters (Optuna)", "",
                  f"An init is less sensitive when more of its finished trials end within "
                  f"{sensitivity.WITHIN:.0%} of its own best value; pruned and diverged trials never count as "
-                 "within. Claim 4 compares CMT's share with each other init's, with a bootstrap 90% interval. "
+                 "within. Each init counts its first finished trials up to the spec's number (by trial number; "
+                 "parallel workers may finish one or two more, which are not counted). "
+                 "Claim 4 compares CMT's share with each other init's, with a bootstrap 90% interval. "
                  "The band is relative: an init with a lower best gets a narrower band in absolute terms, so read "
                  "it with the median / best column and the metric's noise floor.", "",
                  *lines]

@@ -108,6 +108,30 @@ def test_frame_and_spread_count_what_the_objectives_did(studies, frame):
     assert s.at["random", "best"] == frame[frame.init == "random"].value.min()
 
 
+def test_counted_keeps_the_first_finished_trials_by_number(frame):
+    """Workers that overshoot the trial count must not change the statistics: per init the
+    analysis takes the first n finished trials by number (FAIL trials are not outcomes)."""
+    c = sens.counted(frame.sample(frac=1, random_state=0), 10)  # any row order
+    assert c.groupby("init").size().to_dict() == {"random": 10, "diffusion": 10, "cmt": 10}
+    finished = frame[(frame.init == "diffusion") & frame.state.isin(sens.FINISHED)].number.sort_values()
+    assert c[c.init == "diffusion"].number.tolist() == finished.tolist()[:10]
+    assert c.attrs["metric"] == "sw"
+
+
+def test_importances_over_the_counted_trials_only():
+    """Trials 0-5 vary only `a` (value = a); trials 6-11 vary only `b` (value = 10 b): over the
+    first six `a` explains everything, over all twelve `b` dominates."""
+    dist = {"a": optuna.distributions.FloatDistribution(0, 1), "b": optuna.distributions.FloatDistribution(0, 1)}
+    study = optuna.create_study()
+    for i in range(6):
+        study.add_trial(optuna.trial.create_trial(params={"a": i / 5, "b": 0.5}, distributions=dist, value=i / 5))
+    for j in range(6):
+        study.add_trial(optuna.trial.create_trial(params={"a": 0.5, "b": j / 5}, distributions=dist, value=2 * j))
+    imp = {key: sens.importances({"cmt": study}, numbers).query("evaluator == 'fanova'").set_index("param").importance
+           for key, numbers in (("all", None), ("first six", {"cmt": range(6)}))}
+    assert imp["first six"]["a"] > 0.9 and imp["all"]["b"] > imp["all"]["a"], imp
+
+
 def test_running_trials_are_ignored_and_retries_recorded():
     s = fixed([1.0, 2.0])
     s.add_trial(optuna.trial.create_trial(params={LR: 1e-3}, distributions=s.trials[0].distributions, value=1.5,
