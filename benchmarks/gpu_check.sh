@@ -5,6 +5,10 @@
 # them. reports/gpu/ holds what it measured.
 #
 #   OUT=build/gpu_check bash benchmarks/gpu_check.sh
+#   PYTHON=.venv/bin/python PRESET=digits PIPELINE_SECONDS=600 ...   (defaults: python3, digits, 220 s)
+#
+# On an H100 the digits stages up to mid-training took 215 s (reports/gpu/README.md), so 220 s stops
+# before post-training; give the pipeline about 600 s to run every stage.
 #
 # A machine without internet installs the packages it lacks from wheels in .whl/ first (see
 # reports/gpu/README.md for the list); each part has its own time limit so one hang costs little.
