@@ -19,13 +19,10 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # step_cost puts the repo on the path too
 
-from step_cost import step_fns  # noqa: E402
+from step_cost import setup, sync, train_step  # noqa: E402
 
-from cmt_bench import config, data, distributed, nets  # noqa: E402
-from cmt_bench.distributed import autocast  # noqa: E402
 
 
 def main() -> None:
@@ -41,37 +38,22 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
-    params = config.preset(args.preset, ROOT)
-    shape = tuple(map(int, args.shape.split(","))) if args.shape else tuple(data.make_splits(params.data, seed=0)[1].shape[1:])
-    device = distributed.device(args.device)
-    torch.manual_seed(0)
-    net = nets.build(shape, params.net, two_times=True).to(device)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-4, foreach=True)
-    x = torch.randn(params.posttrain.train.batch_size, *shape).to(device)
-    fn, gen = step_fns(params, net)[args.method], torch.Generator().manual_seed(0)
-    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
-
-    def step():
-        with autocast(args.precision, device):
-            loss = fn(x, gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
+    _, _, opt, x, fns = setup(args.preset, args.shape, args.device)
+    fn, gen = fns[args.method], torch.Generator().manual_seed(0)
     for _ in range(10):
-        step()
-    sync()
+        train_step(fn, opt, x, gen, args.precision)
+    sync(x)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if x.is_cuda else [])
     with profile(activities=activities) as prof:
         start = time.perf_counter()
         for _ in range(args.steps):
-            step()
-        sync()
+            train_step(fn, opt, x, gen, args.precision)
+        sync(x)
         wall = (time.perf_counter() - start) / args.steps
     events = prof.key_averages()
     # kernels only: an operator's row repeats the self time of the kernels it launched
     gpu_us = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA) / args.steps
-    lines = [f"{args.preset} {args.method} {args.precision} on {device} (batch {len(x)}, shape {shape}, "
+    lines = [f"{args.preset} {args.method} {args.precision} on {x.device} (batch {len(x)}, shape {tuple(x.shape[1:])}, "
              f"cudnn.benchmark={args.cudnn_benchmark}): {1000 * wall:.1f} ms per step under the profiler"]
     if x.is_cuda:
         lines.append(f"GPU kernels {gpu_us / 1000:.1f} ms per step: busy {100 * gpu_us / 1e6 / wall:.0f}% of the wall time")

@@ -44,17 +44,40 @@ def step_fns(params: config.Params, net) -> dict:
     }
 
 
+def setup(preset: str, shape_arg: str | None, device_name: str):
+    """(params, net, opt, x, step functions): the preset's flow-map network on `device_name`, Adam,
+    and one batch of random samples of its data shape (`shape_arg` "C,H,W" stands in for the data)."""
+    params = config.preset(preset, ROOT)
+    # one sample, as the data stage writes it
+    shape = tuple(map(int, shape_arg.split(","))) if shape_arg else tuple(data.make_splits(params.data, seed=0)[1].shape[1:])
+    device = distributed.device(device_name)
+    torch.manual_seed(0)
+    net = nets.build(shape, params.net, two_times=True).to(device)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-4, foreach=True)
+    x = torch.randn(params.posttrain.train.batch_size, *shape).to(device)
+    return params, net, opt, x, step_fns(params, net)
+
+
+def sync(x) -> None:
+    """Wait for x's device: a clock must include the queued GPU work."""
+    if x.is_cuda:
+        torch.cuda.synchronize()
+
+
+def train_step(fn, opt, x, gen, precision: str) -> None:
+    with autocast(precision, x.device):
+        loss = fn(x, gen)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
 def timed(fn, opt, x, steps: int, gen, precision: str) -> float:
-    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
-    sync()
+    sync(x)
     start = time.perf_counter()
     for _ in range(steps):
-        with autocast(precision, x.device):
-            loss = fn(x, gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    sync()  # the clock must include the queued GPU work
+        train_step(fn, opt, x, gen, precision)
+    sync(x)
     return time.perf_counter() - start
 
 
@@ -74,15 +97,8 @@ def main() -> None:
         ap.error(f"--precision {args.precision!r}: allowed fp32, bf16 (bf16 with --device cuda)")
     if args.threads:
         torch.set_num_threads(args.threads)
-    params = config.preset(args.preset, ROOT)
-    # one sample, as the data stage writes it
-    shape = tuple(map(int, args.shape.split(","))) if args.shape else tuple(data.make_splits(params.data, seed=0)[1].shape[1:])
-    device = distributed.device(args.device)
-    torch.manual_seed(0)
-    net = nets.build(shape, params.net, two_times=True).to(device)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-4, foreach=True)
-    x = torch.randn(params.posttrain.train.batch_size, *shape).to(device)
-    fns, gen = step_fns(params, net), torch.Generator().manual_seed(0)
+    params, net, opt, x, fns = setup(args.preset, args.shape, args.device)
+    gen = torch.Generator().manual_seed(0)
     names = [(p, n) for p in precisions for n in fns]
     peak_gib = {}
     for p, n in names:
@@ -107,8 +123,8 @@ def main() -> None:
         "images_per_second": table(lambda s: len(x) * args.steps / statistics.median(s)),
         **({"peak_memory_gib": peak_gib} if peak_gib else {}),
         "net": params.net.model_dump(), "params_millions": sum(p.numel() for p in net.parameters()) / 1e6,
-        "shape": list(shape), "batch_size": len(x), "steps": args.steps, "reps": args.reps,
-        "device": ledger.device_name(device), "precisions": precisions,
+        "shape": list(x.shape[1:]), "batch_size": len(x), "steps": args.steps, "reps": args.reps,
+        "device": ledger.device_name(x.device), "precisions": precisions,
         "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.platform(),
         "cpus": os.cpu_count(),
     }
