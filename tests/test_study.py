@@ -19,7 +19,7 @@ def _spec(tmp_path, **changes):
     return path
 
 
-@pytest.mark.parametrize("name", ["toy_ect", "smoke_ect", "toy_meanflow"])
+@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "experiments/studies").glob("*.yaml")))
 def test_shipped_specs_fit_their_presets(name):
     params = override(preset(name.split("_")[0], ROOT), {"posttrain.methods": ["ect", "meanflow"]}, "test")
     spec = load_spec(name, params, ROOT)
