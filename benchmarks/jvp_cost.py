@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -33,7 +31,7 @@ import torch.autograd.forward_ad as fwAD
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from step_cost import setup, sync  # noqa: E402  (the script's folder is on sys.path)
+from step_cost import add_run_args, environment, rotated, setup, sync  # noqa: E402  (the script's folder is on sys.path)
 from cmt_bench import ledger  # noqa: E402
 
 
@@ -64,13 +62,7 @@ WAYS = {"func_jvp": func_jvp, "dual": dual, "double_vjp": double_vjp}
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="toy")
-    ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--reps", type=int, default=7)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
-    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--shape", help="one sample's shape, e.g. 3,32,32, instead of reading the preset's data")
-    ap.add_argument("--out", type=Path)
+    add_run_args(ap, steps=50)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -95,7 +87,7 @@ def main() -> None:
         timed(f)  # warm-up
     names, seconds = list(WAYS), {k: [] for k in WAYS}
     for rep in range(args.reps):
-        for k in names[rep % len(names):] + names[:rep % len(names)]:
+        for k in rotated(names, rep):
             seconds[k].append(timed(WAYS[k]))
     base = seconds["func_jvp"]
     result = {
@@ -105,8 +97,7 @@ def main() -> None:
         "max_relative_deviation_from_func_jvp": deviation,
         "jvp_batch": n, "shape": list(x.shape[1:]), "params_millions": sum(p.numel() for p in net.parameters()) / 1e6,
         "steps": args.steps, "reps": args.reps, "device": ledger.device_name(x.device),
-        "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.platform(),
-        "cpus": os.cpu_count(),
+        **environment(),
     }
     suffix = ("" if args.preset == "toy" else f"_{args.preset}") + ("" if args.device == "cpu" else "_gpu")
     out = args.out or ROOT / "benchmarks" / "results" / f"jvp_cost{suffix}.json"

@@ -81,16 +81,31 @@ def timed(fn, opt, x, steps: int, gen, precision: str) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_run_args(ap: argparse.ArgumentParser, steps: int) -> None:
+    """The options every timing benchmark here takes."""
     ap.add_argument("--preset", default="toy")
-    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--steps", type=int, default=steps)
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--precision", default="fp32", help="comma-separated: fp32, bf16 (bf16 autocasts on CUDA only)")
     ap.add_argument("--shape", help="one sample's shape, e.g. 3,32,32, instead of reading the preset's data")
     ap.add_argument("--out", type=Path)
+
+
+def rotated(names: list, rep: int) -> list:
+    """The timing order of rep `rep`: rotated by one each rep, so drift hits every entry alike."""
+    return names[rep % len(names):] + names[:rep % len(names)]
+
+
+def environment() -> dict:
+    return {"threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.platform(),
+            "cpus": os.cpu_count()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_run_args(ap, steps=100)
+    ap.add_argument("--precision", default="fp32", help="comma-separated: fp32, bf16 (bf16 autocasts on CUDA only)")
     args = ap.parse_args()
     precisions = args.precision.split(",")
     if not set(precisions) <= {"fp32", "bf16"} or (args.device == "cpu" and precisions != ["fp32"]):
@@ -109,7 +124,7 @@ def main() -> None:
             peak_gib.setdefault(p, {})[n] = torch.cuda.max_memory_allocated() / 2**30
     seconds = {pn: [] for pn in names}
     for rep in range(args.reps):
-        for pn in names[rep % len(names):] + names[:rep % len(names)]:
+        for pn in rotated(names, rep):
             seconds[pn].append(timed(fns[pn[1]], opt, x, args.steps, gen, pn[0]))
     base = seconds[("fp32", "flow_matching")]
 
@@ -125,8 +140,7 @@ def main() -> None:
         "net": params.net.model_dump(), "params_millions": sum(p.numel() for p in net.parameters()) / 1e6,
         "shape": list(x.shape[1:]), "batch_size": len(x), "steps": args.steps, "reps": args.reps,
         "device": ledger.device_name(x.device), "precisions": precisions,
-        "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.platform(),
-        "cpus": os.cpu_count(),
+        **environment(),
     }
     result = {"preset": args.preset, "meanflow": params.posttrain.meanflow.model_dump(), **result}
     suffix = "" if args.preset == "toy" else f"_{args.preset}"
