@@ -74,12 +74,14 @@ def _study_plan(params: config.Params, args) -> tuple[int, str]:
 
 def _run_studies(params: config.Params, specs: list, args) -> int:
     from . import study
-    from .data import write_json
     if args.command == "study" and args.action == "worker":
         if args.threads:
             import torch
             torch.set_num_threads(args.threads)
         study.run_worker(params, specs[0], study.storage_url(params, args.storage), args.index)
+        return 0
+    if args.command == "studies" and args.index_only:
+        study.write_index([s.name for s in specs])
         return 0
     workers, url = _study_plan(params, args)
     if workers > 1 and study.tracking_uri(params).startswith("sqlite"):
@@ -88,9 +90,8 @@ def _run_studies(params: config.Params, specs: list, args) -> int:
     for spec in specs:
         studies = study.run_study(params, spec, workers, url, params_file=args.params)
         print(f"[study {spec.name}] results in {study.write_results(params, spec, studies, url, workers)}")
-    if args.command == "studies":  # the DVC stage's output exists even when no study is listed
-        study.OUT.mkdir(parents=True, exist_ok=True)
-        write_json(study.OUT / "index.json", {"specs": [s.name for s in specs]})
+    if args.command == "studies":
+        study.write_index([s.name for s in specs])
     return 0
 
 
@@ -131,7 +132,9 @@ def _parser() -> argparse.ArgumentParser:
         if stage in ("posttrain", "evaluate"):
             s.add_argument("--seed", type=int, default=None,
                            help="post-training seed (default: the first of posttrain.seeds)")
-    sub.add_parser("studies", help="run every study in studies.specs and write artifacts/studies/ (the DVC stage)")
+    sts = sub.add_parser("studies", help="run every study in studies.specs, then write artifacts/studies/index.json")
+    sts.add_argument("--index-only", action="store_true",
+                     help="only write the index (DVC runs each study as its own stage, studies@NAME)")
     st = sub.add_parser("study", help="run one Optuna sensitivity study, or join it as a worker")
     st.add_argument("action", choices=("run", "worker"),
                     help="run: the whole study with --workers processes here, then its results; "

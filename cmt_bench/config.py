@@ -236,7 +236,7 @@ class ReportConfig(Section):
 
 
 class StudiesConfig(Section):
-    """Optuna sensitivity studies (specs in experiments/studies/) that the `studies` stage runs."""
+    """Optuna sensitivity studies (specs in experiments/studies/) that `dvc repro` runs (stages studies@<name>)."""
     specs: list[str] = []  # names of experiments/studies/<name>.yaml; none: the stage only writes an empty index
     # Where and how wide studies run (not what they compute: with a QMC sampler and no pruner a trial's
     # parameters follow from its number, so results do not depend on these); $CMT_BENCH_STUDY_WORKERS

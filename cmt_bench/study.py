@@ -265,6 +265,12 @@ def _run_processes(spec: StudySpec, url: str, workers: int, params_file: str) ->
 
 # --- results -----------------------------------------------------------------------------------
 
+def write_index(names: list[str]) -> None:
+    """The studies the report shows (artifacts/studies/index.json), written even when none is listed."""
+    OUT.mkdir(parents=True, exist_ok=True)
+    write_json(OUT / "index.json", {"specs": names})
+
+
 def write_results(params: Params, spec: StudySpec, studies: dict[str, optuna.Study], url: str,
                   workers: int) -> Path:
     """The study's results for the report (`artifacts/studies/<name>/`): every trial, parameter

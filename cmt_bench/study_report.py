@@ -1,4 +1,4 @@
-"""The report's sensitivity part: for each study the `studies` stage ran (artifacts/studies/), the
+"""The report's sensitivity part: for each study the `studies@<name>` stages ran (artifacts/studies/), the
 spread of trial outcomes per init, parameter importances, seaborn figures under
 reports/<preset>/studies/<name>/, and claim 4's verdict."""
 from __future__ import annotations

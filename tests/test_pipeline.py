@@ -108,6 +108,23 @@ def test_second_repro_is_a_no_op(repo):
     assert "Data and pipelines are up to date" in sh("dvc repro", repo, env)
 
 
+def test_each_study_stage_depends_on_its_own_spec_only(repo):
+    """A study is a stage studies@<name> that reads experiments/studies/<name>.yaml: a new spec beside it
+    leaves everything that ran up to date; editing the listed spec makes that stage stale, nothing else."""
+    repo, env, _ = repo
+    spec, other = repo / "experiments/studies/smoke_ect.yaml", repo / "experiments/studies/smoke_other.yaml"
+    original = spec.read_text()
+    try:
+        other.write_text(original)
+        assert json.loads(sh("dvc status --json", repo, env)) == {}
+        spec.write_text(original + "# edited\n")
+        stale = set(json.loads(sh("dvc status --json", repo, env)))
+    finally:
+        spec.write_text(original)
+        other.unlink()
+    assert stale == {"studies@smoke_ect"}
+
+
 def test_a_trajectory_setting_leaves_the_teacher_alone(repo):
     """Ablating the trajectory solver or steps must not retrain the teacher: DVC sees the
     trajectories stage as changed (and reruns what follows from it), pre-training not."""
