@@ -5,7 +5,10 @@ seaborn figures.
 
 An init is less sensitive when more of its finished trials land within WITHIN of its own best
 value: a flat landscape forgives a poor guess. Pruned and diverged trials never count as within,
-so an init that is only good when it survives does not look robust.
+so an init that is only good when it survives does not look robust. That relative measure decides
+the verdict. Beside it, an absolute one: the share of trials reaching a common target (within
+WITHIN of the worse of the two inits' bests), which credits an init whose typical trial beats the
+other's best, and which the relative measure cannot see; it is reported, not voted.
 """
 from __future__ import annotations
 
@@ -83,6 +86,11 @@ def _finished(frame: pd.DataFrame, init: str) -> pd.DataFrame:
     return frame[(frame["init"] == init) & frame["state"].isin(FINISHED)]
 
 
+def _reach(values: np.ndarray, target: float) -> np.ndarray:
+    """Along the last axis: the fraction of finished trials at or below `target`; NaN never is."""
+    return (np.where(np.isnan(values), np.inf, values) <= target).mean(axis=-1)
+
+
 def _within(values: np.ndarray, within: float) -> np.ndarray:
     """Along the last axis: the fraction of finished trials within `within` of their best value;
     NaN (pruned, diverged) is never within."""
@@ -114,6 +122,16 @@ def counted(frame: pd.DataFrame, trials: int) -> pd.DataFrame:
     return out
 
 
+def _quiet_study(direction) -> optuna.Study:
+    """An in-memory study, without Optuna's INFO line for each (one per init in the stage's log)."""
+    level = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        return optuna.create_study(direction=direction)
+    finally:
+        optuna.logging.set_verbosity(level)
+
+
 def importances(studies: Mapping[str, optuna.Study], numbers: Mapping[str, Iterable[int]] | None = None) -> pd.DataFrame:
     """Long table (init, evaluator, param, importance), normalized per init and evaluator; over the
     trials `numbers` names per init (see `counted`), or all of them."""
@@ -121,7 +139,7 @@ def importances(studies: Mapping[str, optuna.Study], numbers: Mapping[str, Itera
     for init, study in studies.items():
         if numbers is not None:  # the counted trials, in a study of their own (in memory)
             keep = set(numbers.get(init, ()))
-            copy = optuna.create_study(direction=study.direction)
+            copy = _quiet_study(study.direction)
             copy.add_trials([t for t in study.get_trials(deepcopy=False) if t.number in keep])
             study = copy
         if len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) < 2:
@@ -161,25 +179,35 @@ def sensitivity_claim(frame: pd.DataFrame, within: float = WITHIN, resamples: in
         return {"verdict": NOT_TESTED, "comparisons": {},
                 "measured": f"fewer than {min_trials} finished trials: {', '.join(few)}"}
     rng = np.random.default_rng(seed)
-
-    def boot(init):  # resample the finished trials; the best is recomputed inside each resample
-        values = _finished(frame, init)["value"].to_numpy(float)
-        return _within(values[rng.integers(0, len(values), size=(resamples, len(values)))], within)
-    boot_cmt, comparisons = boot("cmt"), {}
+    values = {i: _finished(frame, i)["value"].to_numpy(float) for i in ["cmt", *others]}
+    # bootstrap: resample each init's finished trials (a best is recomputed inside each resample)
+    boot = {i: v[rng.integers(0, len(v), size=(resamples, len(v)))] for i, v in values.items()}
+    comparisons = {}
     for other in others:
-        lo, hi = np.percentile(boot_cmt - boot(other), [5, 95])
+        lo, hi = np.percentile(_within(boot["cmt"], within) - _within(boot[other], within), [5, 95])
         cmt, oth = float(s.at["cmt", "within_best"]), float(s.at[other, "within_best"])  # plain floats: JSON
+        bests = [b for b in (s.at["cmt", "best"], s.at[other, "best"]) if b == b]  # NaN: nothing completed
+        target = float((1 + within) * max(bests)) if bests else np.nan  # within of the worse best
+        reach = {i: float(_reach(values[i], target)) for i in ("cmt", other)}
+        reach_lo, reach_hi = np.percentile(_reach(boot["cmt"], target) - _reach(boot[other], target), [5, 95])
         comparisons[other] = {"cmt": cmt, "other": oth, "difference": cmt - oth, "ci90": [float(lo), float(hi)],
                               "cmt_diverged": float(s.at["cmt", "diverged_fraction"]),
-                              "other_diverged": float(s.at[other, "diverged_fraction"])}
+                              "other_diverged": float(s.at[other, "diverged_fraction"]),
+                              "target": target, "cmt_reach": reach["cmt"], "other_reach": reach[other],
+                              "reach_difference": reach["cmt"] - reach[other],
+                              "reach_ci90": [float(reach_lo), float(reach_hi)]}
     parts = [f"{o} {c['other']:.0%} of {s.at[o, 'finished']} (difference {c['difference']:+.2f}, 90% interval "
              f"{c['ci90'][0]:+.2f} to {c['ci90'][1]:+.2f})" for o, c in comparisons.items()]
+    reached = [f"{o} (at most {c['target']:.3g}): cmt {c['cmt_reach']:.0%} vs {c['other_reach']:.0%} (difference "
+               f"{c['reach_difference']:+.2f}, 90% interval {c['reach_ci90'][0]:+.2f} to {c['reach_ci90'][1]:+.2f})"
+               for o, c in comparisons.items()]
     diverged = ", ".join(f"{i} {s.at[i, 'diverged_fraction']:.0%}" for i in ["cmt", *others])
     # context, not the verdict: where the landscape sits, and how far its middle is from its best
     levels = ", ".join(f"{i} {s.at[i, 'best']:.3g} / {s.at[i, 'median']:.3g}" for i in ["cmt", *others])
     measured = (f"Share of finished trials within {within:.0%} of the init's best value: cmt "
                 f"{s.at['cmt', 'within_best']:.0%} of {s.at['cmt', 'finished']} vs {'; '.join(parts)}; "
-                f"diverged: {diverged}. Best / median final value: {levels}.")
+                f"diverged: {diverged}. Best / median final value: {levels}. Not in the verdict: share reaching "
+                f"a common target, within {within:.0%} of the worse of the two bests, vs {'; vs '.join(reached)}.")
     return {"verdict": _verdict(comparisons), "measured": measured, "comparisons": comparisons}
 
 

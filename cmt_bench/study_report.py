@@ -42,7 +42,8 @@ def _claim(summary: dict, frame: pd.DataFrame) -> dict:
             "verdict": VERDICT[found["verdict"]], "measured": found["measured"], "comparisons": found["comparisons"],
             # flat numbers for `dvc metrics show`
             **{f"within_best_{i}": float(v) for i, v in sensitivity.spread(frame)["within_best"].items()},
-            **{f"difference_vs_{o}": c["difference"] for o, c in found["comparisons"].items()}}
+            **{f"difference_vs_{o}": c["difference"] for o, c in found["comparisons"].items()},
+            **{f"reach_difference_vs_{o}": c["reach_difference"] for o, c in found["comparisons"].items()}}
 
 
 def _fmt(x) -> str:

@@ -132,6 +132,22 @@ def test_importances_over_the_counted_trials_only():
     assert imp["first six"]["a"] > 0.9 and imp["all"]["b"] > imp["all"]["a"], imp
 
 
+def test_importances_copy_the_counted_trials_without_logging_a_new_study(studies):
+    import logging
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("optuna").addHandler(handler)
+    optuna.logging.set_verbosity(optuna.logging.INFO)
+    try:
+        sens.importances(studies, {init: range(10) for init in studies})
+    finally:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        logging.getLogger("optuna").removeHandler(handler)
+    assert not [r for r in records if "A new study created" in r.getMessage()]
+    assert optuna.logging.get_verbosity() == optuna.logging.WARNING
+
+
 def test_running_trials_are_ignored_and_retries_recorded():
     s = fixed([1.0, 2.0])
     s.add_trial(optuna.trial.create_trial(params={LR: 1e-3}, distributions=s.trials[0].distributions, value=1.5,
@@ -187,6 +203,17 @@ def test_claim_not_resolved_when_ahead_by_one_trial_in_eight():
     c = out["comparisons"]["random"]
     assert c["difference"] == pytest.approx(1 / 8) and c["ci90"][0] <= 0 < c["ci90"][1]
     assert out["verdict"] == NOT_RESOLVED
+
+
+def test_common_target_share_is_reported_beside_the_verdict():
+    """CMT's every trial beats random's best, yet both spread alike around their own bests: the relative
+    measure (the verdict) sees no difference, the common target (within 10% of random's best) does."""
+    out = _claim(random=fixed([10.0, 20.0, 30.0, 40.0, 50.0] * 4), cmt=fixed([1.0, 2.0, 3.0, 4.0, 5.0] * 4))
+    c = out["comparisons"]["random"]
+    assert c["difference"] == 0 and out["verdict"] == FAILS
+    assert c["target"] == pytest.approx(11.0) and (c["cmt_reach"], c["other_reach"]) == (1.0, 0.2)
+    assert c["reach_difference"] == pytest.approx(0.8) and c["reach_ci90"][0] > 0.5
+    assert "vs random (at most 11): cmt 100% vs 20% (difference +0.80" in out["measured"]
 
 
 def test_claim_not_tested_without_enough_trials_or_inits():
