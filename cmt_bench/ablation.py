@@ -87,7 +87,11 @@ def load_spec(name_or_path: str, params: Params, root: Path = Path(".")) -> Abla
 # --- running through DVC experiments -----------------------------------------------------------
 
 def _dvc(*args: str, env: dict | None = None) -> str:
-    out = subprocess.run(["dvc", *args], capture_output=True, text=True, env=env)
+    """This environment's DVC, with its bin folder first on PATH: queued experiments run each stage as
+    `python -m cmt_bench`, which must find this environment's Python even when it is not activated."""
+    env = dict(os.environ if env is None else env)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    out = subprocess.run([sys.executable, "-m", "dvc", *args], capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"dvc {' '.join(args)} failed:\n{out.stdout[-2000:]}{out.stderr[-2000:]}")
     return out.stdout

@@ -1,7 +1,10 @@
 """An ablation as real DVC experiments: `cmt-bench ablation run` queues one experiment per level,
 runs the queue two at a time (`dvc queue start -j 2`) against an MLflow server on PostgreSQL, and
 reports the CMT init's final metric and compute per level, each number traceable to MLflow."""
+import os
 import re
+import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -43,7 +46,11 @@ def test_ablation_runs_as_queued_dvc_experiments(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ablation-server")
     with postgres_database() as backend, mlflow_server(tmp, backend) as server:
         env = {**env, "MLFLOW_TRACKING_URI": server}
-        log = sh("python -m cmt_bench ablation run steps -j 2", repo, env)
+        # as `.venv/bin/cmt-bench ablation run` from a shell without the environment on PATH: the queued
+        # stages' `python -m cmt_bench` must still find it
+        bin_dir = str(Path(sys.executable).parent)
+        bare = {**env, "PATH": os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if p != bin_dir)}
+        log = sh(f"{sys.executable} -m cmt_bench ablation run steps -j 2", repo, bare)
         assert "report in reports/ablations/steps" in log
         names = sh("dvc exp list --name-only", repo, env).split()
         assert sorted(names) == ["steps-2", "steps-8"]
