@@ -125,6 +125,23 @@ def test_each_study_stage_depends_on_its_own_spec_only(repo):
     assert stale == {"studies@smoke_ect"}
 
 
+def test_studies_command_outside_dvc_reuses_the_finished_study(repo):
+    """`cmt-bench studies` (no DVC) runs every listed study, then writes the index; the smoke study's
+    trials are all in the repo's Optuna storage already, so it adds none and rewrites the same results."""
+    import optuna
+    repo, env, _ = repo
+    storage = f"sqlite:///{repo / 'optuna.db'}"
+    names = json.loads((repo / "artifacts/studies/smoke_ect/study.json").read_text())["studies"].values()
+    before = {n: len(optuna.load_study(study_name=n, storage=storage).trials) for n in names}
+    trials = (repo / "artifacts/studies/smoke_ect/trials.csv").read_text()
+    (repo / "artifacts/studies/index.json").unlink()
+    log = sh("python -m cmt_bench studies", repo, env)
+    assert "[study smoke_ect] results in artifacts/studies/smoke_ect" in log
+    assert json.loads((repo / "artifacts/studies/index.json").read_text()) == {"specs": ["smoke_ect"]}
+    assert {n: len(optuna.load_study(study_name=n, storage=storage).trials) for n in names} == before
+    assert (repo / "artifacts/studies/smoke_ect/trials.csv").read_text() == trials
+
+
 def test_a_trajectory_setting_leaves_the_teacher_alone(repo):
     """Ablating the trajectory solver or steps must not retrain the teacher: DVC sees the
     trajectories stage as changed (and reruns what follows from it), pre-training not."""
