@@ -18,7 +18,7 @@ import torch  # noqa: E402
 from . import html, study_report  # noqa: E402
 from .config import INITS, Params  # noqa: E402
 from .data import load_split, read_json, write_json  # noqa: E402
-from .evidence import LABEL, PAPER, SOURCE, TARGETS, Evidence, claims, collect  # noqa: E402
+from .evidence import LABEL, SOURCE, TARGETS, Evidence, claims, collect, paper  # noqa: E402
 from .scoring import key  # noqa: E402
 from .stages import out_dir  # noqa: E402
 
@@ -196,7 +196,7 @@ def markdown(params: Params, res: Evidence, verdicts: list[dict], context: dict,
         *_floor_line(res),
         "## Claims", "",
         "| # | claim | paper | measured here | verdict |", "|---|---|---|---|---|",
-        *[f"| {c['id']} | {c['claim']} | {PAPER[c['id']]} | {c['measured']} | **{c['verdict']}** |" for c in verdicts],
+        *[f"| {c['id']} | {c['claim']} | {paper(c['id'], c['method'])} | {c['measured']} | **{c['verdict']}** |" for c in verdicts],
         "",
         f"Paper: {SOURCE}. Headline numbers: CIFAR-10 2-step FID 1.97 with up to 98% less data and GPU time than "
         "consistency models; ImageNet 256 1-step FID 3.34 at about half the cost of MeanFlow from scratch.", "",

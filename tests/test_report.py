@@ -104,3 +104,16 @@ def test_meanflow_claim_needs_meanflow_and_sensitivity_is_not_tested():
     claim = evidence.claim_meanflow_from_scratch(res)
     assert claim["verdict"] == HOLDS and claim["saving_total"] == pytest.approx(0.5) and claim["cmt_final_not_worse"]
     assert [c["id"] for c in evidence.claims(res)] == [1, 2, 3, 4]
+
+
+def test_each_method_row_quotes_the_papers_figure_for_that_method():
+    """ECT's claims quote the paper's consistency-model figures; MeanFlow's claim 2 quotes the paper's
+    MeanFlow-from-scratch figure, and its claim 1 says the paper gives no MeanFlow figure against diffusion."""
+    values = {(m, i): [[2, 1.8, 1.6, 1.4, 1.2]] for m in ("ect", "meanflow") for i in ("random", "diffusion", "cmt")}
+    res = _evidence(values, methods=("ect", "meanflow"))
+    assert "(paper: up to 98% less)" in evidence.claim_cmt_vs_random(res, "ect")["measured"]
+    assert "(paper: about 50% less)" in evidence.claim_cmt_vs_random(res, "meanflow")["measured"]
+    assert evidence.paper(1, "ect") == evidence.PAPER[1] and "CIFAR-10: 2-step FID 1.97" in evidence.paper(1, "ect")
+    assert evidence.paper(1, "meanflow").startswith("no MeanFlow figure against a diffusion init")
+    assert "3.34 vs 3.43" in evidence.paper(2, "meanflow") and "98%" not in evidence.paper(2, "meanflow")
+    assert evidence.paper(3, "meanflow") == evidence.PAPER[3] and evidence.paper(4, "ect") == evidence.PAPER[4]
