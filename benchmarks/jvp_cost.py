@@ -37,7 +37,7 @@ from cmt_bench import ledger  # noqa: E402
 
 @torch.no_grad()
 def func_jvp(net, z, t, r, v):
-    return torch.func.jvp(lambda z_, t_, r_: net(z_, t_, r_), (z, t, r), (v, torch.ones_like(t), torch.zeros_like(r)))[1]
+    return torch.func.jvp(net, (z, t, r), (v, torch.ones_like(t), torch.zeros_like(r)))[1]
 
 
 @torch.no_grad()

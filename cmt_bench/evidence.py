@@ -50,13 +50,13 @@ PAPER_FOR_METHOD = {
     (2, "meanflow"): "ImageNet 256: MeanFlow from CMT, 1-step FID 3.34 vs 3.43 from scratch (random init), with "
                      "about 50% less total training time",
 }
+SOURCE = "Hu, Lai, Mitsufuji, Ermon 2025, Consistency Mid-Training (arXiv 2509.24526)"
 SAVING = {"ect": "up to 98% less", "meanflow": "about 50% less"}  # the paper's figure for claim 2, per method
 
 
 def paper(claim_id: int, method: str) -> str:
     """The paper's figure for a claim, as it applies to `method`."""
     return PAPER_FOR_METHOD.get((claim_id, method), PAPER[claim_id])
-SOURCE = "Hu, Lai, Mitsufuji, Ermon 2025, Consistency Mid-Training (arXiv 2509.24526)"
 
 
 def client_for(params: Params):
