@@ -3,7 +3,7 @@
 MeanFlow's target needs du/dt = J_u (v, 1, 0), the derivative of the network along the ODE tangent.
 Three exact ways to get it, timed on the same network, batch and tangent:
 
-- `func_jvp`: `torch.func.jvp` (what `cmt_bench.losses.meanflow` uses; functorch transform);
+- `func_jvp`: `torch.func.jvp` (what `cmt_bench.methods.meanflow` uses; functorch transform);
 - `dual`: `torch.autograd.forward_ad` dual tensors (the same forward-mode formulas, no transform);
 - `double_vjp`: reverse mode twice (a VJP with a dummy cotangent w, then its gradient in w), which
   needs only double-backward support.

@@ -89,7 +89,7 @@ def run_bare(params, cfg, x, steps: int) -> float:
 
 
 def run_harness(params, cfg, x, rep: int) -> tuple[float, float]:
-    """Wired as stages._train_stage does; returns (wall seconds, seconds spent opening the tracker)."""
+    """Wired as stages.common.train_stage does; returns (wall seconds, seconds spent opening the tracker)."""
     net, opened = fresh_net(params, tuple(x.shape[1:])), []
     ledger = Ledger(device=device_name(torch.device("cpu")))
     job = Job(STAGE, batch=lambda g, b: x[torch.randint(len(x), (b,), generator=g)], loss=loss_fn(params))

@@ -29,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cmt_bench import config, data, distributed, ledger, losses, nets  # noqa: E402
+from cmt_bench import config, data, distributed, ledger, losses, methods, nets  # noqa: E402
 from cmt_bench.distributed import autocast  # noqa: E402
 from cmt_bench.paths import LinearPath  # noqa: E402
 
@@ -39,8 +39,8 @@ def step_fns(params: config.Params, net) -> dict:
     return {
         "flow_matching": lambda x, g: losses.flow_matching_loss(lambda z, t: net(z, t), path, x, g,
                                                                 params.pretrain.t_sampling),
-        "ect": lambda x, g: losses.ect_loss(net, path, x, g, 0, post.ect, post.distance),
-        "meanflow": lambda x, g: losses.meanflow_loss(net, path, x, g, post.meanflow),
+        **{name: (lambda x, g, m=m: m.loss(net, path, x, g, 0, getattr(post, m.name), post.distance))
+           for name, m in methods.REGISTRY.items()},  # every registered post-training method
     }
 
 

@@ -27,11 +27,11 @@ import seaborn as sns  # noqa: E402
 import yaml  # noqa: E402
 from pydantic import Field, ValidationError  # noqa: E402
 
+from . import methods  # noqa: E402
 from .config import METHODS, Params, ParamsError, Section, flatten, override  # noqa: E402
-from .evidence import LABEL, TIME_TIE  # noqa: E402
-
-ABLATIONS_DIR = Path("experiments/ablations")
-REPORTS = Path("reports/ablations")
+from .evidence import TIME_TIE  # noqa: E402
+from .layout import ABLATION_REPORTS as REPORTS  # noqa: E402
+from .layout import ABLATION_SPECS as ABLATIONS_DIR  # noqa: E402
 
 
 class AblationSpec(Section):
@@ -194,7 +194,7 @@ def _sentence(spec: AblationSpec, table: pd.DataFrame, metric: str) -> str:
                f"{table.at[cheap, 'cmt_hours'] * 3600:.3g} device-seconds ({cheap}) to "
                f"{table.at[dear, 'cmt_hours'] * 3600:.3g} ({dear})"
                + (", within the 10% of wall-time noise." if ratio < 1 + TIME_TIE else "."))
-    return (f"`{spec.factor}` = {best} gives the best final `{metric}` of {LABEL.get(spec.method, spec.method)} "
+    return (f"`{spec.factor}` = {best} gives the best final `{metric}` of {methods.label(spec.method)} "
             f"from CMT ({table.at[best, 'mean']:.4g}), {worst} the worst ({table.at[worst, 'mean']:.4g}); the gap "
             f"of {gap:.3g} is {resolved} twice the largest seed sd ({spread:.3g}), so the ranking is "
             f"{'resolved' if resolved == 'larger than' else 'not resolved'} at this scale. {compute}")
@@ -218,7 +218,7 @@ def report(spec: AblationSpec, params: Params) -> Path:
     sns.pointplot(rows, x="level", y="metric", errorbar=("pi", 100), capsize=0.15, color="#d62728", ax=axes[0])
     sns.stripplot(rows, x="level", y="metric", color="#d62728", alpha=0.4, ax=axes[0])
     axes[0].set(xlabel=spec.factor, ylabel=f"final {metric} (lower is better)",
-                title=f"{LABEL.get(spec.method, spec.method)} from CMT: mean, min-max over seeds")
+                title=f"{methods.label(spec.method)} from CMT: mean, min-max over seeds")
     stages = table[["trajectories_hours", "midtrain_hours", "posttrain_hours"]] * 3600
     stages.plot.bar(ax=axes[1], stacked=True, color=["#9467bd", "#ff7f0e", "#d62728"], rot=0)
     axes[1].set(xlabel=spec.factor, ylabel="device-seconds (measured, mean over seeds)",

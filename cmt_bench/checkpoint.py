@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 
+from . import layout
+
 
 def save(path: Path, state: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -26,3 +28,11 @@ def load(path: Path) -> dict | None:
     if not path.exists():
         return None
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def stage_weights(stage: str, method: str | None = None) -> dict:
+    """The EMA weights a finished training stage wrote (artifacts/<stage>[/<method>]/model.pt)."""
+    path = layout.out_dir(stage, method=method) / "model.pt"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run the {layout.cell(stage, None, method)} stage first (dvc repro)")
+    return torch.load(path, map_location="cpu", weights_only=True)["ema"]

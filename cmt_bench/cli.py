@@ -111,6 +111,27 @@ def _run_ablation(params: config.Params, spec, args) -> int:
     return 0
 
 
+def _deps(write: bool) -> int:
+    """Compare (or make equal) dvc.yaml's code dependencies with what each stage imports."""
+    from . import codedeps
+    dvc_yaml = Path("dvc.yaml")
+    if write:
+        changed = codedeps.write(dvc_yaml)
+        print(f"dvc.yaml: code dependencies rewritten for {', '.join(changed)}" if changed
+              else "dvc.yaml: code dependencies already match")
+        return 0
+    wrong = codedeps.mismatches(dvc_yaml)
+    for stage, (lacks, extra) in wrong.items():
+        print(f"{stage}: " + "; ".join(part for part in (lacks and f"runs but does not depend on {', '.join(lacks)}",
+                                                         extra and f"depends on but does not run {', '.join(extra)}")
+                                       if part), file=sys.stderr)
+    if wrong:
+        print("error: dvc.yaml's code dependencies are stale: run `cmt-bench deps --write`", file=sys.stderr)
+        return 1
+    print("dvc.yaml: every stage depends on exactly the code it runs")
+    return 0
+
+
 def _relaunch_under_torchrun(processes: int, argv: list[str]) -> int:
     """Run this same command as `processes` DDP workers on this machine (torch's own launcher)."""
     import subprocess
@@ -126,9 +147,9 @@ def _parser() -> argparse.ArgumentParser:
     for stage in STAGES:
         s = sub.add_parser(stage, help=f"run the {stage} stage")
         if stage in ("posttrain", "evaluate"):
-            s.add_argument("--init", required=True, choices=config.INITS)
+            s.add_argument("--init", required=True, choices=config.INITS, help="an init of cmt_bench/inits/")
         if stage in ("midtrain", "posttrain", "evaluate"):
-            s.add_argument("--method", required=True, choices=config.METHODS)
+            s.add_argument("--method", required=True, choices=config.METHODS, help="a method of cmt_bench/methods/")
         if stage in ("posttrain", "evaluate"):
             s.add_argument("--seed", type=int, default=None,
                            help="post-training seed (default: the first of posttrain.seeds)")
@@ -155,6 +176,8 @@ def _parser() -> argparse.ArgumentParser:
     ab.add_argument("-f", "--force", action="store_true",
                     help="rerun levels that have an experiment already, every stage afresh (no run-cache)")
     sub.add_parser("check", help="validate the parameter file and exit")
+    dep = sub.add_parser("deps", help="the code each dvc.yaml stage runs (its import closure) against its deps")
+    dep.add_argument("--write", action="store_true", help="rewrite dvc.yaml's code dependencies to match")
     sub.add_parser("summary", help="print the report's short summary")
     pre = sub.add_parser("preset", help="write params.yaml from experiments/NAME.yaml")
     pre.add_argument("name")
@@ -164,6 +187,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
+    if args.command == "deps":
+        return _deps(args.write)
     try:
         if args.command == "preset":
             params = config.preset(args.name)
@@ -202,8 +227,10 @@ def main(argv: list[str] | None = None) -> int:
         return _run_ablation(params, specs[0], args)
     if args.command in TRAINING and params.compute.processes > 1 and "WORLD_SIZE" not in os.environ:
         return _relaunch_under_torchrun(params.compute.processes, argv)
-    from . import distributed, stages
-    run = getattr(stages, f"run_{args.command}")
+    import importlib
+
+    from . import distributed
+    run = importlib.import_module(f"cmt_bench.stages.{args.command}").run
     try:
         if args.command in ("posttrain", "evaluate"):
             run(params, args.init, args.method, params.posttrain.seeds[0] if args.seed is None else args.seed)

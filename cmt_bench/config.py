@@ -11,21 +11,18 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, ValidationInfo, create_model, field_validator, model_validator
 
-# strict: a YAML `true` must not pass for the integer 1
-PositiveInt = Annotated[int, Field(gt=0, strict=True)]
-PositiveFloat = Annotated[float, Field(gt=0)]
-Probability = Annotated[float, Field(gt=0, lt=1)]
+from . import inits as init_registry
+from . import methods as method_registry
+from .layout import EXPERIMENTS
+from .schema import Distance, NetConfig, PositiveFloat, PositiveInt, Probability, Section, TimeSampling  # noqa: F401
 
-INITS = ("random", "diffusion", "cmt")
-METHODS = ("ect", "meanflow")  # post-training families: consistency training and MeanFlow
+# what the registries hold (cmt_bench/inits/, cmt_bench/methods/): one module each
+INITS = init_registry.names()
+METHODS = method_registry.names()
 FEATURES = ("auto", "raw", "classifier", "inception")
 LABELLED_DATASETS = ("digits", "fashion", "cifar10")  # the datasets a feature classifier can learn
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class TrackingConfig(Section):
@@ -54,39 +51,6 @@ class DataConfig(Section):
         return self.dataset in IMAGE_DATASETS
 
 
-class NetConfig(Section):
-    kind: Literal["mlp", "unet"] = "mlp"  # mlp for vectors (toy), unet for images
-    hidden: PositiveInt = 128  # mlp width
-    depth: PositiveInt = 3  # mlp residual blocks
-    # unet: base channels, multiplier per resolution level (each level halves the size), residual
-    # blocks per level, self-attention at the lowest resolution, dropout inside residual blocks
-    channels: PositiveInt = 32
-    channel_mult: list[PositiveInt] = [1, 2]
-    blocks_per_level: PositiveInt = 1
-    attention: bool = True
-    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
-    norm_groups: PositiveInt = 8
-    time_features: PositiveInt = 32
-    # Highest frequency (radians per unit time) of the sinusoidal time features. MeanFlow trains
-    # through d/dt of the network: at 1000 its 1-step error on Gaussian data stayed at 0.43, at 20
-    # it fell to 0.06 (same steps), so keep it low; the fields here are smooth in t.
-    time_max_freq: PositiveFloat = 20.0
-
-    @field_validator("channel_mult")
-    @classmethod
-    def _some_levels(cls, mult: list[int]) -> list[int]:
-        if not mult:
-            raise ValueError("give at least one level, e.g. [1, 2]")
-        return mult
-
-
-class TimeSampling(Section):
-    """Logit-normal t on (0, 1): logit(t) ~ N(mean, std). On the linear path logit(t) = log(sigma),
-    so this is EDM/ECT's log-normal sigma density."""
-    mean: float = 0.0
-    std: PositiveFloat = 1.0
-
-
 class TrainConfig(Section):
     batch_size: PositiveInt = 512
     budget_images: PositiveInt = 1_000_000
@@ -102,11 +66,6 @@ class TrainConfig(Section):
         if batch is not None and budget < batch:
             raise ValueError(f"smaller than batch_size ({batch}): not one step would run")
         return budget
-
-
-class Distance(Section):
-    kind: Literal["l2", "pseudo_huber"] = "l2"
-    huber_c: PositiveFloat = 0.01  # pseudo-Huber sqrt(|d|^2 + c^2) - c
 
 
 Solver = Literal["euler", "heun", "dpm_solver_pp_2m", "dpm_solver_pp_3m"]
@@ -140,43 +99,24 @@ class TrajectoriesConfig(Section):
 class MidtrainConfig(Section):
     # Mid-training runs once per post-training method, in the variant given here: cm jumps to
     # time 0 (CMT-CM, for consistency post-training); mf jumps between any two trajectory points
-    # (CMT-MF, for flow maps such as MeanFlow).
-    variants: dict[Literal[METHODS], Literal["cm", "mf"]] = {"ect": "cm", "meanflow": "mf"}  # type: ignore[valid-type]
+    # (CMT-MF, for flow maps such as MeanFlow). Default: the variant each method's module declares.
+    variants: dict[Literal[METHODS], Literal["cm", "mf"]] = {  # type: ignore[valid-type]
+        name: m.cmt_variant for name, m in method_registry.REGISTRY.items()}
     train: TrainConfig = TrainConfig()
     distance: Distance = Distance()
 
 
-class EctConfig(Section):
-    """ECT (Geng et al. 2024): r = t - dt, dt = t * (1 + k*sigmoid(-b*sigma(t))) / q**(stage+1),
-    stage = images_seen // stage_images (0 keeps stage 0), r clamped at 0."""
-    q: Annotated[float, Field(gt=1)] = 2.0
-    k: Annotated[float, Field(ge=0)] = 8.0
-    b: Annotated[float, Field(ge=0)] = 1.0
-    stage_images: Annotated[int, Field(ge=0, strict=True)] = 100_000
-    t_sampling: TimeSampling = TimeSampling(mean=-1.1, std=2.0)
-
-
-class MeanFlowConfig(Section):
-    """MeanFlow (Geng et al. 2025): (t, r) from two logit-normal draws, r = t except for a fraction
-    `r_neq_t`; adaptive loss weight 1 / (|delta|^2 + adaptive_c)^adaptive_p."""
-    # The paper's ImageNet density is (-0.4, 1.0). The 1-step jump is the corner (r, t) = (0, 1):
-    # on Gaussian data (3000 steps) that density left its error at 0.31, (0.0, 2.0) reached 0.06.
-    t_sampling: TimeSampling = TimeSampling(mean=0.0, std=2.0)
-    r_neq_t: Annotated[float, Field(ge=0, le=1)] = 0.25
-    adaptive_p: Annotated[float, Field(ge=0)] = 1.0
-    adaptive_c: PositiveFloat = 1e-3
-
-
-class PosttrainConfig(Section):
-    # which post-training methods the DVC matrix runs (init x method x seed); each from all three inits
-    methods: list[Literal[METHODS]] = list(METHODS)  # type: ignore[valid-type]
+class PosttrainBase(Section):
+    # which post-training methods (cmt_bench/methods/) and inits (cmt_bench/inits/) the DVC matrix runs:
+    # init x method x seed. The claims compare CMT with the random and diffusion inits, so those stay.
+    methods: list[Literal[METHODS]] = [  # type: ignore[valid-type]
+        name for name, m in method_registry.REGISTRY.items() if m.in_default_run]
+    inits: list[Literal[INITS]] = list(init_registry.BUILTIN)  # type: ignore[valid-type]
     # post-training seeds (init of fresh layers, batches, noise): every init x method cell runs once
     # per seed, the report shows their mean and spread. Upstream stages use the top-level `seed`.
     seeds: list[Annotated[int, Field(ge=0, strict=True)]] = [0]
     train: TrainConfig = TrainConfig()
-    distance: Distance = Distance()
-    ect: EctConfig = EctConfig()
-    meanflow: MeanFlowConfig = MeanFlowConfig()
+    distance: Distance = Distance()  # for the methods whose loss takes a distance (ECT)
 
     @field_validator("methods")
     @classmethod
@@ -185,12 +125,26 @@ class PosttrainConfig(Section):
             raise ValueError(f"list each post-training method at most once, at least one of: {', '.join(METHODS)}")
         return methods
 
+    @field_validator("inits")
+    @classmethod
+    def _claimed_inits_once_each(cls, inits: list[str]) -> list[str]:
+        missing = [i for i in init_registry.BUILTIN if i not in inits]
+        if missing or len(set(inits)) != len(inits):
+            raise ValueError(f"list each init at most once, including {', '.join(init_registry.BUILTIN)} (the claims "
+                             f"compare them; missing: {', '.join(missing) or 'none'}); allowed: {', '.join(INITS)}")
+        return inits
+
     @field_validator("seeds")
     @classmethod
     def _some_seeds_once_each(cls, seeds: list[int]) -> list[int]:
         if not seeds or len(set(seeds)) != len(seeds):
             raise ValueError("list each seed at most once, at least one, e.g. [0, 1, 2]")
         return seeds
+
+
+# posttrain.<method>: each registered method's own section, with its defaults
+PosttrainConfig = create_model("PosttrainConfig", __base__=PosttrainBase, **{
+    name: (m.config, m.config()) for name, m in method_registry.REGISTRY.items()})
 
 
 class SamplingConfig(Section):
@@ -384,9 +338,9 @@ def override(params: Params, dotted: dict[str, Any], source: str) -> Params:
 
 def preset(name: str, root: Path = Path(".")) -> Params:
     """A named preset: `experiments/<name>.yaml` holds overrides of the defaults above."""
-    path = root / "experiments" / f"{name}.yaml"
+    path = root / EXPERIMENTS / f"{name}.yaml"
     if not path.exists():
-        known = sorted(p.stem for p in (root / "experiments").glob("*.yaml"))
+        known = sorted(p.stem for p in (root / EXPERIMENTS).glob("*.yaml"))
         raise ParamsError(f"preset {name!r} not found; known presets: {', '.join(known)}")
     overrides = yaml.safe_load(path.read_text()) or {}
     return validate(deep_merge(Params().model_dump(), {**overrides, "preset": name}), str(path))

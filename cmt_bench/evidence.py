@@ -6,8 +6,10 @@ whose ids the stages wrote beside their outputs), so the report and the MLflow U
 Seeds are summarised by the mean curve (mean metric and mean compute at each logged step) and
 its spread (min to max over seeds); a target is reached where the mean curve first gets to it.
 
-Compute for an init counts every stage it depends on: random = post-training; diffusion =
-pre-training + post-training; CMT = pre-training + trajectories + mid-training + post-training.
+Compute for an init counts every stage it depends on (its module's `upstream`): random =
+post-training; diffusion = pre-training + post-training; CMT = pre-training + trajectories +
+mid-training + post-training. Methods and inits come from their registries (`cmt_bench/methods/`,
+`cmt_bench/inits/`): labels, the paper's figures per method and claim, and upstream stages.
 """
 from __future__ import annotations
 
@@ -17,13 +19,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from .config import INITS, Params
+from . import inits, methods
+from .config import Params
 from .data import read_json
+from .layout import out_dir
 from .scoring import family, key
-from .stages import out_dir
 from .tracking import tracking_uri
 
-UPSTREAM = {"random": [], "diffusion": ["pretrain"], "cmt": ["pretrain", "trajectories", "midtrain"]}
 TARGETS = {"diffusion": "the diffusion init's final value", "random": "the random init's final value"}
 # A target within this factor of the noise floor cannot tell reaching it from sampling noise.
 FLOOR_MARGIN = 1.25
@@ -32,31 +34,17 @@ FLOOR_MARGIN = 1.25
 TIME_TIE = 0.10
 HOLDS, FAILS, NOT_RESOLVED, NOT_TESTED = ("holds at this scale", "does not hold at this scale",
                                           "not resolved at this scale", "not tested at this scale")
-LABEL = {"ect": "ECT", "meanflow": "MeanFlow"}
-PAPER = {
-    1: "CIFAR-10: 2-step FID 1.97 with up to 98% less data and GPU time than consistency models such as ECT, "
-       "which start from diffusion weights",
-    2: "the same 'up to 98% less data and GPU time', read here against post-training without any "
-       "pre-training (random init)",
-    3: "ImageNet 256: MeanFlow from CMT, 1-step FID 3.34 vs 3.43 from scratch, at about 50% of the training time",
-    4: "post-training from CMT is stable and much less sensitive to hyperparameters",
-}
-# Where the paper's figure for a claim belongs to the other method, this method's row says what the
-# paper does give for it, instead of quoting ECT's CIFAR-10 numbers as MeanFlow's.
-PAPER_FOR_METHOD = {
-    (1, "meanflow"): "no MeanFlow figure against a diffusion init; the CMT init 'outperforms random and "
-                     "diffusion-based baselines', with figures for consistency models (CIFAR-10: 2-step FID 1.97 "
-                     "with up to 98% less data and GPU time)",
-    (2, "meanflow"): "ImageNet 256: MeanFlow from CMT, 1-step FID 3.34 vs 3.43 from scratch (random init), with "
-                     "about 50% less total training time",
-}
+# claim 4 is about every method at once; the figures of claims 1-3 are in each method's module
+SENSITIVITY_PAPER = "post-training from CMT is stable and much less sensitive to hyperparameters"
 SOURCE = "Hu, Lai, Mitsufuji, Ermon 2025, Consistency Mid-Training (arXiv 2509.24526)"
-SAVING = {"ect": "up to 98% less", "meanflow": "about 50% less"}  # the paper's figure for claim 2, per method
 
 
 def paper(claim_id: int, method: str) -> str:
-    """The paper's figure for a claim, as it applies to `method`."""
-    return PAPER_FOR_METHOD.get((claim_id, method), PAPER[claim_id])
+    """The paper's figure for a claim, as it applies to `method` (its module's `paper`)."""
+    if claim_id == 4:
+        return SENSITIVITY_PAPER
+    figure = methods.get(method).paper.get(claim_id) if method in methods.REGISTRY else None
+    return figure or f"the paper gives no figure for {methods.label(method)}"
 
 
 def client_for(params: Params):
@@ -123,6 +111,7 @@ class Evidence:
     inloop_n: int
     final_n: int
     methods: list[str]
+    inits: list[str]
     seeds: list[int]
     curves: pd.DataFrame  # every seed
     mean: pd.DataFrame  # mean over seeds
@@ -146,13 +135,14 @@ def collect(params: Params) -> Evidence:
     client = client_for(params)
     metric = params.report_metric
     metric_1step = f"{family(metric)}_1step"
-    ev, methods, seeds = params.evaluate, params.posttrain.methods, params.posttrain.seeds
-    cells = [(m, i, s) for m in methods for i in INITS for s in seeds]
+    ev, run_methods, run_inits, seeds = (params.evaluate, params.posttrain.methods, params.posttrain.inits,
+                                         params.posttrain.seeds)
+    cells = [(m, i, s) for m in run_methods for i in run_inits for s in seeds]
 
     def run_id(stage, init=None, method=None, seed=None) -> str:
         return read_json(out_dir(stage, init, method, seed) / "run.json")["run_id"]
     stage_ids = {"pretrain": run_id("pretrain"), "trajectories": run_id("trajectories"),
-                 **{("midtrain", m): run_id("midtrain", method=m) for m in methods}}
+                 **{("midtrain", m): run_id("midtrain", method=m) for m in run_methods}}
     post_ids = {c: run_id("posttrain", c[1], c[0], c[2]) for c in cells}
     eval_ids = {c: run_id("evaluate", c[1], c[0], c[2]) for c in cells}
     features_id = run_id("features")
@@ -161,9 +151,10 @@ def collect(params: Params) -> Evidence:
 
     hours = {name: runs[rid].data.metrics["device_hours"] for name, rid in stage_ids.items()}
     stage_hours = {"pretrain": hours["pretrain"], "trajectories": hours["trajectories"],
-                   "midtrain": {m: hours["midtrain", m] for m in methods}}
-    upstream = {(m, i): sum(stage_hours["midtrain"][m] if s == "midtrain" else stage_hours[s] for s in UPSTREAM[i])
-                for m in methods for i in INITS}
+                   "midtrain": {m: hours["midtrain", m] for m in run_methods}}
+    upstream = {(m, i): sum(stage_hours["midtrain"][m] if s == "midtrain" else stage_hours[s]
+                            for s in inits.get(i).upstream)
+                for m in run_methods for i in run_inits}
 
     inloop = [key(metric, ev.inloop_samples), key(metric_1step, ev.inloop_samples)]
     curves = load_curves(client, post_ids, ["device_hours", "images_seen", *inloop])
@@ -187,7 +178,7 @@ def collect(params: Params) -> Evidence:
     floor = features_run.data.metrics.get(key(f"{family(metric)}_floor", floor_n))
     first = post_ids[cells[0]]
     res = Evidence(metric=metric, metric_1step=metric_1step, inloop_n=ev.inloop_samples, final_n=ev.samples,
-                   methods=methods, seeds=seeds, curves=curves, mean=mean_curves(curves, [metric, metric_1step]),
+                   methods=run_methods, inits=run_inits, seeds=seeds, curves=curves, mean=mean_curves(curves, [metric, metric_1step]),
                    finals=finals, stage_hours=stage_hours, upstream=upstream, floor=floor,
                    floor_n=floor_n if floor is not None else None,
                    features={"metric": params.fd_name, "kind": params.features,
@@ -207,7 +198,7 @@ def compute_to_target(res: Evidence) -> tuple[dict, pd.DataFrame]:
             for target_init in TARGETS:
                 target = float(mean[mean.init == target_init][metric].iloc[-1])
                 targets[method, target_init, metric] = target
-                for init in INITS:
+                for init in res.inits:
                     hit = reach(mean[mean.init == init], metric, target, ("device_hours", "total_hours", "images_seen"))
                     per_seed = [reach(c.sort_values("step"), metric, target, ("total_hours",))
                                 for _, c in res.curves[(res.curves.method == method) & (res.curves.init == init)]
@@ -259,7 +250,7 @@ def _less(saving: float) -> str:
 
 def claim_cmt_vs_diffusion(res: Evidence, method: str) -> dict:
     """Claim 1: from CMT, post-training reaches the diffusion init's final quality with less total compute."""
-    claim = {"id": 1, "method": method, "claim": f"{LABEL[method]} from CMT reaches the diffusion init's final "
+    claim = {"id": 1, "method": method, "claim": f"{methods.label(method)} from CMT reaches the diffusion init's final "
                                                  f"`{res.metric}` with less total compute than from diffusion"}
     target = res.targets[method, "diffusion", res.metric]
     cmt, diff = (_row(res, res.metric, method, "diffusion", i) for i in ("cmt", "diffusion"))
@@ -278,7 +269,7 @@ def claim_cmt_vs_diffusion(res: Evidence, method: str) -> dict:
 def claim_cmt_vs_random(res: Evidence, method: str) -> dict:
     """Claim 2: the paper's 'up to 98% less data and GPU time' than training without CMT, read as
     CMT's data and compute to reach the random init's final quality versus the random init's."""
-    claim = {"id": 2, "method": method, "claim": f"{LABEL[method]} from CMT reaches the random init's final "
+    claim = {"id": 2, "method": method, "claim": f"{methods.label(method)} from CMT reaches the random init's final "
                                                  f"`{res.metric}` with less data and compute than from random"}
     target = res.targets[method, "random", res.metric]
     cmt, rnd = (_row(res, res.metric, method, "random", i) for i in ("cmt", "random"))
@@ -291,30 +282,30 @@ def claim_cmt_vs_random(res: Evidence, method: str) -> dict:
     return {**claim, "verdict": verdict, "saving_data": data, "saving_posttrain": post, "saving_total": total,
             "measured": f"from CMT: {_less(data)} post-training data, {_less(post)} post-training time, "
                         f"{_less(total)} total time (incl. pre-, trajectory and mid-training) than from random "
-                        f"(paper: {SAVING[method]})"}
+                        f"(paper: {methods.get(method).saving or 'no figure'})"}
 
 
-def claim_meanflow_from_scratch(res: Evidence) -> dict:
-    """Claim 3: MeanFlow from CMT vs from scratch: about half the total training time to equal or
-    better 1-step quality."""
-    metric = res.metric_1step
-    claim = {"id": 3, "method": "meanflow", "claim": f"MeanFlow from CMT reaches the from-scratch (random init) "
-                                                     f"final 1-step `{metric}` with about 50% less total time, "
-                                                     f"ending equal or better"}
-    if "meanflow" not in res.methods:
-        return {**claim, "verdict": NOT_TESTED, "measured": "MeanFlow was not run (posttrain.methods)"}
-    target = res.targets["meanflow", "random", metric]
-    cmt, rnd = (_row(res, metric, "meanflow", "random", i) for i in ("cmt", "random"))
-    finals = res.finals[res.finals.method == "meanflow"].groupby("init")[f"eval_{metric}"].mean()
+def claim_from_scratch(res: Evidence, method: str) -> dict:
+    """Claim 3 (the paper's for MeanFlow): from CMT vs from scratch, about half the total training
+    time to equal or better 1-step quality."""
+    metric, m = res.metric_1step, methods.get(method)
+    claim = {"id": 3, "method": method, "claim": f"{m.label} from CMT reaches the from-scratch (random init) "
+                                                 f"final 1-step `{metric}` with {m.saving} total time, "
+                                                 f"ending equal or better"}
+    if method not in res.methods:
+        return {**claim, "verdict": NOT_TESTED, "measured": f"{m.label} was not run (posttrain.methods)"}
+    target = res.targets[method, "random", metric]
+    cmt, rnd = (_row(res, metric, method, "random", i) for i in ("cmt", "random"))
+    finals = res.finals[res.finals.method == method].groupby("init")[f"eval_{metric}"].mean()
     better = finals["cmt"] <= finals["random"]
     final_text = (f"final 1-step `{key(metric, res.final_n)}` CMT {finals['cmt']:.3g} vs scratch "
-                  f"{finals['random']:.3g} (paper: 3.34 vs 3.43 FID)")
+                  f"{finals['random']:.3g} (paper: {m.from_scratch})")
     if undecided := _unreached(res, target, cmt):
         return {**claim, "verdict": undecided[0], "measured": f"{undecided[1]}; {final_text}"}
     saving = 1 - _ratio(cmt["total_hours"], rnd["total_hours"])
     verdict = NOT_RESOLVED if abs(saving) < TIME_TIE else HOLDS if saving > 0 and better else FAILS
     return {**claim, "verdict": verdict, "saving_total": saving, "cmt_final_not_worse": bool(better),
-            "measured": f"total time to the target: {_less(saving)} than from scratch (paper: about 50% less); "
+            "measured": f"total time to the target: {_less(saving)} than from scratch (paper: {m.saving}); "
                         + final_text}
 
 
@@ -325,4 +316,5 @@ def claim_sensitivity() -> dict:
 
 def claims(res: Evidence) -> list[dict]:
     return [*(claim_cmt_vs_diffusion(res, m) for m in res.methods), *(claim_cmt_vs_random(res, m) for m in res.methods),
-            claim_meanflow_from_scratch(res), claim_sensitivity()]
+            *(claim_from_scratch(res, m) for m, spec in methods.REGISTRY.items() if spec.from_scratch),
+            claim_sensitivity()]

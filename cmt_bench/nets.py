@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from .config import NetConfig
+from .schema import NetConfig
 
 
 class FourierTime(nn.Module):

@@ -15,15 +15,20 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 import torch  # noqa: E402
 
-from . import html, study_report  # noqa: E402
-from .config import INITS, Params  # noqa: E402
+from . import html, inits, methods, study_report  # noqa: E402
+from .config import Params  # noqa: E402
 from .data import load_split, read_json, write_json  # noqa: E402
-from .evidence import LABEL, SOURCE, TARGETS, Evidence, claims, collect, paper  # noqa: E402
+from .evidence import SOURCE, TARGETS, Evidence, claims, collect, paper  # noqa: E402
+from .layout import out_dir, report_dir  # noqa: E402
+from .methods import label  # noqa: E402
 from .scoring import key  # noqa: E402
-from .stages import out_dir  # noqa: E402
 
-PALETTE = {"random": "#7f7f7f", "diffusion": "#1f77b4", "cmt": "#d62728"}
 STEPS = {"2step": "2-step", "1step": "1-step"}
+STAGE_LABEL = {"pretrain": "pre-training", "trajectories": "trajectories", "midtrain": "mid-training"}
+
+
+def _and(words: list[str]) -> str:
+    return ", ".join(words[:-1]) + f" and {words[-1]}" if len(words) > 1 else "".join(words)
 
 
 def _unit(hours: float) -> tuple[str, float]:
@@ -55,18 +60,18 @@ def plot_curves(res: Evidence, path: Path) -> None:
     for (method, metric), row in zip(rows, axes):
         data = res.mean[res.mean.method == method]
         for ax, (x, label, xscale) in zip(row, axes_x):
-            for init in INITS:
+            for init in res.inits:
                 d = data[data.init == init].sort_values("step")
-                ax.plot(d[x] * xscale, d[metric], marker="o", ms=3, c=PALETTE[init], label=f"{init} init")
+                ax.plot(d[x] * xscale, d[metric], marker="o", ms=3, c=inits.color(init), label=f"{init} init")
                 if d["seeds"].max() > 1:
-                    ax.fill_between(d[x] * xscale, d[f"{metric}_min"], d[f"{metric}_max"], color=PALETTE[init],
+                    ax.fill_between(d[x] * xscale, d[f"{metric}_min"], d[f"{metric}_max"], color=inits.color(init),
                                     alpha=0.18, lw=0)
             for target_init, ls in (("diffusion", "--"), ("random", "-.")):
-                ax.axhline(res.targets[method, target_init, metric], ls=ls, c=PALETTE[target_init], lw=1,
+                ax.axhline(res.targets[method, target_init, metric], ls=ls, c=inits.color(target_init), lw=1,
                            label=f"target: {TARGETS[target_init]}")
             if res.floor is not None:
                 ax.axhline(res.floor, ls=":", c="k", lw=1, label=f"noise floor (n={res.floor_n})")
-            ax.set(xlabel=label, ylabel=f"{metric} ({LABEL[method]})", yscale="log")
+            ax.set(xlabel=label, ylabel=f"{metric} ({methods.label(method)})", yscale="log")
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False, fontsize=9)
     seeds = f"mean of {len(res.seeds)} seeds, band = min to max" if len(res.seeds) > 1 else "one seed"
@@ -91,7 +96,8 @@ def plot_samples(res: Evidence, heldout: np.ndarray, path: Path) -> None:
     seed). Points are scattered, images tiled."""
     rows = [(m, s) for m in res.methods for s in ("1step", "2step")]
     images, seed = heldout.ndim == 4, res.seeds[0]
-    fig, axes = plt.subplots(len(rows), 4, figsize=(12, 3 * len(rows)), sharex=True, sharey=True, squeeze=False)
+    fig, axes = plt.subplots(len(rows), 1 + len(res.inits), figsize=(3 * (1 + len(res.inits)), 3 * len(rows)),
+                             sharex=True, sharey=True, squeeze=False)
     n = res.final_n
 
     def show(ax, x, color):
@@ -104,9 +110,10 @@ def plot_samples(res: Evidence, heldout: np.ndarray, path: Path) -> None:
     for r, (method, steps) in enumerate(rows):
         show(axes[r, 0], heldout[:n], "k")
         axes[r, 0].set_title("held-out data" if images else f"held-out data (n={min(n, len(heldout))})")
-        for col, init in enumerate(INITS, start=1):
-            show(axes[r, col], np.load(out_dir("evaluate", init, method, seed) / "samples.npz")[steps], PALETTE[init])
-            axes[r, col].set_title(f"{LABEL[method]}, {init} init, {STEPS[steps]}, seed {seed}", fontsize=9)
+        for col, init in enumerate(res.inits, start=1):
+            show(axes[r, col], np.load(out_dir("evaluate", init, method, seed) / "samples.npz")[steps],
+                 inits.color(init))
+            axes[r, col].set_title(f"{label(method)}, {init} init, {STEPS[steps]}, seed {seed}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
@@ -155,7 +162,7 @@ def _final_table(res: Evidence, method: str, unit: str, scale: float) -> list[st
              f"| init | `{key(m2, res.final_n)}` | `{key(m1, res.final_n)}` | `{key(m2, res.inloop_n)}` (in-loop) | "
              f"post-training {unit} | total {unit} |", "|---|---|---|---|---|---|"]
     finals = res.finals[res.finals.method == method]
-    for init in INITS:
+    for init in res.inits:
         f = finals[finals.init == init]
         lines.append(f"| {init} | {_spread(f[f'eval_{m2}'])} | {_spread(f[f'eval_{m1}'])} | {_spread(f[f'inloop_{m2}'])} "
                      f"| {_spread(f['posttrain_hours'] * scale, '.3g')} | {_spread(f['total_hours'] * scale, '.3g')} |")
@@ -188,7 +195,7 @@ def markdown(params: Params, res: Evidence, verdicts: list[dict], context: dict,
     lines = [
         f"# CMT benchmark report: preset `{params.preset}`", "",
         f"Data: {context['data']}. Model: {context['model']}. Post-training: "
-        f"{', '.join(LABEL[m] for m in res.methods)} from the random, diffusion and CMT inits, "
+        f"{', '.join(label(m) for m in res.methods)} from the {_and([inits.get(i).label for i in res.inits])} inits, "
         f"{len(res.seeds)} seed(s) each ({', '.join(map(str, res.seeds))}), equal images seen.", "",
         _metric_line(params, res), "",
         f"Compute is measured wall time of training steps x devices ({unit} on {res.device}), never estimated; "
@@ -206,13 +213,14 @@ def markdown(params: Params, res: Evidence, verdicts: list[dict], context: dict,
         "## Figures", "", "![metric versus compute](metric_vs_compute.png)", "", "![samples](samples.png)", "",
         "## Compute", "",
         f"Upstream stages: pre-training {_fmt(sh['pretrain'], scale)}, trajectories {_fmt(sh['trajectories'], scale)}, "
-        "mid-training " + ", ".join(f"{_fmt(h, scale)} (for {LABEL[m]}: CMT-{params.midtrain.variants[m].upper()})"
+        "mid-training " + ", ".join(f"{_fmt(h, scale)} (for {label(m)}: CMT-{params.midtrain.variants[m].upper()})"
                                     for m, h in sh["midtrain"].items())
-        + f" {unit}. An init's total adds the stages it needs: random = post-training; diffusion = pre-training "
-          "+ post-training; CMT = pre-training + trajectories + mid-training + post-training.", "",
+        + f" {unit}. An init's total adds the stages it needs: "
+        + "; ".join(f"{inits.get(i).label} = " + " + ".join([*(STAGE_LABEL[s] for s in inits.get(i).upstream),
+                                                               "post-training"]) for i in res.inits) + ".", "",
     ]
     for method in res.methods:
-        lines += [f"### {LABEL[method]}", "", *_final_table(res, method, unit, scale),
+        lines += [f"### {label(method)}", "", *_final_table(res, method, unit, scale),
                   *_target_table(res, method, unit, scale)]
     lines += ["MLflow runs of post-training: " + ", ".join(f"{m}/{i}/seed{s} `{r}`"
                                                            for (m, i, s), r in res.post_runs.items()), ""]
@@ -225,32 +233,28 @@ def summary_lines(res: Evidence, verdicts: list[dict]) -> list[str]:
     lines = [f"{'method':<9} {'init':<10} {'post-train ' + unit:>26} {'total ' + unit:>21} {final:>24}"]
     means = res.finals.groupby(["method", "init"]).mean(numeric_only=True)
     for method in res.methods:
-        for init in INITS:
+        for init in res.inits:
             row = means.loc[(method, init)]
             lines.append(f"{method:<9} {init:<10} {row['posttrain_hours'] * scale:>26.3g} "
                          f"{row['total_hours'] * scale:>21.3g} {row[f'eval_{res.metric}']:>24.4g}")
-    return lines + [f"claim {c['id']} ({LABEL.get(c['method'], c['method'])}): {c['verdict']} ({c['measured']})"
+    return lines + [f"claim {c['id']} ({label(c['method'])}): {c['verdict']} ({c['measured']})"
                     for c in verdicts]
 
 
 # --- the stage --------------------------------------------------------------------------------
-
-def report_dir(params: Params) -> Path:
-    return Path("reports") / params.preset
-
 
 def _curve_files(res: Evidence, out: Path) -> None:
     """curves/<method>.csv: images seen and the mean in-loop metric of each init (DVC plots)."""
     (out / "curves").mkdir(exist_ok=True)
     for method in res.methods:
         mean = res.mean[res.mean.method == method]
-        wide = mean.pivot(index="images_seen", columns="init", values=res.metric)[list(INITS)]
+        wide = mean.pivot(index="images_seen", columns="init", values=res.metric)[list(res.inits)]
         wide.reset_index().to_csv(out / "curves" / f"{method}.csv", index=False)
 
 
 def build(params: Params) -> Path:
     res = collect(params)
-    out = report_dir(params)
+    out = report_dir(params.preset)
     out.mkdir(parents=True, exist_ok=True)
     sensitivity_claims, sensitivity_lines = study_report.build(out)
     verdicts = [c for c in claims(res) if c["id"] != 4 or not sensitivity_claims] + sensitivity_claims
@@ -278,8 +282,8 @@ def build(params: Params) -> Path:
 
 
 def summary(params: Params) -> str:
-    path = report_dir(params) / "summary.json"
+    path = report_dir(params.preset) / "summary.json"
     if not path.exists():
         return f"no report yet at {path}: run `dvc repro`"
     lines = read_json(path)["summary"]
-    return "\n".join([f"report: {report_dir(params) / 'report.md'}", *lines])
+    return "\n".join([f"report: {report_dir(params.preset) / 'report.md'}", *lines])

@@ -16,11 +16,9 @@ import numpy as np
 
 from . import metrics
 from .config import Params
+from .layout import CLASSIFIER, REFERENCE_CACHE
 
-FEATURES_DIR = Path("artifacts/features")
-CLASSIFIER = FEATURES_DIR / "classifier.pt"
-REFERENCE_CACHE = FEATURES_DIR / "reference"  # torch-fidelity's cached held-out statistics
-REFERENCE_NAME = "heldout"
+REFERENCE_NAME = "heldout"  # the held-out statistics' name in torch-fidelity's cache
 
 
 def key(metric: str, n: int) -> str:

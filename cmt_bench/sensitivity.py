@@ -29,11 +29,9 @@ from optuna.importance import (FanovaImportanceEvaluator, PedAnovaImportanceEval
                                get_param_importances)
 from optuna.trial import TrialState  # noqa: E402
 
-from .config import INITS  # noqa: E402
+from . import inits  # noqa: E402
 
 WITHIN = 0.10  # "within 10% of best"
-# The same colours as report.PALETTE; not imported from there, since the report imports this module.
-PALETTE = {"random": "#7f7f7f", "diffusion": "#1f77b4", "cmt": "#d62728"}
 HOLDS, FAILS, NOT_RESOLVED, NOT_TESTED = "holds", "does not hold", "not resolved at this scale", "not tested"
 # CMT may diverge this much more often than another init before that alone fails the claim.
 DIVERGED_MARGIN = 0.1
@@ -70,7 +68,7 @@ def trials_frame(studies: Mapping[str, optuna.Study]) -> pd.DataFrame:
 
 def _order(frame: pd.DataFrame) -> list[str]:
     present = list(dict.fromkeys(frame["init"]))
-    return [i for i in INITS if i in present] + [i for i in present if i not in INITS]
+    return [i for i in inits.names() if i in present] + [i for i in present if i not in inits.names()]
 
 
 def _params(frame: pd.DataFrame) -> list[str]:
@@ -170,7 +168,7 @@ def sensitivity_claim(frame: pd.DataFrame, within: float = WITHIN, resamples: in
     have the larger S against every other init, beyond a bootstrap 90% interval, without diverging
     more often."""
     s = spread(frame, within)
-    others = [i for i in ("random", "diffusion") if i in s.index]
+    others = [i for i in s.index if i != "cmt"]  # every other init the study ran, in registry order
     if "cmt" not in s.index or not others:
         return {"verdict": NOT_TESTED, "comparisons": {},
                 "measured": "needs a cmt study and a random or diffusion study"}
@@ -214,7 +212,7 @@ def sensitivity_claim(frame: pd.DataFrame, within: float = WITHIN, resamples: in
 # --- figures ----------------------------------------------------------------------------------
 
 def _colors(order: list[str]) -> dict:
-    return {i: PALETTE.get(i, "k") for i in order}
+    return {i: inits.color(i) for i in order}
 
 
 def _log_y(ax, values: pd.Series) -> None:
@@ -244,7 +242,7 @@ def plot_slices(frame: pd.DataFrame, path: Path, log_params: Iterable[str] = ())
                             s=24, alpha=0.8, ax=ax, legend=i == 0)
         for init, d in stopped.groupby("init"):  # no final value: mark where they were tried
             ax.scatter(d[param], np.full(len(d), 0.97), transform=ax.get_xaxis_transform(), marker="x", s=14,
-                       c=PALETTE.get(init, "k"), lw=1, clip_on=False)
+                       c=inits.color(init), lw=1, clip_on=False)
         if param in log_params:
             ax.set_xscale("log")
         _log_y(ax, done["value"])
@@ -295,7 +293,7 @@ def plot_contours(frame: pd.DataFrame, imp: pd.DataFrame, path: Path, log_params
                                norm=norm, cmap="viridis", alpha=0.85)
             except (ValueError, RuntimeError):  # collinear points: no triangulation
                 pass
-        sns.scatterplot(data=d, x=x, y=y, color=PALETTE.get(init, "k"), edgecolor="w", s=30, ax=ax)
+        sns.scatterplot(data=d, x=x, y=y, color=inits.color(init), edgecolor="w", s=30, ax=ax)
         stopped = data[(data["init"] == init) & (data["diverged"] | data["pruned"])]
         ax.scatter(stopped[x], stopped[y], marker="x", c="k", s=16, lw=1)
         ax.set_title(f"{init} init ({len(d)} completed; x: pruned or diverged)", fontsize=9)
@@ -321,7 +319,7 @@ def plot_spread(frame: pd.DataFrame, path: Path) -> Path:
     for i, init in enumerate(order):
         best = s.at[init, "best"]
         if not np.isnan(best):
-            color = PALETTE.get(init, "k")
+            color = inits.color(init)
             ax.fill_between([i - 0.42, i + 0.42], best, best * (1 + WITHIN), color=color, alpha=0.2, lw=0)
             ax.plot(i, best, marker="*", ms=14, c=color, mec="k")
     ax.set_xticks(range(len(order)), [f"{i}\n{s.at[i, 'within_best']:.0%} within {WITHIN:.0%} of best\n"

@@ -24,9 +24,13 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
 
-from . import stages
+from . import codedeps, inits, methods
 from .config import Params, fingerprint
 from .data import sha256, write_json
+from .layout import FEATURES as FEATURES_DIR
+from .layout import STUDIES, STUDY_INDEX, study_checkpoint
+from .stages import posttrain as posttrain_stage
+from .stages.evaluate import final_scores
 from .study_spec import Choices, StudySpec, trial_params
 from .tracking import MlflowClient, Tracker, project_root, tracking_uri
 from .train import NonFiniteLoss, derive_seed
@@ -35,7 +39,6 @@ from .train import NonFiniteLoss, derive_seed
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # what counts towards a study's trials
-OUT = stages.ART / "studies"
 
 
 # --- storage ----------------------------------------------------------------------------------
@@ -64,18 +67,12 @@ def open_storage(url: str, heartbeat_seconds: int):
 
 # --- one study per init ------------------------------------------------------------------------
 
-# modules that only present results: changing them must not throw away a study's trials
-PRESENTATION = {"ablation.py", "cli.py", "evidence.py", "html.py", "plots_template.py", "report.py",
-                "sensitivity.py", "study_report.py"}
-
-
-def _code_hash() -> str:
-    """Trials of different training or scoring code must not share a study: hash those sources."""
-    digest = hashlib.sha256()
-    for path in sorted(Path(stages.__file__).parent.rglob("*.py")):
-        if path.name not in PRESENTATION:
-            digest.update(path.read_bytes())
-    return digest.hexdigest()[:12]
+def _code_hash(spec: StudySpec) -> str:
+    """Trials of different training or scoring code must not share a study: hash the code a trial runs
+    (this module's objective, post-training and evaluation, the spec's method and inits), not the
+    analysis (`sensitivity`), which only reads finished trials."""
+    entries = [__name__, f"{methods.__name__}.{spec.method}", *(f"{inits.__name__}.{i}" for i in spec.inits)]
+    return codedeps.code_hash(codedeps.closure(entries, skip=frozenset({"cmt_bench.sensitivity"})))
 
 
 def study_name(params: Params, spec: StudySpec, init: str) -> str:
@@ -83,10 +80,10 @@ def study_name(params: Params, spec: StudySpec, init: str) -> str:
     init's weights, the metric's feature space, training code), so a rerun reuses finished trials
     only when they would come out the same."""
     # the feature network and reference statistics (run.json also holds measured seconds: left out)
-    features = sorted(p for p in (stages.ART / "features").rglob("*") if p.is_file() and p.name != "run.json")
-    inputs = [sha256(p) for p in [*stages.posttrain_inputs(init, spec.method), *features]]
+    features = sorted(p for p in FEATURES_DIR.rglob("*") if p.is_file() and p.name != "run.json")
+    inputs = [sha256(p) for p in [*posttrain_stage.posttrain_inputs(init, spec.method), *features]]
     key = fingerprint(spec.model_dump(exclude={"path"}), params.model_dump(exclude={"studies", "report", "tracking"}),
-                      inputs, _code_hash())
+                      inputs, _code_hash(spec))
     return f"{spec.name}-{init}-{key[:8]}"
 
 
@@ -160,7 +157,7 @@ def objective(params: Params, spec: StudySpec, init: str, study_run_id: str):
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # who ran it (and who to blame)
         p = trial_params(params, spec, values, f"trial {trial.number}")
         origin = _origin(trial)
-        ckpt_dir = stages.CKPT / "studies" / trial.study.study_name / f"trial{origin}"
+        ckpt_dir = study_checkpoint(trial.study.study_name, origin)
         runs: list[Tracker] = []
 
         def open_run(run_id: str | None) -> Tracker:
@@ -168,7 +165,7 @@ def objective(params: Params, spec: StudySpec, init: str, study_run_id: str):
                                    parent_run_id=study_run_id, name=f"{spec.name}-{init}-trial{origin}",
                                    tags={"study": spec.name, "optuna_study": trial.study.study_name,
                                          "trial_number": str(origin)},
-                                   stage_params={"posttrain": stages.posttrain_params(p, spec.method),
+                                   stage_params={"posttrain": posttrain_stage.posttrain_params(p, spec.method),
                                                  "trial": values})
             if run_id is not None:
                 tracker.set_tags({"retried_as_trial": str(trial.number)})
@@ -183,7 +180,7 @@ def objective(params: Params, spec: StudySpec, init: str, study_run_id: str):
                 raise optuna.TrialPruned(f"{inloop_key}={logged[inloop_key]:.4g} at {images_seen} images")
 
         try:
-            result, tracker = stages.train_posttrain(p, init, spec.method, spec.seed, ckpt=ckpt_dir / "last.pt",
+            result, tracker = posttrain_stage.train_posttrain(p, init, spec.method, spec.seed, ckpt=ckpt_dir / "last.pt",
                                                      open_run=open_run, on_point=on_point)
         except optuna.TrialPruned as exc:
             runs[-1].set_tags({"outcome": "pruned", "pruned_at": str(exc)})
@@ -194,7 +191,7 @@ def objective(params: Params, spec: StudySpec, init: str, study_run_id: str):
             trial.set_user_attr("diverged", True)
             runs[-1].set_tags({"outcome": "diverged"})
             raise optuna.TrialPruned(f"diverged: {exc}") from None
-        scores, _, _ = stages.final_scores(p, result.ema)
+        scores, _, _ = final_scores(p, result.ema)
         tracker.log_metrics(result.steps, scores)
         tracker.set_tags({"outcome": "complete"})
         tracker.finish()
@@ -267,8 +264,8 @@ def _run_processes(spec: StudySpec, url: str, workers: int, params_file: str) ->
 
 def write_index(names: list[str]) -> None:
     """The studies the report shows (artifacts/studies/index.json), written even when none is listed."""
-    OUT.mkdir(parents=True, exist_ok=True)
-    write_json(OUT / "index.json", {"specs": names})
+    STUDIES.mkdir(parents=True, exist_ok=True)
+    write_json(STUDY_INDEX, {"specs": names})
 
 
 def write_results(params: Params, spec: StudySpec, studies: dict[str, optuna.Study], url: str,
@@ -276,7 +273,7 @@ def write_results(params: Params, spec: StudySpec, studies: dict[str, optuna.Stu
     """The study's results for the report (`artifacts/studies/<name>/`): every trial, parameter
     importances and the spread of outcomes per init; the same summary goes to each study run."""
     from . import sensitivity
-    out = OUT / spec.name
+    out = STUDIES / spec.name
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     frame = sensitivity.trials_frame(studies)

@@ -9,21 +9,21 @@ import pandas as pd
 
 from . import sensitivity
 from .data import read_json
-from .evidence import FAILS, HOLDS, LABEL, NOT_RESOLVED, NOT_TESTED
-from .study import OUT
+from .evidence import FAILS, HOLDS, NOT_RESOLVED, NOT_TESTED
+from .layout import STUDIES, STUDY_INDEX
+from .methods import label
 
 VERDICT = {sensitivity.HOLDS: HOLDS, sensitivity.FAILS: FAILS, sensitivity.NOT_RESOLVED: NOT_RESOLVED,
            sensitivity.NOT_TESTED: NOT_TESTED}
 
 
 def study_names() -> list[str]:
-    index = OUT / "index.json"
-    return read_json(index)["specs"] if index.exists() else []
+    return read_json(STUDY_INDEX)["specs"] if STUDY_INDEX.exists() else []
 
 
 def _load(name: str) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
     """The study's summary, its counted trials (the first spec.trials finished per init) and importances."""
-    folder = OUT / name
+    folder = STUDIES / name
     summary, frame = read_json(folder / "study.json"), pd.read_csv(folder / "trials.csv")
     frame.attrs["metric"] = summary["final_key"]  # the figures' axis label
     return summary, sensitivity.counted(frame, summary["spec"]["trials"]), pd.read_csv(folder / "importances.csv")
@@ -37,7 +37,7 @@ def _claim(summary: dict, frame: pd.DataFrame) -> dict:
     spec = summary["spec"]
     found = sensitivity.sensitivity_claim(frame)
     return {"id": 4, "method": spec["method"], "study": spec["name"],
-            "claim": f"CMT makes {LABEL[spec['method']]} post-training less sensitive to hyperparameters "
+            "claim": f"CMT makes {label(spec['method'])} post-training less sensitive to hyperparameters "
                      f"(study `{spec['name']}`)",
             "verdict": VERDICT[found["verdict"]], "measured": found["measured"], "comparisons": found["comparisons"],
             # flat numbers for `dvc metrics show`
@@ -57,7 +57,7 @@ def _section(summary: dict, frame: pd.DataFrame, imp: pd.DataFrame, figures: dic
                                    f"{d['low']:g} to {d['high']:g}{' (log)' if d.get('log') else ''}")
                       for k, d in spec["space"].items())
     minutes = summary["wall_seconds"] / 60 if summary.get("wall_seconds") else float("nan")
-    lines = [f"### Study `{spec['name']}`: {LABEL[spec['method']]}", "",
+    lines = [f"### Study `{spec['name']}`: {label(spec['method'])}", "",
              f"{spec['trials']} trials per init ({', '.join(spec['inits'])}), {spec['sampler']} sampler, pruner "
              f"{spec['pruner']['kind']}, post-training seed {spec['seed']}, {spec['objective']['budget_images']:,} "
              f"images per trial. Objective: `{summary['final_key']}` after the budget (lower is better). "

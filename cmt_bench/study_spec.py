@@ -13,11 +13,9 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
+from . import methods
 from .config import INITS, METHODS, Params, ParamsError, PositiveInt, Section, flatten, override, report_metrics
-
-STUDIES_DIR = Path("experiments/studies")
-# what a trial may change: post-training and sampling; upstream stages are fixed artifacts
-TUNABLE_PREFIXES = ("posttrain.train.", "posttrain.distance.", "posttrain.ect.", "posttrain.meanflow.", "sampling.")
+from .layout import STUDY_SPECS as STUDIES_DIR
 
 
 class Range(Section):
@@ -100,9 +98,11 @@ def _check_against(params: Params, spec: StudySpec, source: str) -> None:
         errors.append(f"objective.metric: {metric!r} is not measured for this preset; allowed: auto, "
                       f"{', '.join(report_metrics(params))}")
     leaves = set(flatten(params))
+    # what a trial may change: post-training (the method's own keys) and sampling; upstream stages are fixed
+    prefixes = methods.get(spec.method).tunable()
     for key, dist in spec.space.items():
-        if not key.startswith(TUNABLE_PREFIXES) or key not in leaves:
-            tunable = sorted(k for k in leaves if k.startswith(TUNABLE_PREFIXES))
+        if not key.startswith(prefixes) or key not in leaves:
+            tunable = sorted(k for k in leaves if k.startswith(prefixes))
             errors.append(f"space.{key}: not a tunable parameter; allowed: {', '.join(tunable)}")
             continue
         ends = dist.choices if isinstance(dist, Choices) else \

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .config import NetConfig
+from .schema import NetConfig
 from .nets import TimeConditioning
 
 

@@ -1,4 +1,5 @@
 import contextlib
+import json
 import os
 import shutil
 import socket
@@ -17,7 +18,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
-PROJECT_FILES = ["cmt_bench", "dvc.yaml", "experiments", "pyproject.toml", ".gitignore"]
+PROJECT_FILES = ["cmt_bench", "dvc.yaml", "experiments", "pyproject.toml", ".gitignore", ".dvcignore"]
 
 
 def sh(cmd, cwd, env):
@@ -26,21 +27,27 @@ def sh(cmd, cwd, env):
     return out.stdout + out.stderr
 
 
-def make_repo(repo: Path, preset: str, overrides: dict | None = None) -> tuple[Path, dict]:
-    """A git + DVC repo holding the project and params.yaml from `preset` (deep-merged with
-    `overrides`), committed; returns it and the environment to run commands in."""
-    from cmt_bench.config import deep_merge, to_yaml, validate
+def make_repo(repo: Path, preset: str, overrides: dict | None = None,
+              extra: dict[str, Path] | None = None) -> tuple[Path, dict]:
+    """A git + DVC repo holding the project (plus `extra` files: repo path -> source) and params.yaml
+    from `preset` (deep-merged with `overrides`), committed; returns it and the environment to run
+    commands in. The repo's own copy of cmt_bench writes params.yaml, so an extra method or init
+    module in it is known there."""
     for name in PROJECT_FILES:
         src = ROOT / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / name)
+    for dest, src in (extra or {}).items():
+        shutil.copy(src, repo / dest)
     env = {**os.environ, "CI": "true", "DVC_NO_ANALYTICS": "1",
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     env.pop("MLFLOW_TRACKING_URI", None)
     sh(f"git init -q && git config user.email t@t && git config user.name t && dvc init -q "
        f"&& python -m cmt_bench preset {preset}", repo, env)
     if overrides:
-        params = yaml.safe_load((repo / "params.yaml").read_text())
-        (repo / "params.yaml").write_text(to_yaml(validate(deep_merge(params, overrides))))
+        merge = ("import json, sys, yaml; from pathlib import Path; from cmt_bench.config import deep_merge, to_yaml, "
+                 "validate; p = Path('params.yaml'); "
+                 "p.write_text(to_yaml(validate(deep_merge(yaml.safe_load(p.read_text()), json.loads(sys.argv[1])))))")
+        subprocess.run([sys.executable, "-c", merge, json.dumps(overrides)], cwd=repo, env=env, check=True)
     sh(f"git add -A && git commit -qm {preset}", repo, env)
     return repo, env
 

@@ -15,7 +15,9 @@ from conftest import ROOT
 
 from cmt_bench import checkpoint, config, nets, sampling
 from cmt_bench.distributed import autocast
-from cmt_bench.losses import ect_loss, flow_matching_loss, meanflow_loss
+from cmt_bench.losses import flow_matching_loss
+from cmt_bench.methods.ect import ect_loss
+from cmt_bench.methods.meanflow import meanflow_loss
 from cmt_bench.paths import LinearPath
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

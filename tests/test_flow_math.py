@@ -6,7 +6,9 @@ import torch
 from conftest import ExactFlowMap
 
 from cmt_bench import losses, nets, solvers
-from cmt_bench.config import Distance, EctConfig, NetConfig, TimeSampling
+from cmt_bench.config import Distance, NetConfig, TimeSampling
+from cmt_bench.methods import ect
+from cmt_bench.methods.ect import EctConfig
 from cmt_bench.paths import LinearPath
 
 PATH = LinearPath()
@@ -156,8 +158,8 @@ def test_consistency_loss_zero_on_exact_ode_pairs(gaussian, kind):
     r = t * 0.7
     xr = gaussian.flow_map(xt, t, r)
     dist = Distance(kind=kind)
-    assert losses.consistency_loss(ExactFlowMap(gaussian), xt, t, xr, r, dist).abs() < 1e-12
-    assert losses.consistency_loss(ExactFlowMap(gaussian, scale=0.1), xt, t, xr, r, dist) > 1e-4
+    assert ect.consistency_loss(ExactFlowMap(gaussian), xt, t, xr, r, dist).abs() < 1e-12
+    assert ect.consistency_loss(ExactFlowMap(gaussian, scale=0.1), xt, t, xr, r, dist) > 1e-4
 
 
 def test_ect_gradient_vanishes_at_exact_map_as_dt_shrinks(gaussian):
@@ -172,7 +174,7 @@ def test_ect_gradient_vanishes_at_exact_map_as_dt_shrinks(gaussian):
     def grad(scale, q):
         a = torch.tensor(scale, dtype=F64, requires_grad=True)
         r = t * (1 - 1 / q)
-        losses.consistency_loss(ExactFlowMap(gaussian, scale=a), PATH.sample(x0, eps, t), t,
+        ect.consistency_loss(ExactFlowMap(gaussian, scale=a), PATH.sample(x0, eps, t), t,
                                 PATH.sample(x0, eps, r), r, Distance()).backward()
         return a.grad.item()
 
@@ -186,19 +188,19 @@ def test_ect_gradient_vanishes_at_exact_map_as_dt_shrinks(gaussian):
 def test_ect_schedule():
     t = torch.linspace(0.01, 0.99, 99, dtype=F64)  # float64: t - r is a small difference
     cfg = EctConfig(q=2.0, k=8.0, b=1.0, stage_images=1000)
-    r0 = losses.ect_r(t, 0, cfg, PATH)
+    r0 = ect.ect_r(t, 0, cfg, PATH)
     assert (r0 >= 0).all() and (r0 < t).all()
     assert (r0[t < 0.5] == 0).all()  # stage 0 starts as a denoising loss (r = 0) at low noise
-    gaps = [(t - losses.ect_r(t, seen, cfg, PATH)).mean() for seen in (0, 1000, 2000, 5000)]
+    gaps = [(t - ect.ect_r(t, seen, cfg, PATH)).mean() for seen in (0, 1000, 2000, 5000)]
     assert all(b < a for a, b in zip(gaps, gaps[1:]))
-    late = losses.ect_r(t, 10_000, cfg, PATH)
+    late = ect.ect_r(t, 10_000, cfg, PATH)
     assert torch.allclose(t - late, t * (1 + 8 * torch.sigmoid(-PATH.noise_to_signal(t))) / 2**11)
     fixed = EctConfig(q=4096.0, stage_images=0)
-    assert torch.equal(losses.ect_r(t, 0, fixed, PATH), losses.ect_r(t, 10**9, fixed, PATH))
+    assert torch.equal(ect.ect_r(t, 0, fixed, PATH), ect.ect_r(t, 10**9, fixed, PATH))
     # a long run: dt stops at t / 4096, where float32 still tells r from t (it was NaN at stage 24)
     t32 = t.float()
-    very_late = losses.ect_r(t32, 10**8, cfg, PATH)
-    assert (very_late < t32).all() and torch.equal(very_late, losses.ect_r(t32, 10**9, cfg, PATH))
+    very_late = ect.ect_r(t32, 10**8, cfg, PATH)
+    assert (very_late < t32).all() and torch.equal(very_late, ect.ect_r(t32, 10**9, cfg, PATH))
     assert torch.allclose(t32 - very_late, t32 * (1 + 8 * torch.sigmoid(-PATH.noise_to_signal(t32))) / 2**12,
                           rtol=1e-2)
 

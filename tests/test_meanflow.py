@@ -5,8 +5,9 @@ import torch
 from conftest import ExactFlowMap
 
 from cmt_bench import nets
-from cmt_bench.config import MeanFlowConfig, NetConfig
-from cmt_bench.losses import meanflow
+from cmt_bench.config import NetConfig
+from cmt_bench.methods import meanflow
+from cmt_bench.methods.meanflow import MeanFlowConfig
 from cmt_bench.paths import LinearPath
 
 PATH = LinearPath()

@@ -125,6 +125,34 @@ def test_each_study_stage_depends_on_its_own_spec_only(repo):
     assert stale == {"studies@smoke_ect"}
 
 
+def _stale_after_editing(repo, env, rel: str) -> set[str]:
+    path = repo / rel
+    original = path.read_text()
+    try:
+        path.write_text(original + "# edited\n")
+        return set(json.loads(sh("dvc status --json", repo, env)))
+    finally:
+        path.write_text(original)
+
+
+def test_editing_code_stales_exactly_the_stages_that_run_it(repo):
+    """Every stage depends on the modules it imports: the network reruns every stage that builds
+    one (and the report, whose registry modules import it), not the data or the metric; a data
+    source reruns the data stage (and what follows); a report-only module reruns the report alone;
+    a method's module reruns its own cells, not the teacher nor another method's cells."""
+    repo, env, _ = repo
+    cells = [f"posttrain@{i}-{m}-{s}" for i in ("random", "diffusion", "cmt") for m in ("ect", "meanflow")
+             for s in (0, 1)]
+    nets = _stale_after_editing(repo, env, "cmt_bench/nets.py")
+    assert {"pretrain", "trajectories", "midtrain@ect", "midtrain@meanflow", *cells, "studies@smoke_ect",
+            "report"} <= nets and not nets & {"data", "features"}, nets
+    assert {"data", "features", "pretrain"} <= _stale_after_editing(repo, env, "cmt_bench/sources.py")
+    assert _stale_after_editing(repo, env, "cmt_bench/html.py") == {"report"}
+    ect = _stale_after_editing(repo, env, "cmt_bench/methods/ect.py")
+    assert ect == {c for c in cells if "-ect-" in c} | {"studies@smoke_ect", "report"}, ect
+    assert "Data and pipelines are up to date" in sh("dvc status", repo, env)
+
+
 def test_studies_command_outside_dvc_reuses_the_finished_study(repo):
     """`cmt-bench studies` (no DVC) runs every listed study, then writes the index; the smoke study's
     trials are all in the repo's Optuna storage already, so it adds none and rewrites the same results."""

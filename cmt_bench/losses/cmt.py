@@ -6,7 +6,7 @@ trajectory (the general flow-map form, for MeanFlow), in average-velocity form.
 """
 import torch
 
-from ..config import Distance
+from ..schema import Distance
 from ..nets import flow_map
 from .distance import distance
 

@@ -1,6 +1,6 @@
 import torch
 
-from ..config import Distance
+from ..schema import Distance
 
 
 def distance(diff: torch.Tensor, cfg: Distance) -> torch.Tensor:

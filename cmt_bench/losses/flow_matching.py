@@ -1,7 +1,7 @@
 """Diffusion / flow-matching pre-training of the teacher velocity field v(x, t)."""
 import torch
 
-from ..config import TimeSampling
+from ..schema import TimeSampling
 
 
 def logit_normal(n: int, cfg: TimeSampling, generator: torch.Generator, eps: float = 1e-4) -> torch.Tensor:

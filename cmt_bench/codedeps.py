@@ -1,0 +1,203 @@
+"""The code each DVC stage runs: the package modules its entry module imports, found by reading the
+sources (`ast`), top-level and function-level imports alike, transitively.
+
+`dvc.yaml` lists them as each stage's code dependencies, so editing any module a stage runs makes
+DVC rerun it, and editing one it does not (a report-only module, say) leaves it alone.
+`cmt-bench deps --check` compares dvc.yaml with this, `cmt-bench deps --write` rewrites dvc.yaml's
+code lines, and a test keeps them equal.
+
+Two rules beyond plain imports:
+- the registries (`cmt_bench/methods/`, `cmt_bench/inits/`) import every module of their package;
+  `config` imports the registries to validate each method's parameter section, which cannot change
+  what a stage computes unless the stage runs that method. So a registry counts only its own
+  `__init__`, except where a stage uses its members: post-training cells depend on their own
+  method's and init's module (`${item.method}`, `${item.init}`) and on what every registered member
+  imports; the studies and the report depend on the whole registry folder, so a new member reruns
+  them too.
+- `python -m cmt_bench STAGE` enters through `__main__` and `cli`, whose top-level imports every
+  stage runs; its function-level imports belong to other commands.
+"""
+from __future__ import annotations
+
+import ast
+import hashlib
+from functools import lru_cache
+from pathlib import Path
+
+PACKAGE = "cmt_bench"
+SOURCE = Path(__file__).resolve().parent  # the package folder
+REGISTRIES = ("cmt_bench.methods", "cmt_bench.inits")
+ENTRY = ("cmt_bench.__main__", "cmt_bench.cli")  # top-level imports only
+
+# stage -> (entry modules, registry members it runs: None, "item" (its matrix item's) or "all")
+STAGES: dict[str, tuple[tuple[str, ...], str | None]] = {
+    "data": (("cmt_bench.stages.data",), None),
+    "features": (("cmt_bench.stages.features",), None),
+    "pretrain": (("cmt_bench.stages.pretrain",), None),
+    "trajectories": (("cmt_bench.stages.trajectories",), None),
+    "midtrain": (("cmt_bench.stages.midtrain",), None),
+    "posttrain": (("cmt_bench.stages.posttrain",), "item"),
+    "evaluate": (("cmt_bench.stages.evaluate",), None),
+    "studies": (("cmt_bench.study", "cmt_bench.sensitivity"), "all"),
+    "study_index": (("cmt_bench.study",), None),
+    "report": (("cmt_bench.report",), "all"),
+}
+ITEM_DEPS = {"cmt_bench.methods": "cmt_bench/methods/${item.method}.py",
+             "cmt_bench.inits": "cmt_bench/inits/${item.init}.py"}
+
+
+def module_file(name: str) -> Path | None:
+    """cmt_bench.a.b -> cmt_bench/a/b.py or cmt_bench/a/b/__init__.py (None: not a package module)."""
+    parts = name.split(".")
+    if parts[0] != PACKAGE:
+        return None
+    base = SOURCE.joinpath(*parts[1:])
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def module_name(path: Path) -> str:
+    rel = path.resolve().relative_to(SOURCE.parent).with_suffix("")
+    parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+    return ".".join(parts)
+
+
+def _parents(name: str) -> list[str]:
+    """Importing a.b.c runs a/__init__ and a/b/__init__ first."""
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
+
+
+@lru_cache(maxsize=None)
+def direct_imports(name: str, top_level_only: bool = False) -> frozenset[str]:
+    """The package modules `name` imports (and their parent packages)."""
+    path = module_file(name)
+    if path is None:
+        return frozenset()
+    tree = ast.parse(path.read_text(), str(path))
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    nodes = tree.body if top_level_only else ast.walk(tree)
+    found: set[str] = set()
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([node.module] if node.module else []))
+            else:
+                base = node.module or ""
+            found.add(base)
+            found.update(f"{base}.{a.name}" for a in node.names)  # `from . import x`: x may be a module
+    out = {m for m in found if module_file(m) is not None}
+    out.update(p for m in list(out) for p in _parents(m))
+    out.update(_parents(name))
+    return frozenset(m for m in out if m != name and module_file(m) is not None)
+
+
+def members(registry: str) -> list[str]:
+    """The modules of a registry package (what its `__init__` imports by discovery)."""
+    folder = module_file(registry).parent
+    return sorted(f"{registry}.{p.stem}" for p in folder.glob("*.py") if not p.stem.startswith("_"))
+
+
+def closure(entries, registries: str | None = None, skip: frozenset[str] = frozenset()) -> set[str]:
+    """Every package module the entries import, transitively, except `skip`. Registry members are
+    followed only with registries='all' or where named (see the module docstring)."""
+    seen: set[str] = set()
+    todo = list(entries)
+    while todo:
+        name = todo.pop()
+        if name in seen or name in skip:
+            continue
+        seen.add(name)
+        todo.extend(direct_imports(name, top_level_only=name in ENTRY))
+        if name in REGISTRIES and registries == "all":
+            todo.extend(members(name))
+    return seen
+
+
+def files(modules) -> list[str]:
+    """Repo-relative paths of modules, sorted."""
+    return sorted(module_file(m).relative_to(SOURCE.parent).as_posix() for m in modules)
+
+
+def stage_code(stage: str) -> list[str]:
+    """The code dependencies of a dvc.yaml stage (a matrix stage's `${item...}` entries included)."""
+    entries, registries = STAGES[stage]
+    modules = closure([*ENTRY, *entries], registries)
+    if registries == "all":  # the folders, which a new member changes, instead of today's members
+        folders = [r for r in REGISTRIES if r in modules]
+        modules -= {m for r in folders for m in [r, *members(r)]}
+        return files(modules) + sorted(module_file(r).parent.relative_to(SOURCE.parent).as_posix() for r in folders)
+    item = []
+    if registries == "item":  # what any member imports, and the cell's own member
+        for registry in REGISTRIES:
+            if registry in modules:
+                for member in members(registry):
+                    modules |= closure(direct_imports(member), "item") - {member}
+                item.append(ITEM_DEPS[registry])
+    return files(modules) + item
+
+
+def code_hash(modules) -> str:
+    """A short hash of the sources of these modules (what a study's trials ran)."""
+    digest = hashlib.sha256()
+    for path in files(modules):
+        digest.update(path.encode())
+        digest.update((SOURCE.parent / path).read_bytes())
+    return digest.hexdigest()[:12]
+
+
+# --- dvc.yaml ------------------------------------------------------------------------------------
+
+def _is_code(dep: str) -> bool:
+    return dep.startswith(f"{PACKAGE}/")
+
+
+def _stage_name(dvc_stage: str) -> str:
+    return dvc_stage  # dvc.yaml's stage keys are the names above (matrix stages have one key)
+
+
+def mismatches(dvc_yaml: Path) -> dict[str, tuple[list[str], list[str]]]:
+    """Per stage of dvc.yaml: (code it lacks, code it lists but does not run); empty where they agree."""
+    import yaml
+    stages = yaml.safe_load(dvc_yaml.read_text())["stages"]
+    out = {}
+    for name, stage in stages.items():
+        if name not in STAGES:
+            out[name] = ([f"<no entry for stage {name!r} in cmt_bench/codedeps.py STAGES>"], [])
+            continue
+        listed = {d for d in stage.get("deps", []) if isinstance(d, str) and _is_code(d)}
+        expected = set(stage_code(name))
+        if listed != expected:
+            out[name] = (sorted(expected - listed), sorted(listed - expected))
+    return out
+
+
+def write(dvc_yaml: Path) -> list[str]:
+    """Rewrite each stage's code dependencies in dvc.yaml (comments and everything else kept);
+    returns the stages that changed."""
+    from ruamel.yaml import YAML
+    from ruamel.yaml.comments import CommentedSeq
+    rt = YAML()
+    rt.width = 120
+    rt.indent(mapping=2, sequence=4, offset=2)
+    doc = rt.load(dvc_yaml.read_text())
+    changed = []
+    for name, stage in doc["stages"].items():
+        if name not in STAGES:
+            raise KeyError(f"dvc.yaml stage {name!r} has no entry in cmt_bench/codedeps.py STAGES")
+        old = list(stage.get("deps", []))
+        new = [d for d in old if not (isinstance(d, str) and _is_code(d))] + stage_code(name)
+        if new != old:
+            seq = CommentedSeq(new)
+            seq.fa.set_block_style()
+            stage["deps"] = seq
+            changed.append(name)
+    if changed:
+        with dvc_yaml.open("w") as f:
+            rt.dump(doc, f)
+    return changed

@@ -1,0 +1,74 @@
+"""The post-training methods, one module each in this package; each declares itself with `register`.
+
+A method module holds everything about its method: its parameter section (`posttrain.<name>`), its
+loss, the CMT variant that initialises it, the parameters a study may tune and the paper's figures
+for it. `config`, the stages, the studies and the report read this registry; none of them names a
+method. A new method is one new module here: every module of the package is imported below (the
+paper's two first, in the order the report shows them), so nothing else needs an edit.
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+BUILTIN = ("ect", "meanflow")  # the paper's methods, in report order; other modules follow by name
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str  # the key in posttrain.methods, the DVC matrix and MLflow's `method` tag
+    label: str  # how the report names it
+    config: type  # its pydantic section, posttrain.<name>
+    # loss(net, path, x0, generator, images_seen, cfg, distance) -> the batch's mean loss, where cfg is
+    # posttrain.<name> and distance posttrain.distance
+    loss: Callable
+    cmt_variant: Literal["cm", "mf"]  # the CMT mid-training that initialises it (midtrain.variants' default)
+    uses_distance: bool = False  # whether posttrain.distance enters its loss (logged and tunable only then)
+    in_default_run: bool = False  # listed in posttrain.methods by default
+    # the paper's figure for each claim of the report this method has one for (claim id -> text);
+    # claim 3 (from CMT vs from scratch, total time and final 1-step quality) runs for the methods that give it
+    paper: dict[int, str] = field(default_factory=dict)
+    saving: str | None = None  # the paper's data / time saving over training without CMT (claim 2), if any
+    # claim 3 runs for the methods that give it: the paper's final 1-step figures from CMT vs from scratch
+    from_scratch: str | None = None
+    reference: str = ""  # where the method comes from
+
+    def tunable(self) -> tuple[str, ...]:
+        """The dotted prefixes a sensitivity study of this method may vary."""
+        return ("posttrain.train.", f"posttrain.{self.name}.", "sampling.") + \
+            (("posttrain.distance.",) if self.uses_distance else ())
+
+
+REGISTRY: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    if method.name in REGISTRY and REGISTRY[method.name] != method:
+        raise ValueError(f"post-training method {method.name!r} is registered twice")
+    REGISTRY[method.name] = method
+    return method
+
+
+def names() -> tuple[str, ...]:
+    return tuple(REGISTRY)
+
+
+def get(name: str) -> Method:
+    if name not in REGISTRY:
+        raise ValueError(f"unknown post-training method {name!r}; allowed: {', '.join(REGISTRY)}")
+    return REGISTRY[name]
+
+
+def label(name: str) -> str:
+    return REGISTRY[name].label if name in REGISTRY else name
+
+
+def _discover() -> None:
+    found = sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
+    for module in [*BUILTIN, *(m for m in found if m not in BUILTIN)]:
+        importlib.import_module(f"{__name__}.{module}")
+
+
+_discover()

@@ -1,0 +1,52 @@
+"""The evaluate stage: final 1- and 2-step scores of one post-trained cell at fixed sample seeds."""
+from __future__ import annotations
+
+import shutil
+import time
+
+import numpy as np
+import torch
+
+from .. import data as datasets
+from .. import distributed, nets, sampling, scoring
+from ..config import Params
+from ..data import read_json, write_json
+from ..layout import out_dir
+from ..paths import PATHS
+from ..tracking import Tracker
+
+
+def final_scores(params: Params, ema) -> tuple[dict[str, float], dict[str, np.ndarray], float]:
+    """1- and 2-step scores of a trained model with `evaluate.samples` samples at the fixed sample
+    seed; also the samples and the seconds sampling took."""
+    heldout = datasets.load_split(out_dir("data"), "heldout")
+    shape, cfg = tuple(heldout.shape[1:]), params.evaluate
+    start = time.perf_counter()
+    samples = {k: v.numpy() for k, v in sampling.sample(ema, PATHS["linear"](), cfg.samples, shape, cfg.seed,
+                                                        params.sampling.t_mid).items()}
+    seconds = time.perf_counter() - start
+    return scoring.Scorer(params, heldout.numpy())(samples), samples, seconds
+
+
+def run(params: Params, init: str, method: str, seed: int) -> None:
+    """Final 1- and 2-step scores of one post-trained cell with `evaluate.samples` samples."""
+    cfg = params.evaluate
+    net = nets.build(datasets.data_shape(out_dir("data")), params.net, two_times=True)
+    trained = out_dir("posttrain", init, method, seed)
+    net.load_state_dict(torch.load(trained / "model.pt", map_location="cpu", weights_only=True)["ema"])
+    net.to(distributed.device(params.compute.device)).eval()
+    scores, samples, seconds = final_scores(params, net)
+    out = out_dir("evaluate", init, method, seed)
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    np.savez_compressed(out / "samples.npz", **samples)
+    posttrain_run = read_json(trained / "run.json")["run_id"]
+    tracker = Tracker.open(params, "evaluate", init=init, method=method, seed=seed,
+                           stage_params={"evaluate": cfg.model_dump(), "sampling": params.sampling.model_dump()})
+    tracker.set_tags({"posttrain_run_id": posttrain_run, "samples": str(cfg.samples)})
+    tracker.log_metrics(0, {**scores, "sampling_seconds": seconds})
+    tracker.log_artifact(out / "samples.npz")
+    tracker.finish()
+    write_json(out / "run.json", {"run_id": tracker.run_id, "stage": "evaluate", "init": init, "method": method,
+                                  "seed": seed, "posttrain_run_id": posttrain_run})
+    write_json(out / "metrics.json", scores)  # DVC metrics: numbers only

@@ -1,0 +1,53 @@
+"""The trajectories stage: the teacher's probability-flow ODE from t=1 to 0, whole trajectories as shards."""
+from __future__ import annotations
+
+import shutil
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import data as datasets
+from .. import distributed, nets, solvers
+from ..checkpoint import stage_weights
+from ..config import Params
+from ..data import write_json
+from ..layout import out_dir
+from ..ledger import Ledger, device_name
+from ..tracking import Tracker
+from ..train import generator, quiet
+
+
+def run(params: Params) -> None:
+    cfg = params.trajectories
+    teacher_weights = stage_weights("pretrain")
+    shape = datasets.data_shape(out_dir("data"))
+    dev = distributed.device(params.compute.device)
+    teacher = nets.build(shape, params.net, two_times=False)
+    teacher.load_state_dict(teacher_weights)
+    teacher.to(dev).eval()
+    grid = solvers.time_grid(cfg.steps, cfg.grid, cfg.rho)
+    ledger = Ledger(device=device_name(dev))
+    tracker = Tracker.open(params, "trajectories", method="teacher_ode",
+                           stage_params={"trajectories": cfg.model_dump()})
+    gen = generator(params.seed, "trajectories")
+    chunks, nfe = [], 0
+    for start in tqdm(range(0, cfg.count, cfg.batch_size), desc="trajectories", disable=quiet()):
+        x1 = torch.randn(min(cfg.batch_size, cfg.count - start), *shape, generator=gen)
+        with ledger.clock():
+            states, nfe = solvers.integrate(lambda x, t: teacher(x, t), x1.to(dev), grid, cfg.solver)
+            states = states.cpu()  # waits for the GPU, so the clock includes its work
+        chunks.append(states.transpose(0, 1).contiguous())
+        ledger.images_seen += len(x1)
+        ledger.teacher_nfe += nfe * len(x1)
+    traj = torch.cat(chunks).numpy()
+    out = out_dir("trajectories")
+    shutil.rmtree(out, ignore_errors=True)
+    entry = datasets.write_shards(out, "traj", traj, params.data.samples_per_record // (cfg.steps + 1) or 1,
+                                  params.data.records_per_shard)
+    write_json(out / "manifest.json", {"times": grid.tolist(), "solver": cfg.solver, "grid": cfg.grid,
+                                       "nfe_per_trajectory": nfe, "traj": entry})
+    tracker.log_metrics(0, {**ledger.metrics(), "nfe_per_trajectory": float(nfe)})
+    tracker.set_tags({"device": ledger.device, "world_size": ledger.world_size,
+                      "device_hours_measures": "wall time of teacher ODE integration x devices"})
+    tracker.finish()
+    write_json(out / "run.json", {"run_id": tracker.run_id, "stage": "trajectories", "ledger": ledger.to_dict()})
