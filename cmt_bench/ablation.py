@@ -29,7 +29,6 @@ from pydantic import Field, ValidationError  # noqa: E402
 
 from . import methods  # noqa: E402
 from .config import METHODS, Params, ParamsError, Section, flatten, override  # noqa: E402
-from .evidence import TIME_TIE  # noqa: E402
 from .layout import ABLATION_REPORTS as REPORTS  # noqa: E402
 from .layout import ABLATION_SPECS as ABLATIONS_DIR  # noqa: E402
 
@@ -183,7 +182,7 @@ def collect(spec: AblationSpec, metric: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _sentence(spec: AblationSpec, table: pd.DataFrame, metric: str) -> str:
+def _sentence(spec: AblationSpec, table: pd.DataFrame, metric: str, time_tie: float) -> str:
     best, worst = table["mean"].idxmin(), table["mean"].idxmax()
     gap = table.at[worst, "mean"] - table.at[best, "mean"]
     spread = table["sd"].max()
@@ -193,7 +192,7 @@ def _sentence(spec: AblationSpec, table: pd.DataFrame, metric: str) -> str:
     compute = (f"CMT-stage compute (trajectories + mid-training + post-training) runs from "
                f"{table.at[cheap, 'cmt_hours'] * 3600:.3g} device-seconds ({cheap}) to "
                f"{table.at[dear, 'cmt_hours'] * 3600:.3g} ({dear})"
-               + (", within the 10% of wall-time noise." if ratio < 1 + TIME_TIE else "."))
+               + (f", within the {time_tie:.0%} of wall-time noise." if ratio < 1 + time_tie else "."))
     return (f"`{spec.factor}` = {best} gives the best final `{metric}` of {methods.label(spec.method)} "
             f"from CMT ({table.at[best, 'mean']:.4g}), {worst} the worst ({table.at[worst, 'mean']:.4g}); the gap "
             f"of {gap:.3g} is {resolved} twice the largest seed sd ({spread:.3g}), so the ranking is "
@@ -234,7 +233,7 @@ def report(spec: AblationSpec, params: Params) -> Path:
             "come from each experiment's report (read from MLflow), upstream compute from its stages' run.json; "
             "CMT init only. The teacher does not depend on these factors; where a level retrained it (DVC reruns "
             "a stage whose parameters changed, even if its result cannot), its time is listed but not compared.",
-          "", _sentence(spec, table, metric), "",
+          "", _sentence(spec, table, metric, params.report.time_tie), "",
           f"| {spec.factor} | final {metric} (mean ± sd) | seeds | trajectories | mid-training | post-training | "
           "CMT stages | teacher | total |", "|---|---|---|---|---|---|---|---|---|",
           *[f"| {lvl} | {r['mean']:.4g} ± {r['sd']:.2g} | {int(r['seeds'])} | "

@@ -187,6 +187,18 @@ class ReportConfig(Section):
     # the metric curves, targets and claims use: a family (fd_raw, sw, or the feature metric such
     # as fd_digits) and a step count; auto: the feature metric at 2 steps
     metric: str = "auto"
+    # The verdict rules' thresholds. Claims 1-3: a target within floor_margin x the metric's noise floor
+    # cannot be told from sampling noise; compute ratios within time_tie of 1 are a tie (repeated toy
+    # runs measured ratios 0.70-0.85 for the same weights, from wall-time noise alone).
+    floor_margin: Annotated[float, Field(ge=1)] = 1.25
+    time_tie: Annotated[float, Field(ge=0, lt=1)] = 0.10
+    # Claim 4 (studies): a trial within within_best of its init's best counts as good; CMT may diverge
+    # diverged_margin more often than another init before that alone fails the claim; an init with
+    # fewer than min_trials finished trials is not tested; resamples of the bootstrap interval.
+    within_best: Probability = 0.10
+    diverged_margin: Annotated[float, Field(ge=0, le=1)] = 0.10
+    min_trials: PositiveInt = 5
+    resamples: PositiveInt = 2000
 
 
 class StudiesConfig(Section):

@@ -1,5 +1,7 @@
 """The numbers behind the report, read from MLflow: curves per init x method x seed, compute to a
-target, and one verdict per claim of the paper that the run can test.
+target, and one verdict per claim of the paper that the run can test, as data: a verdict code
+(`verdicts`), the reason where the rule could not decide, and the facts it rests on; the report
+layer (`claim_text`) words them. The rules' thresholds are `report:` in params.yaml.
 
 Every value comes from the tracking store (`search_runs` and `get_metric_history` on the runs
 whose ids the stages wrote beside their outputs), so the report and the MLflow UI cannot differ.
@@ -8,8 +10,7 @@ its spread (min to max over seeds); a target is reached where the mean curve fir
 
 Compute for an init counts every stage it depends on (its module's `upstream`): random =
 post-training; diffusion = pre-training + post-training; CMT = pre-training + trajectories +
-mid-training + post-training. Methods and inits come from their registries (`cmt_bench/methods/`,
-`cmt_bench/inits/`): labels, the paper's figures per method and claim, and upstream stages.
+mid-training + post-training.
 """
 from __future__ import annotations
 
@@ -20,31 +21,14 @@ import numpy as np
 import pandas as pd
 
 from . import inits, methods
-from .config import Params
+from .config import Params, ReportConfig
 from .data import read_json
 from .layout import out_dir
 from .scoring import family, key
 from .tracking import tracking_uri
+from .verdicts import AT_FLOOR, FAILS, HOLDS, NEVER_REACHED, NO_STUDY, NOT_RESOLVED, NOT_RUN, NOT_TESTED
 
-TARGETS = {"diffusion": "the diffusion init's final value", "random": "the random init's final value"}
-# A target within this factor of the noise floor cannot tell reaching it from sampling noise.
-FLOOR_MARGIN = 1.25
-# Compute ratios within this of 1 are a tie: repeated toy runs measured ratios 0.70-0.85 for the
-# same weights, from wall-time noise alone.
-TIME_TIE = 0.10
-HOLDS, FAILS, NOT_RESOLVED, NOT_TESTED = ("holds at this scale", "does not hold at this scale",
-                                          "not resolved at this scale", "not tested at this scale")
-# claim 4 is about every method at once; the figures of claims 1-3 are in each method's module
-SENSITIVITY_PAPER = "post-training from CMT is stable and much less sensitive to hyperparameters"
-SOURCE = "Hu, Lai, Mitsufuji, Ermon 2025, Consistency Mid-Training (arXiv 2509.24526)"
-
-
-def paper(claim_id: int, method: str) -> str:
-    """The paper's figure for a claim, as it applies to `method` (its module's `paper`)."""
-    if claim_id == 4:
-        return SENSITIVITY_PAPER
-    figure = methods.get(method).paper.get(claim_id) if method in methods.REGISTRY else None
-    return figure or f"the paper gives no figure for {methods.label(method)}"
+TARGET_INITS = ("diffusion", "random")  # whose final values are the targets the claims time the others to
 
 
 def client_for(params: Params):
@@ -125,6 +109,7 @@ class Evidence:
     post_runs: dict
     targets: dict = field(default_factory=dict)  # (method, target init) -> value
     to_target: pd.DataFrame | None = None
+    rules: ReportConfig = field(default_factory=ReportConfig)  # the verdicts' thresholds (report: in params)
 
     @property
     def key(self) -> str:  # the in-loop curve's metric key
@@ -178,12 +163,13 @@ def collect(params: Params) -> Evidence:
     floor = features_run.data.metrics.get(key(f"{family(metric)}_floor", floor_n))
     first = post_ids[cells[0]]
     res = Evidence(metric=metric, metric_1step=metric_1step, inloop_n=ev.inloop_samples, final_n=ev.samples,
-                   methods=run_methods, inits=run_inits, seeds=seeds, curves=curves, mean=mean_curves(curves, [metric, metric_1step]),
-                   finals=finals, stage_hours=stage_hours, upstream=upstream, floor=floor,
+                   methods=run_methods, inits=run_inits, seeds=seeds, curves=curves,
+                   mean=mean_curves(curves, [metric, metric_1step]), finals=finals, stage_hours=stage_hours, upstream=upstream, floor=floor,
                    floor_n=floor_n if floor is not None else None,
                    features={"metric": params.fd_name, "kind": params.features,
                              "heldout_accuracy": features_run.data.metrics.get("heldout_accuracy")},
-                   device=runs[first].data.tags.get("device", "an unknown device"), post_runs=post_ids)
+                   device=runs[first].data.tags.get("device", "an unknown device"), post_runs=post_ids,
+                   rules=params.report)
     res.targets, res.to_target = compute_to_target(res)
     return res
 
@@ -195,7 +181,7 @@ def compute_to_target(res: Evidence) -> tuple[dict, pd.DataFrame]:
     for metric in (res.metric, res.metric_1step):
         for method in res.methods:
             mean = res.mean[res.mean.method == method].sort_values("step")
-            for target_init in TARGETS:
+            for target_init in TARGET_INITS:
                 target = float(mean[mean.init == target_init][metric].iloc[-1])
                 targets[method, target_init, metric] = target
                 for init in res.inits:
@@ -219,22 +205,13 @@ def _row(res: Evidence, metric: str, method: str, target_init: str, init: str) -
     return t[(t.metric == metric) & (t.method == method) & (t.target_init == target_init) & (t.init == init)].iloc[0]
 
 
-def _at_floor(res: Evidence, target: float) -> bool:
-    return res.floor is not None and target <= FLOOR_MARGIN * res.floor
-
-
-def _floor_text(res: Evidence, target: float) -> str:
-    return (f"the target ({target:.3g}) is within {FLOOR_MARGIN}x the metric's noise floor ({res.floor:.3g}): "
-            "reaching it cannot be told from sampling noise")
-
-
-def _unreached(res: Evidence, target: float, cmt: pd.Series) -> tuple[str, str] | None:
-    """(verdict, what was measured) where the compute ratio cannot decide: a target at the noise
-    floor, or a CMT mean curve that never got there."""
-    if _at_floor(res, target):
-        return NOT_RESOLVED, _floor_text(res, target)
+def _undecided(res: Evidence, target: float, cmt: pd.Series) -> tuple[str, str] | None:
+    """(verdict, reason) where the compute ratio cannot decide: a target at the noise floor, or a
+    CMT mean curve that never got there."""
+    if res.floor is not None and target <= res.rules.floor_margin * res.floor:
+        return NOT_RESOLVED, AT_FLOOR
     if pd.isna(cmt["total_hours"]):
-        return FAILS, "the CMT init's mean curve never reached the target"
+        return FAILS, NEVER_REACHED
     return None
 
 
@@ -242,76 +219,61 @@ def _ratio(a, b) -> float:
     return float("nan") if a is None or b is None or pd.isna(a) or pd.isna(b) or not b else float(a) / float(b)
 
 
-def _less(saving: float) -> str:
-    if pd.isna(saving):  # a ratio over zero: the init compared against needed none of it
-        return "no comparable share of (the other init needed none)"
-    return f"{saving:.0%} less" if saving >= 0 else f"{-saving:.0%} more"
+def _claim(claim_id: int, method: str, metric: str, verdict: str, reason: str | None = None, **facts) -> dict:
+    """A verdict with what it rests on: `facts` for the report's sentences (claim_text), numbers
+    beside the verdict for `dvc metrics show`."""
+    return {"id": claim_id, "method": method, "verdict": verdict, "reason": reason, "facts": {"metric": metric, **facts}}
 
 
 def claim_cmt_vs_diffusion(res: Evidence, method: str) -> dict:
     """Claim 1: from CMT, post-training reaches the diffusion init's final quality with less total compute."""
-    claim = {"id": 1, "method": method, "claim": f"{methods.label(method)} from CMT reaches the diffusion init's final "
-                                                 f"`{res.metric}` with less total compute than from diffusion"}
     target = res.targets[method, "diffusion", res.metric]
     cmt, diff = (_row(res, res.metric, method, "diffusion", i) for i in ("cmt", "diffusion"))
-    if undecided := _unreached(res, target, cmt):
-        return {**claim, "verdict": undecided[0], "measured": undecided[1]}
+    if undecided := _undecided(res, target, cmt):
+        return _claim(1, method, res.metric, *undecided, target=target, floor=res.floor)
     total, post = _ratio(cmt["total_hours"], diff["total_hours"]), _ratio(cmt["posttrain_hours"], diff["posttrain_hours"])
-    verdict = NOT_RESOLVED if abs(total - 1) < TIME_TIE else HOLDS if total < 1 else FAILS
-    already = cmt["images"] == 0
-    return {**claim, "verdict": verdict, "ratio_total": total, "ratio_posttrain": post,
-            "measured": f"CMT / diffusion total compute to target = {total:.2f} (post-training only: {post:.2f}"
-                        + ("; the CMT init met the target before any post-training" if already else "")
-                        + f"; CMT seeds reaching it: {cmt['seeds_reached']}/{cmt['seeds']})"
-                        + (f"; within {TIME_TIE:.0%} of 1, the wall-time noise" if verdict == NOT_RESOLVED else "")}
+    verdict = NOT_RESOLVED if abs(total - 1) < res.rules.time_tie else HOLDS if total < 1 else FAILS
+    return {**_claim(1, method, res.metric, verdict, met_before_posttrain=bool(cmt["images"] == 0),
+                     seeds_reached=int(cmt["seeds_reached"]), seeds=int(cmt["seeds"])),
+            "ratio_total": total, "ratio_posttrain": post}
 
 
 def claim_cmt_vs_random(res: Evidence, method: str) -> dict:
     """Claim 2: the paper's 'up to 98% less data and GPU time' than training without CMT, read as
     CMT's data and compute to reach the random init's final quality versus the random init's."""
-    claim = {"id": 2, "method": method, "claim": f"{methods.label(method)} from CMT reaches the random init's final "
-                                                 f"`{res.metric}` with less data and compute than from random"}
     target = res.targets[method, "random", res.metric]
     cmt, rnd = (_row(res, res.metric, method, "random", i) for i in ("cmt", "random"))
-    if undecided := _unreached(res, target, cmt):
-        return {**claim, "verdict": undecided[0], "measured": undecided[1]}
+    if undecided := _undecided(res, target, cmt):
+        return _claim(2, method, res.metric, *undecided, target=target, floor=res.floor)
     data = 1 - _ratio(cmt["images"], rnd["images"])
     post = 1 - _ratio(cmt["posttrain_hours"], rnd["posttrain_hours"])
     total = 1 - _ratio(cmt["total_hours"], rnd["total_hours"])
-    verdict = NOT_RESOLVED if abs(total) < TIME_TIE else HOLDS if total > 0 else FAILS
-    return {**claim, "verdict": verdict, "saving_data": data, "saving_posttrain": post, "saving_total": total,
-            "measured": f"from CMT: {_less(data)} post-training data, {_less(post)} post-training time, "
-                        f"{_less(total)} total time (incl. pre-, trajectory and mid-training) than from random "
-                        f"(paper: {methods.get(method).saving or 'no figure'})"}
+    verdict = NOT_RESOLVED if abs(total) < res.rules.time_tie else HOLDS if total > 0 else FAILS
+    return {**_claim(2, method, res.metric, verdict), "saving_data": data, "saving_posttrain": post,
+            "saving_total": total}
 
 
 def claim_from_scratch(res: Evidence, method: str) -> dict:
     """Claim 3 (the paper's for MeanFlow): from CMT vs from scratch, about half the total training
     time to equal or better 1-step quality."""
-    metric, m = res.metric_1step, methods.get(method)
-    claim = {"id": 3, "method": method, "claim": f"{m.label} from CMT reaches the from-scratch (random init) "
-                                                 f"final 1-step `{metric}` with {m.saving} total time, "
-                                                 f"ending equal or better"}
+    metric = res.metric_1step
     if method not in res.methods:
-        return {**claim, "verdict": NOT_TESTED, "measured": f"{m.label} was not run (posttrain.methods)"}
+        return _claim(3, method, metric, NOT_TESTED, NOT_RUN)
     target = res.targets[method, "random", metric]
     cmt, rnd = (_row(res, metric, method, "random", i) for i in ("cmt", "random"))
     finals = res.finals[res.finals.method == method].groupby("init")[f"eval_{metric}"].mean()
     better = finals["cmt"] <= finals["random"]
-    final_text = (f"final 1-step `{key(metric, res.final_n)}` CMT {finals['cmt']:.3g} vs scratch "
-                  f"{finals['random']:.3g} (paper: {m.from_scratch})")
-    if undecided := _unreached(res, target, cmt):
-        return {**claim, "verdict": undecided[0], "measured": f"{undecided[1]}; {final_text}"}
+    facts = {"final_key": key(metric, res.final_n), "final_cmt": float(finals["cmt"]),
+             "final_random": float(finals["random"])}
+    if undecided := _undecided(res, target, cmt):
+        return _claim(3, method, metric, *undecided, target=target, floor=res.floor, **facts)
     saving = 1 - _ratio(cmt["total_hours"], rnd["total_hours"])
-    verdict = NOT_RESOLVED if abs(saving) < TIME_TIE else HOLDS if saving > 0 and better else FAILS
-    return {**claim, "verdict": verdict, "saving_total": saving, "cmt_final_not_worse": bool(better),
-            "measured": f"total time to the target: {_less(saving)} than from scratch (paper: {m.saving}); "
-                        + final_text}
+    verdict = NOT_RESOLVED if abs(saving) < res.rules.time_tie else HOLDS if saving > 0 and better else FAILS
+    return {**_claim(3, method, metric, verdict, **facts), "saving_total": saving, "cmt_final_not_worse": bool(better)}
 
 
 def claim_sensitivity() -> dict:
-    return {"id": 4, "method": "all", "claim": "CMT makes post-training less sensitive to hyperparameters",
-            "verdict": NOT_TESTED, "measured": "needs the Optuna sensitivity study (not run in this pipeline yet)"}
+    return _claim(4, "all", "", NOT_TESTED, NO_STUDY)
 
 
 def claims(res: Evidence) -> list[dict]:

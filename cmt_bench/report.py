@@ -15,15 +15,17 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 import torch  # noqa: E402
 
-from . import html, inits, methods, study_report  # noqa: E402
+from . import claim_text, html, inits, methods, study_report  # noqa: E402
+from .claim_text import SOURCE, TARGETS, paper  # noqa: E402
 from .config import Params  # noqa: E402
 from .data import load_split, read_json, write_json  # noqa: E402
-from .evidence import SOURCE, TARGETS, Evidence, claims, collect, paper  # noqa: E402
+from .evidence import Evidence, claims, collect  # noqa: E402
 from .layout import out_dir, report_dir  # noqa: E402
 from .methods import label  # noqa: E402
 from .scoring import key  # noqa: E402
 
 STEPS = {"2step": "2-step", "1step": "1-step"}
+NOT_METRICS = ("id", "method", "study", "reason", "facts", "comparisons")  # kept out of claims.json
 STAGE_LABEL = {"pretrain": "pre-training", "trajectories": "trajectories", "midtrain": "mid-training"}
 
 
@@ -203,7 +205,8 @@ def markdown(params: Params, res: Evidence, verdicts: list[dict], context: dict,
         *_floor_line(res),
         "## Claims", "",
         "| # | claim | paper | measured here | verdict |", "|---|---|---|---|---|",
-        *[f"| {c['id']} | {c['claim']} | {paper(c['id'], c['method'])} | {c['measured']} | **{c['verdict']}** |" for c in verdicts],
+        *[f"| {c['id']} | {claim_text.sentence(c)} | {paper(c['id'], c['method'])} | "
+          f"{claim_text.measured(c, params.report)} | **{claim_text.verdict(c)}** |" for c in verdicts],
         "",
         f"Paper: {SOURCE}. Headline numbers: CIFAR-10 2-step FID 1.97 with up to 98% less data and GPU time than "
         "consistency models; ImageNet 256 1-step FID 3.34 at about half the cost of MeanFlow from scratch.", "",
@@ -227,7 +230,7 @@ def markdown(params: Params, res: Evidence, verdicts: list[dict], context: dict,
     return "\n".join([*lines, *studies])
 
 
-def summary_lines(res: Evidence, verdicts: list[dict]) -> list[str]:
+def summary_lines(params: Params, res: Evidence, verdicts: list[dict]) -> list[str]:
     unit, scale = _unit(res.curves["total_hours"].max())
     final = key(res.metric, res.final_n)
     lines = [f"{'method':<9} {'init':<10} {'post-train ' + unit:>26} {'total ' + unit:>21} {final:>24}"]
@@ -237,7 +240,8 @@ def summary_lines(res: Evidence, verdicts: list[dict]) -> list[str]:
             row = means.loc[(method, init)]
             lines.append(f"{method:<9} {init:<10} {row['posttrain_hours'] * scale:>26.3g} "
                          f"{row['total_hours'] * scale:>21.3g} {row[f'eval_{res.metric}']:>24.4g}")
-    return lines + [f"claim {c['id']} ({label(c['method'])}): {c['verdict']} ({c['measured']})"
+    return lines + [f"claim {c['id']} ({label(c['method'])}): {claim_text.verdict(c)} "
+                    f"({claim_text.measured(c, params.report)})"
                     for c in verdicts]
 
 
@@ -256,7 +260,7 @@ def build(params: Params) -> Path:
     res = collect(params)
     out = report_dir(params.preset)
     out.mkdir(parents=True, exist_ok=True)
-    sensitivity_claims, sensitivity_lines = study_report.build(out)
+    sensitivity_claims, sensitivity_lines = study_report.build(out, params.report)
     verdicts = [c for c in claims(res) if c["id"] != 4 or not sensitivity_claims] + sensitivity_claims
     data_dir = out_dir("data")
     heldout = load_split(data_dir, "heldout").numpy()
@@ -274,10 +278,10 @@ def build(params: Params) -> Path:
     _curve_files(res, out)
     # DVC metrics: each claim's verdict and its measured ratios (the sentences are in report.md)
     write_json(out / "claims.json", {f"claim{c['id']}_{c.get('study', c['method'])}":
-                                     {k: v for k, v in c.items() if k not in ("id", "method", "study", "claim", "measured", "comparisons")}
-                                     for c in verdicts})
+                                     {**{k: v for k, v in c.items() if k not in NOT_METRICS},
+                                      "verdict": claim_text.verdict(c)} for c in verdicts})
     write_json(out / "summary.json", {"metric": res.metric, "noise_floor": res.floor,
-                                      "summary": summary_lines(res, verdicts)})
+                                      "summary": summary_lines(params, res, verdicts)})
     return out
 
 

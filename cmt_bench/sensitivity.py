@@ -3,11 +3,11 @@ cmt), the same number of trials over the same search space, objective = a final 
 better). Tables of the trials and of their spread, parameter importances, a bootstrap verdict, and
 seaborn figures.
 
-An init is less sensitive when more of its finished trials land within WITHIN of its own best
+An init is less sensitive when more of its finished trials land within report.within_best of its own best
 value: a flat landscape forgives a poor guess. Pruned and diverged trials never count as within,
 so an init that is only good when it survives does not look robust. That relative measure decides
 the verdict. Beside it, an absolute one: the share of trials reaching a common target (within
-WITHIN of the worse of the two inits' bests), which credits an init whose typical trial beats the
+report.within_best of the worse of the two inits' bests), which credits an init whose typical trial beats the
 other's best, and which the relative measure cannot see; it is reported, not voted.
 """
 from __future__ import annotations
@@ -30,11 +30,10 @@ from optuna.importance import (FanovaImportanceEvaluator, PedAnovaImportanceEval
 from optuna.trial import TrialState  # noqa: E402
 
 from . import inits  # noqa: E402
+from .config import ReportConfig  # noqa: E402
+from .verdicts import FAILS, HOLDS, NO_COMPARISON, NOT_RESOLVED, NOT_TESTED, TOO_FEW_TRIALS  # noqa: E402
 
-WITHIN = 0.10  # "within 10% of best"
-HOLDS, FAILS, NOT_RESOLVED, NOT_TESTED = "holds", "does not hold", "not resolved at this scale", "not tested"
-# CMT may diverge this much more often than another init before that alone fails the claim.
-DIVERGED_MARGIN = 0.1
+WITHIN = ReportConfig().within_best  # "within 10% of best" (report.within_best)
 BASE = ["init", "number", "state", "value", "diverged", "pruned", "retried_from", "duration_seconds"]
 FINISHED = ("COMPLETE", "PRUNED")  # FAIL trials are retried as new trials, so they are not outcomes
 EVALUATORS = {"ped_anova": lambda: PedAnovaImportanceEvaluator(), "fanova": lambda: FanovaImportanceEvaluator(seed=0)}
@@ -153,33 +152,36 @@ def importances(studies: Mapping[str, optuna.Study], numbers: Mapping[str, Itera
 
 # --- the claim --------------------------------------------------------------------------------
 
-def _verdict(comparisons: dict) -> str:
+def _verdict(comparisons: dict, diverged_margin: float) -> str:
     c = comparisons.values()
-    if any(x["difference"] <= 0 or x["cmt_diverged"] > x["other_diverged"] + DIVERGED_MARGIN for x in c):
+    if any(x["difference"] <= 0 or x["cmt_diverged"] > x["other_diverged"] + diverged_margin for x in c):
         return FAILS
     if all(x["ci90"][0] > 0 and x["cmt_diverged"] <= x["other_diverged"] for x in c):
         return HOLDS
     return NOT_RESOLVED  # CMT ahead, but not beyond resampling noise (or diverges slightly more)
 
 
-def sensitivity_claim(frame: pd.DataFrame, within: float = WITHIN, resamples: int = 2000, seed: int = 0,
-                      min_trials: int = 5) -> dict:
-    """Claim 4: S(init) = share of finished trials within `within` of that init's best; CMT should
-    have the larger S against every other init, beyond a bootstrap 90% interval, without diverging
-    more often."""
+def sensitivity_claim(frame: pd.DataFrame, rules: ReportConfig = ReportConfig(), seed: int = 0) -> dict:
+    """Claim 4: S(init) = share of finished trials within rules.within_best of that init's best; CMT
+    should have the larger S against every other init, beyond a bootstrap 90% interval, without
+    diverging more often. Returns the verdict code, the reason where it could not decide, the
+    comparisons and the facts the report words (`claim_text`)."""
+    within = rules.within_best
     s = spread(frame, within)
     others = [i for i in s.index if i != "cmt"]  # every other init the study ran, in registry order
+    facts = {"within": within, "min_trials": rules.min_trials,
+             "inits": {i: {"finished": int(s.at[i, "finished"]), "within_best": float(s.at[i, "within_best"]),
+                           "diverged_fraction": float(s.at[i, "diverged_fraction"]), "best": float(s.at[i, "best"]),
+                           "median": float(s.at[i, "median"])} for i in s.index}}
     if "cmt" not in s.index or not others:
-        return {"verdict": NOT_TESTED, "comparisons": {},
-                "measured": "needs a cmt study and a random or diffusion study"}
-    few = [f"{i} ({s.at[i, 'finished']})" for i in ["cmt", *others] if s.at[i, "finished"] < min_trials]
+        return {"verdict": NOT_TESTED, "reason": NO_COMPARISON, "comparisons": {}, "facts": facts}
+    few = [i for i in ["cmt", *others] if s.at[i, "finished"] < rules.min_trials]
     if few:
-        return {"verdict": NOT_TESTED, "comparisons": {},
-                "measured": f"fewer than {min_trials} finished trials: {', '.join(few)}"}
+        return {"verdict": NOT_TESTED, "reason": TOO_FEW_TRIALS, "comparisons": {}, "facts": {**facts, "few": few}}
     rng = np.random.default_rng(seed)
     values = {i: _finished(frame, i)["value"].to_numpy(float) for i in ["cmt", *others]}
     # bootstrap: resample each init's finished trials (a best is recomputed inside each resample)
-    boot = {i: v[rng.integers(0, len(v), size=(resamples, len(v)))] for i, v in values.items()}
+    boot = {i: v[rng.integers(0, len(v), size=(rules.resamples, len(v)))] for i, v in values.items()}
     comparisons = {}
     for other in others:
         lo, hi = np.percentile(_within(boot["cmt"], within) - _within(boot[other], within), [5, 95])
@@ -194,19 +196,8 @@ def sensitivity_claim(frame: pd.DataFrame, within: float = WITHIN, resamples: in
                               "target": target, "cmt_reach": reach["cmt"], "other_reach": reach[other],
                               "reach_difference": reach["cmt"] - reach[other],
                               "reach_ci90": [float(reach_lo), float(reach_hi)]}
-    parts = [f"{o} {c['other']:.0%} of {s.at[o, 'finished']} (difference {c['difference']:+.2f}, 90% interval "
-             f"{c['ci90'][0]:+.2f} to {c['ci90'][1]:+.2f})" for o, c in comparisons.items()]
-    reached = [f"{o} (at most {c['target']:.3g}): cmt {c['cmt_reach']:.0%} vs {c['other_reach']:.0%} (difference "
-               f"{c['reach_difference']:+.2f}, 90% interval {c['reach_ci90'][0]:+.2f} to {c['reach_ci90'][1]:+.2f})"
-               for o, c in comparisons.items()]
-    diverged = ", ".join(f"{i} {s.at[i, 'diverged_fraction']:.0%}" for i in ["cmt", *others])
-    # context, not the verdict: where the landscape sits, and how far its middle is from its best
-    levels = ", ".join(f"{i} {s.at[i, 'best']:.3g} / {s.at[i, 'median']:.3g}" for i in ["cmt", *others])
-    measured = (f"Share of finished trials within {within:.0%} of the init's best value: cmt "
-                f"{s.at['cmt', 'within_best']:.0%} of {s.at['cmt', 'finished']} vs {'; '.join(parts)}; "
-                f"diverged: {diverged}. Best / median final value: {levels}. Not in the verdict: share reaching "
-                f"a common target, within {within:.0%} of the worse of the two bests, vs {'; vs '.join(reached)}.")
-    return {"verdict": _verdict(comparisons), "measured": measured, "comparisons": comparisons}
+    return {"verdict": _verdict(comparisons, rules.diverged_margin), "reason": None, "comparisons": comparisons,
+            "facts": facts}
 
 
 # --- figures ----------------------------------------------------------------------------------
@@ -304,10 +295,10 @@ def plot_contours(frame: pd.DataFrame, imp: pd.DataFrame, path: Path, log_params
     return _save(fig, path)
 
 
-def plot_spread(frame: pd.DataFrame, path: Path) -> Path:
+def plot_spread(frame: pd.DataFrame, path: Path, within: float = WITHIN) -> Path:
     """Final values of the completed trials per init (box + points), each init's best as a star,
-    its 'within WITHIN of best' band shaded."""
-    order, s = _order(frame), spread(frame)
+    its 'within `within` of best' band shaded."""
+    order, s = _order(frame), spread(frame, within)
     done = frame[frame["state"] == "COMPLETE"]
     sns.set_style("whitegrid")
     fig, ax = plt.subplots(figsize=(2.2 * max(1, len(order)) + 2.5, 4.6))
@@ -315,18 +306,21 @@ def plot_spread(frame: pd.DataFrame, path: Path) -> Path:
         kw = dict(data=done, x="init", y="value", order=order, hue="init", hue_order=order, palette=_colors(order),
                   legend=False, ax=ax)
         sns.boxplot(**kw, fill=False, showfliers=False, width=0.5)
+        state = np.random.get_state()  # seaborn jitters from numpy's global generator: seed it, so reruns match
+        np.random.seed(0)
         sns.stripplot(**kw, size=4, alpha=0.7, jitter=0.2)
+        np.random.set_state(state)
     for i, init in enumerate(order):
         best = s.at[init, "best"]
         if not np.isnan(best):
             color = inits.color(init)
-            ax.fill_between([i - 0.42, i + 0.42], best, best * (1 + WITHIN), color=color, alpha=0.2, lw=0)
+            ax.fill_between([i - 0.42, i + 0.42], best, best * (1 + within), color=color, alpha=0.2, lw=0)
             ax.plot(i, best, marker="*", ms=14, c=color, mec="k")
-    ax.set_xticks(range(len(order)), [f"{i}\n{s.at[i, 'within_best']:.0%} within {WITHIN:.0%} of best\n"
+    ax.set_xticks(range(len(order)), [f"{i}\n{s.at[i, 'within_best']:.0%} within {within:.0%} of best\n"
                                       f"{s.at[i, 'completed']} completed, {s.at[i, 'pruned']} pruned, "
                                       f"{s.at[i, 'diverged']} diverged" for i in order], fontsize=8)
     _log_y(ax, done["value"])
     ax.set(xlabel="", ylabel=frame.attrs.get("metric", "final value"))
-    ax.set_title(f"final value per trial (lower is better); star: best, band: within {WITHIN:.0%} of best")
+    ax.set_title(f"final value per trial (lower is better); star: best, band: within {within:.0%} of best")
     fig.tight_layout()
     return _save(fig, path)

@@ -281,7 +281,7 @@ def write_results(params: Params, spec: StudySpec, studies: dict[str, optuna.Stu
     counted = sensitivity.counted(frame, spec.trials)
     numbers = {init: group["number"].tolist() for init, group in counted.groupby("init")}
     sensitivity.importances(studies, numbers).to_csv(out / "importances.csv", index=False)
-    spread = sensitivity.spread(counted)
+    spread = sensitivity.spread(counted, params.report.within_best)
     trials = [t for s in studies.values() for t in s.get_trials(deepcopy=False, states=FINISHED)]
     start = min((t.datetime_start for t in trials if t.datetime_start), default=None)
     end = max((t.datetime_complete for t in trials if t.datetime_complete), default=None)

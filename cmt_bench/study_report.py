@@ -9,12 +9,9 @@ import pandas as pd
 
 from . import sensitivity
 from .data import read_json
-from .evidence import FAILS, HOLDS, NOT_RESOLVED, NOT_TESTED
+from .config import ReportConfig
 from .layout import STUDIES, STUDY_INDEX
 from .methods import label
-
-VERDICT = {sensitivity.HOLDS: HOLDS, sensitivity.FAILS: FAILS, sensitivity.NOT_RESOLVED: NOT_RESOLVED,
-           sensitivity.NOT_TESTED: NOT_TESTED}
 
 
 def study_names() -> list[str]:
@@ -33,15 +30,13 @@ def _log_params(summary: dict) -> list[str]:
     return [k for k, d in summary["spec"]["space"].items() if d.get("log")]
 
 
-def _claim(summary: dict, frame: pd.DataFrame) -> dict:
+def _claim(summary: dict, frame: pd.DataFrame, rules: ReportConfig) -> dict:
+    """Claim 4 from one study, as data (claim_text words it)."""
     spec = summary["spec"]
-    found = sensitivity.sensitivity_claim(frame)
-    return {"id": 4, "method": spec["method"], "study": spec["name"],
-            "claim": f"CMT makes {label(spec['method'])} post-training less sensitive to hyperparameters "
-                     f"(study `{spec['name']}`)",
-            "verdict": VERDICT[found["verdict"]], "measured": found["measured"], "comparisons": found["comparisons"],
+    found = sensitivity.sensitivity_claim(frame, rules)
+    return {"id": 4, "method": spec["method"], "study": spec["name"], **found,
             # flat numbers for `dvc metrics show`
-            **{f"within_best_{i}": float(v) for i, v in sensitivity.spread(frame)["within_best"].items()},
+            **{f"within_best_{i}": float(v) for i, v in sensitivity.spread(frame, rules.within_best)["within_best"].items()},
             **{f"difference_vs_{o}": c["difference"] for o, c in found["comparisons"].items()},
             **{f"reach_difference_vs_{o}": c["reach_difference"] for o, c in found["comparisons"].items()}}
 
@@ -51,8 +46,8 @@ def _fmt(x) -> str:
 
 
 def _section(summary: dict, frame: pd.DataFrame, imp: pd.DataFrame, figures: dict[str, Path | None],
-             rel: str) -> list[str]:
-    spec, spread = summary["spec"], sensitivity.spread(frame)
+             rel: str, within: float) -> list[str]:
+    spec, spread = summary["spec"], sensitivity.spread(frame, within)
     space = ", ".join(f"`{k}` " + (f"in {d['choices']}" if "choices" in d else
                                    f"{d['low']:g} to {d['high']:g}{' (log)' if d.get('log') else ''}")
                       for k, d in spec["space"].items())
@@ -64,7 +59,7 @@ def _section(summary: dict, frame: pd.DataFrame, imp: pd.DataFrame, figures: dic
              f"Space: {space}. Storage `{summary['storage']}`, {summary['workers']} worker(s), "
              f"{minutes:.1f} min from the first trial's start to the last trial's end.", "",
              f"| init | finished | completed | pruned | diverged | best | median | median / best | within "
-             f"{sensitivity.WITHIN:.0%} of best |", "|---|---|---|---|---|---|---|---|---|"]
+             f"{within:.0%} of best |", "|---|---|---|---|---|---|---|---|---|"]
     for init, row in spread.iterrows():
         counts = " | ".join(str(int(row[k])) for k in ("finished", "completed", "pruned", "diverged"))
         lines.append(f"| {init} | {counts} | "
@@ -84,7 +79,7 @@ def _section(summary: dict, frame: pd.DataFrame, imp: pd.DataFrame, figures: dic
     return lines
 
 
-def build(out: Path) -> tuple[list[dict], list[str]]:
+def build(out: Path, rules: ReportConfig = ReportConfig()) -> tuple[list[dict], list[str]]:
     """Claim 4 per study and the report's sensitivity section; figures go to out/studies/<name>/."""
     claims, lines = [], []
     for name in study_names():
@@ -92,17 +87,18 @@ def build(out: Path) -> tuple[list[dict], list[str]]:
         folder = out / "studies" / name
         folder.mkdir(parents=True, exist_ok=True)
         logs = _log_params(summary)
-        figures = {"final metric per trial, per init": sensitivity.plot_spread(frame, folder / "spread.png"),
+        figures = {"final metric per trial, per init": sensitivity.plot_spread(frame, folder / "spread.png",
+                                                                               rules.within_best),
                    "final metric against each parameter": sensitivity.plot_slices(frame, folder / "slices.png", logs),
                    "final metric over the two most important parameters":
                        sensitivity.plot_contours(frame, imp, folder / "contours.png", logs)}
         frame.to_csv(folder / "trials.csv", index=False)
-        claims.append(_claim(summary, frame))
-        lines += _section(summary, frame, imp, figures, f"studies/{name}")
+        claims.append(_claim(summary, frame, rules))
+        lines += _section(summary, frame, imp, figures, f"studies/{name}", rules.within_best)
     if lines:
         lines = ["## Sensitivity to hyperparameters (Optuna)", "",
                  f"An init is less sensitive when more of its finished trials end within "
-                 f"{sensitivity.WITHIN:.0%} of its own best value; pruned and diverged trials never count as "
+                 f"{rules.within_best:.0%} of its own best value; pruned and diverged trials never count as "
                  "within. Each init counts its first finished trials up to the spec's number (by trial number; "
                  "parallel workers may finish one or two more, which are not counted). "
                  "Claim 4 compares CMT's share with each other init's, with a bootstrap 90% interval. "

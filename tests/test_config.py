@@ -167,3 +167,13 @@ def test_fingerprint_stable_and_sensitive():
     assert config.fingerprint(changed) != config.fingerprint(a)
     assert config.fingerprint(changed.pretrain) == config.fingerprint(a.pretrain)
     assert config.fingerprint(a.pretrain, "x") != config.fingerprint(a.pretrain, "y")
+
+
+def test_verdict_thresholds_are_validated_parameters():
+    """The report's rules live under report: and a bad threshold is refused with its key."""
+    params = config.load(Path(__file__).resolve().parents[1] / "params.yaml")
+    assert (params.report.floor_margin, params.report.time_tie, params.report.within_best) == (1.25, 0.10, 0.10)
+    with pytest.raises(ParamsError, match=r"report\.time_tie: Input should be less than 1"):
+        config.override(params, {"report.time_tie": 1.5}, "test")
+    with pytest.raises(ParamsError, match=r"report\.min_trials"):
+        config.override(params, {"report.min_trials": 0}, "test")

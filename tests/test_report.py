@@ -2,8 +2,15 @@
 import pandas as pd
 import pytest
 
-from cmt_bench import evidence
-from cmt_bench.evidence import FAILS, HOLDS, NOT_RESOLVED, NOT_TESTED, Evidence
+from cmt_bench import claim_text, evidence
+from cmt_bench.config import ReportConfig
+from cmt_bench.evidence import Evidence
+from cmt_bench.verdicts import FAILS, HOLDS, NOT_RESOLVED, NOT_TESTED
+
+def measured(claim: dict) -> str:
+    """The report's sentence for a claim, under the default rules (report: in params)."""
+    return claim_text.measured(claim, ReportConfig())
+
 
 UPSTREAM = {"random": 0.0, "diffusion": 10.0, "cmt": 14.0}  # device-hours before post-training
 
@@ -54,7 +61,7 @@ def test_cmt_versus_diffusion_holds_with_exact_ratio():
         UPSTREAM["cmt"] = 14.0
     claim = evidence.claim_cmt_vs_diffusion(res, "ect")
     assert claim["verdict"] == HOLDS and claim["ratio_total"] == pytest.approx(3 / 14)
-    assert "CMT seeds reaching it: 1/1" in claim["measured"]
+    assert "CMT seeds reaching it: 1/1" in measured(claim)
 
 
 def test_cmt_that_never_reaches_does_not_hold_and_a_target_at_the_floor_is_not_resolved():
@@ -62,7 +69,7 @@ def test_cmt_that_never_reaches_does_not_hold_and_a_target_at_the_floor_is_not_r
               ("ect", "cmt"): [[1, 0.9, 0.8, 0.7, 0.6]]}
     assert evidence.claim_cmt_vs_diffusion(_evidence(values), "ect")["verdict"] == FAILS
     at_floor = evidence.claim_cmt_vs_diffusion(_evidence(values, floor=0.45), "ect")
-    assert at_floor["verdict"] == NOT_RESOLVED and "noise floor (0.45)" in at_floor["measured"]
+    assert at_floor["verdict"] == NOT_RESOLVED and "noise floor (0.45)" in measured(at_floor)
 
 
 def test_cmt_versus_random_savings_and_seed_spread():
@@ -74,7 +81,7 @@ def test_cmt_versus_random_savings_and_seed_spread():
     assert claim["saving_data"] == pytest.approx(1 - 100 / 400)
     assert claim["saving_posttrain"] == pytest.approx(1 - 1 / 4)
     assert claim["saving_total"] == pytest.approx(1 - 15 / 4)  # mid-training costs more than it saves
-    assert claim["verdict"] == FAILS and "275% more total time" in claim["measured"]
+    assert claim["verdict"] == FAILS and "275% more total time" in measured(claim)
     t = res.to_target
     rnd = t[(t.metric == "m_2step") & (t.target_init == "random") & (t.init == "random")].iloc[0]
     assert (rnd["seeds_reached"], rnd["seeds"]) == (1, 2)  # the seed that ended at 1.1 never got to 1.0
@@ -86,8 +93,8 @@ def test_a_baseline_that_needed_nothing_is_said_so_not_nan():
     res = _evidence({("ect", "random"): [[1.0, 1.5, 1.4, 1.3, 1.2]], ("ect", "diffusion"): [[1.5, 1.2, 1.0, 0.9, 0.8]],
                      ("ect", "cmt"): [[0.9, 0.8, 0.7, 0.6, 0.5]]})
     claim = evidence.claim_cmt_vs_random(res, "ect")
-    assert claim["verdict"] == FAILS and "nan" not in claim["measured"]
-    assert "no comparable share of (the other init needed none) total time" in claim["measured"]
+    assert claim["verdict"] == FAILS and "nan" not in measured(claim)
+    assert "no comparable share of (the other init needed none) total time" in measured(claim)
 
 
 def test_meanflow_claim_needs_meanflow_and_sensitivity_is_not_tested():
@@ -112,10 +119,33 @@ def test_each_method_row_quotes_the_papers_figure_for_that_method():
     MeanFlow-from-scratch figure, and its claim 1 says the paper gives no MeanFlow figure against diffusion."""
     values = {(m, i): [[2, 1.8, 1.6, 1.4, 1.2]] for m in ("ect", "meanflow") for i in ("random", "diffusion", "cmt")}
     res = _evidence(values, methods=("ect", "meanflow"))
-    assert "(paper: up to 98% less)" in evidence.claim_cmt_vs_random(res, "ect")["measured"]
-    assert "(paper: about 50% less)" in evidence.claim_cmt_vs_random(res, "meanflow")["measured"]
-    assert "CIFAR-10: 2-step FID 1.97" in evidence.paper(1, "ect")
-    assert evidence.paper(1, "meanflow").startswith("no MeanFlow figure against a diffusion init")
-    assert "3.34 vs 3.43" in evidence.paper(2, "meanflow") and "98%" not in evidence.paper(2, "meanflow")
-    assert "3.34 vs 3.43" in evidence.paper(3, "meanflow") and evidence.paper(4, "ect") == evidence.SENSITIVITY_PAPER
-    assert evidence.paper(3, "ect") == "the paper gives no figure for ECT"
+    assert "(paper: up to 98% less)" in measured(evidence.claim_cmt_vs_random(res, "ect"))
+    assert "(paper: about 50% less)" in measured(evidence.claim_cmt_vs_random(res, "meanflow"))
+    assert "CIFAR-10: 2-step FID 1.97" in claim_text.paper(1, "ect")
+    assert claim_text.paper(1, "meanflow").startswith("no MeanFlow figure against a diffusion init")
+    assert "3.34 vs 3.43" in claim_text.paper(2, "meanflow") and "98%" not in claim_text.paper(2, "meanflow")
+    assert "3.34 vs 3.43" in claim_text.paper(3, "meanflow") and claim_text.paper(4, "ect") == claim_text.SENSITIVITY_PAPER
+    assert claim_text.paper(3, "ect") == "the paper gives no figure for ECT"
+
+
+def test_thresholds_are_parameters_and_the_words_follow_them():
+    """The same curves under a wider wall-time tie: the claim that held becomes not resolved, and
+    the sentence names the tie it used; a target at the floor under a smaller margin is decided."""
+    UPSTREAM["cmt"] = 2.0
+    try:
+        res = _evidence({("ect", "random"): [[2, 1.8, 1.6, 1.4, 1.2]], ("ect", "diffusion"): [[1, 0.9, 0.7, 0.6, 0.5]],
+                         ("ect", "cmt"): [[0.6, 0.5, 0.45, 0.4, 0.4]]})
+    finally:
+        UPSTREAM["cmt"] = 14.0
+    assert evidence.claim_cmt_vs_diffusion(res, "ect")["verdict"] == HOLDS  # 3 / 14
+    res.rules = ReportConfig(time_tie=0.9)
+    claim = evidence.claim_cmt_vs_diffusion(res, "ect")
+    assert claim["verdict"] == NOT_RESOLVED and claim["reason"] is None
+    assert claim_text.measured(claim, res.rules).endswith("; within 90% of 1, the wall-time noise")
+    assert claim_text.verdict(claim) == "not resolved at this scale"
+    values = {("ect", "random"): [[2, 1.8, 1.6, 1.4, 1.2]], ("ect", "diffusion"): [[1, 0.9, 0.7, 0.6, 0.5]],
+              ("ect", "cmt"): [[0.6, 0.5, 0.45, 0.4, 0.4]]}
+    res = _evidence(values, floor=0.45)
+    assert evidence.claim_cmt_vs_diffusion(res, "ect")["reason"] == "target_at_noise_floor"  # 0.5 <= 1.25 x 0.45
+    res.rules = ReportConfig(floor_margin=1.05)
+    assert evidence.claim_cmt_vs_diffusion(res, "ect")["reason"] is None

@@ -12,7 +12,9 @@ import pytest
 from PIL import Image
 
 from cmt_bench import sensitivity as sens
-from cmt_bench.sensitivity import FAILS, HOLDS, NOT_RESOLVED, NOT_TESTED
+from cmt_bench.claim_text import measured_sensitivity
+from cmt_bench.config import ReportConfig
+from cmt_bench.verdicts import FAILS, HOLDS, NOT_RESOLVED, NOT_TESTED
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 LR, Q, BS = "posttrain.train.lr", "posttrain.ect.q", "posttrain.train.batch_size"
@@ -171,7 +173,7 @@ def test_lr_is_the_most_important_param_of_the_sharp_study(studies):
 
 
 def _claim(**inits):
-    return sens.sensitivity_claim(sens.trials_frame(inits), resamples=500)
+    return sens.sensitivity_claim(sens.trials_frame(inits), ReportConfig(resamples=500))
 
 
 def test_claim_holds_when_cmt_is_flat_and_the_others_sharp():
@@ -180,7 +182,7 @@ def test_claim_holds_when_cmt_is_flat_and_the_others_sharp():
     assert out["verdict"] == HOLDS, out
     for c in out["comparisons"].values():
         assert c["cmt"] == 1.0 and c["ci90"][0] > 0 and c["difference"] > 0.5
-    assert "cmt 100% of 30" in out["measured"]
+    assert "cmt 100% of 30" in measured_sensitivity(out)
     assert json.loads(json.dumps(out)) == out  # plain floats: the report writes it as JSON
 
 
@@ -213,14 +215,15 @@ def test_common_target_share_is_reported_beside_the_verdict():
     assert c["difference"] == 0 and out["verdict"] == FAILS
     assert c["target"] == pytest.approx(11.0) and (c["cmt_reach"], c["other_reach"]) == (1.0, 0.2)
     assert c["reach_difference"] == pytest.approx(0.8) and c["reach_ci90"][0] > 0.5
-    assert "vs random (at most 11): cmt 100% vs 20% (difference +0.80" in out["measured"]
+    assert "vs random (at most 11): cmt 100% vs 20% (difference +0.80" in measured_sensitivity(out)
 
 
 def test_claim_not_tested_without_enough_trials_or_inits():
     assert _claim(random=fixed([1.0, 2.0, 3.0] * 3), cmt=fixed([1.0] * 3))["verdict"] == NOT_TESTED
     assert _claim(random=fixed([1.0] * 8), diffusion=fixed([1.0] * 8))["verdict"] == NOT_TESTED
-    out = sens.sensitivity_claim(sens.trials_frame({"random": fixed([1.0] * 8), "cmt": fixed([1.0] * 8)}), min_trials=9)
-    assert out["verdict"] == NOT_TESTED and "cmt (8)" in out["measured"]
+    out = sens.sensitivity_claim(sens.trials_frame({"random": fixed([1.0] * 8), "cmt": fixed([1.0] * 8)}),
+                                 ReportConfig(min_trials=9))
+    assert out["verdict"] == NOT_TESTED and "cmt (8)" in measured_sensitivity(out)
 
 
 def _non_blank(path):

@@ -8,11 +8,11 @@ package is imported below (the paper's three first, in the order the report show
 """
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+from ..registry import Registry
 
 BUILTIN = ("random", "diffusion", "cmt")  # the paper's inits, in report order; other modules follow by name
 STAGES = ("pretrain", "trajectories", "midtrain")  # the upstream stages an init may need, in pipeline order
@@ -30,37 +30,23 @@ class Init:
     inputs: Callable[[str], list[Path]] = lambda method: []
 
 
-REGISTRY: dict[str, Init] = {}
+REGISTRY = Registry("init", __name__, __path__, BUILTIN)
+get = REGISTRY.lookup
 
 
 def register(init: Init) -> Init:
-    if init.name in REGISTRY and REGISTRY[init.name] != init:
-        raise ValueError(f"init {init.name!r} is registered twice")
     unknown = [s for s in init.upstream if s not in STAGES]
     if unknown:
         raise ValueError(f"init {init.name!r}: unknown upstream stage(s) {unknown}; allowed: {', '.join(STAGES)}")
-    REGISTRY[init.name] = init
-    return init
+    return REGISTRY.register(init)
 
 
 def names() -> tuple[str, ...]:
     return tuple(REGISTRY)
 
 
-def get(name: str) -> Init:
-    if name not in REGISTRY:
-        raise ValueError(f"unknown init {name!r}; allowed: {', '.join(REGISTRY)}")
-    return REGISTRY[name]
-
-
 def color(name: str) -> str:
     return REGISTRY[name].color if name in REGISTRY else "k"
 
 
-def _discover() -> None:
-    found = sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
-    for module in [*BUILTIN, *(m for m in found if m not in BUILTIN)]:
-        importlib.import_module(f"{__name__}.{module}")
-
-
-_discover()
+REGISTRY.discover()

@@ -8,10 +8,10 @@ paper's two first, in the order the report shows them), so nothing else needs an
 """
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from dataclasses import dataclass, field
 from typing import Callable, Literal
+
+from ..registry import Registry
 
 BUILTIN = ("ect", "meanflow")  # the paper's methods, in report order; other modules follow by name
 
@@ -41,34 +41,16 @@ class Method:
             (("posttrain.distance.",) if self.uses_distance else ())
 
 
-REGISTRY: dict[str, Method] = {}
-
-
-def register(method: Method) -> Method:
-    if method.name in REGISTRY and REGISTRY[method.name] != method:
-        raise ValueError(f"post-training method {method.name!r} is registered twice")
-    REGISTRY[method.name] = method
-    return method
+REGISTRY = Registry("post-training method", __name__, __path__, BUILTIN)
+register, get = REGISTRY.register, REGISTRY.lookup
 
 
 def names() -> tuple[str, ...]:
     return tuple(REGISTRY)
 
 
-def get(name: str) -> Method:
-    if name not in REGISTRY:
-        raise ValueError(f"unknown post-training method {name!r}; allowed: {', '.join(REGISTRY)}")
-    return REGISTRY[name]
-
-
 def label(name: str) -> str:
     return REGISTRY[name].label if name in REGISTRY else name
 
 
-def _discover() -> None:
-    found = sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
-    for module in [*BUILTIN, *(m for m in found if m not in BUILTIN)]:
-        importlib.import_module(f"{__name__}.{module}")
-
-
-_discover()
+REGISTRY.discover()
