@@ -1,4 +1,5 @@
-"""`cmt-bench STAGE`: the single entry point DVC calls for every stage.
+"""`cmt-bench COMMAND`: the tool's entry point: the pipeline stages (the same as `python -m
+cmt_bench.stages STAGE`, which DVC runs), studies, ablations, the report, presets and checks.
 
 Parameters are loaded and validated before anything else happens, so a bad params.yaml is
 refused with the offending key before any work or logging starts.
@@ -10,37 +11,8 @@ import os
 import sys
 from pathlib import Path
 
-from . import config
-
-STAGES = ("data", "features", "pretrain", "trajectories", "midtrain", "posttrain", "evaluate", "report")
-TRAINING = ("pretrain", "midtrain", "posttrain")
-
-
-def _check_device(params: config.Params, source: str) -> None:
-    """Refuse a device this machine lacks, or more CUDA processes than it has GPUs (NCCL takes one
-    GPU per process), before any work; torch is imported only where CUDA may be in play."""
-    compute = params.compute
-    if compute.device == "cpu" or (compute.device == "auto" and compute.processes == 1):
-        return
-    from . import distributed
-    try:
-        dev = distributed.device(compute.device)
-    except RuntimeError as exc:
-        raise config.ParamsError(f"{source}: {exc}") from None
-    import torch
-    gpus = torch.cuda.device_count()
-    if dev.type == "cuda" and compute.processes > gpus:
-        raise config.ParamsError(f"{source}: compute.processes: {compute.processes} processes on CUDA need one GPU each; "
-                                 f"this machine has {gpus}; allowed here: 1 to {gpus}, or compute.device: cpu")
-
-
-def _check_inception_weights(params: config.Params, source: str) -> None:
-    """fid_inception reads torch-fidelity's Inception from a local file; it is never downloaded."""
-    weights = params.evaluate.inception_weights
-    if params.features == "inception" and not Path(weights).is_file():
-        raise config.ParamsError(f"{source}: evaluate.inception_weights: no file at {weights!r}; the Inception "
-                                 f"weights are never downloaded: copy torch-fidelity's pt_inception-2015-12-05 "
-                                 f"file there, or set evaluate.features to 'classifier' or 'raw'")
+from . import config, preflight
+from .stages import run as stage_run
 
 
 def _study_specs(params: config.Params, args) -> list:
@@ -132,27 +104,12 @@ def _deps(write: bool) -> int:
     return 0
 
 
-def _relaunch_under_torchrun(processes: int, argv: list[str]) -> int:
-    """Run this same command as `processes` DDP workers on this machine (torch's own launcher)."""
-    import subprocess
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
-           "-m", "cmt_bench", *argv]
-    return subprocess.run(cmd).returncode
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cmt-bench", description=__doc__.splitlines()[0])
     p.add_argument("--params", default="params.yaml", help="parameter file (default: params.yaml)")
     sub = p.add_subparsers(dest="command", required=True)
-    for stage in STAGES:
-        s = sub.add_parser(stage, help=f"run the {stage} stage")
-        if stage in ("posttrain", "evaluate"):
-            s.add_argument("--init", required=True, choices=config.INITS, help="an init of cmt_bench/inits/")
-        if stage in ("midtrain", "posttrain", "evaluate"):
-            s.add_argument("--method", required=True, choices=config.METHODS, help="a method of cmt_bench/methods/")
-        if stage in ("posttrain", "evaluate"):
-            s.add_argument("--seed", type=int, default=None,
-                           help="post-training seed (default: the first of posttrain.seeds)")
+    stage_run.add_arguments(sub)
+    sub.add_parser("report", help="run the report stage")
     sts = sub.add_parser("studies", help="run every study in studies.specs, then write artifacts/studies/index.json")
     sts.add_argument("--index-only", action="store_true",
                      help="only write the index (DVC runs each study as its own stage, studies@NAME)")
@@ -189,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "deps":
         return _deps(args.write)
+    if args.command in stage_run.STAGES:
+        return stage_run.main(argv)
     try:
         if args.command == "preset":
             params = config.preset(args.name)
@@ -197,8 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         params = config.load(args.params)
         if args.command not in ("report", "summary"):
-            _check_device(params, args.params)
-            _check_inception_weights(params, args.params)
+            preflight.check(params, args.params)
         specs = _study_specs(params, args)
         if args.command == "ablation":
             from . import ablation
@@ -225,22 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         return _run_studies(params, specs, args)
     if args.command == "ablation":
         return _run_ablation(params, specs[0], args)
-    if args.command in TRAINING and params.compute.processes > 1 and "WORLD_SIZE" not in os.environ:
-        return _relaunch_under_torchrun(params.compute.processes, argv)
-    import importlib
-
-    from . import distributed
-    run = importlib.import_module(f"cmt_bench.stages.{args.command}").run
-    try:
-        if args.command in ("posttrain", "evaluate"):
-            run(params, args.init, args.method, params.posttrain.seeds[0] if args.seed is None else args.seed)
-        elif args.command == "midtrain":
-            run(params, args.method)
-        else:
-            run(params)
-    finally:
-        distributed.close()
-    return 0
+    raise AssertionError(f"unhandled command {args.command!r}")
 
 
 if __name__ == "__main__":

@@ -14,8 +14,9 @@ Two rules beyond plain imports:
   method's and init's module (`${item.method}`, `${item.init}`) and on what every registered member
   imports; the studies and the report depend on the whole registry folder, so a new member reruns
   them too.
-- `python -m cmt_bench STAGE` enters through `__main__` and `cli`, whose top-level imports every
-  stage runs; its function-level imports belong to other commands.
+- a pipeline stage enters through `python -m cmt_bench.stages` (`stages/__main__`, `stages/run`); the
+  studies and the report through `python -m cmt_bench` (`__main__`, `cli`), of which only the
+  top-level imports count: its function-level ones belong to other commands.
 """
 from __future__ import annotations
 
@@ -27,20 +28,21 @@ from pathlib import Path
 PACKAGE = "cmt_bench"
 SOURCE = Path(__file__).resolve().parent  # the package folder
 REGISTRIES = ("cmt_bench.methods", "cmt_bench.inits")
-ENTRY = ("cmt_bench.__main__", "cmt_bench.cli")  # top-level imports only
+RUNNER = ("cmt_bench.stages.__main__", "cmt_bench.stages.run")  # `python -m cmt_bench.stages STAGE`
+CLI = ("cmt_bench.__main__", "cmt_bench.cli")  # `python -m cmt_bench COMMAND`: top-level imports only
 
 # stage -> (entry modules, registry members it runs: None, "item" (its matrix item's) or "all")
 STAGES: dict[str, tuple[tuple[str, ...], str | None]] = {
-    "data": (("cmt_bench.stages.data",), None),
-    "features": (("cmt_bench.stages.features",), None),
-    "pretrain": (("cmt_bench.stages.pretrain",), None),
-    "trajectories": (("cmt_bench.stages.trajectories",), None),
-    "midtrain": (("cmt_bench.stages.midtrain",), None),
-    "posttrain": (("cmt_bench.stages.posttrain",), "item"),
-    "evaluate": (("cmt_bench.stages.evaluate",), None),
-    "studies": (("cmt_bench.study", "cmt_bench.sensitivity"), "all"),
-    "study_index": (("cmt_bench.study",), None),
-    "report": (("cmt_bench.report",), "all"),
+    "data": ((*RUNNER, "cmt_bench.stages.data"), None),
+    "features": ((*RUNNER, "cmt_bench.stages.features"), None),
+    "pretrain": ((*RUNNER, "cmt_bench.stages.pretrain"), None),
+    "trajectories": ((*RUNNER, "cmt_bench.stages.trajectories"), None),
+    "midtrain": ((*RUNNER, "cmt_bench.stages.midtrain"), None),
+    "posttrain": ((*RUNNER, "cmt_bench.stages.posttrain"), "item"),
+    "evaluate": ((*RUNNER, "cmt_bench.stages.evaluate"), None),
+    "studies": ((*CLI, "cmt_bench.study", "cmt_bench.sensitivity"), "all"),
+    "study_index": ((*CLI, "cmt_bench.study"), None),
+    "report": ((*CLI, "cmt_bench.report"), "all"),
 }
 ITEM_DEPS = {"cmt_bench.methods": "cmt_bench/methods/${item.method}.py",
              "cmt_bench.inits": "cmt_bench/inits/${item.init}.py"}
@@ -113,7 +115,7 @@ def closure(entries, registries: str | None = None, skip: frozenset[str] = froze
         if name in seen or name in skip:
             continue
         seen.add(name)
-        todo.extend(direct_imports(name, top_level_only=name in ENTRY))
+        todo.extend(direct_imports(name, top_level_only=name in CLI))
         if name in REGISTRIES and registries == "all":
             todo.extend(members(name))
     return seen
@@ -127,7 +129,7 @@ def files(modules) -> list[str]:
 def stage_code(stage: str) -> list[str]:
     """The code dependencies of a dvc.yaml stage (a matrix stage's `${item...}` entries included)."""
     entries, registries = STAGES[stage]
-    modules = closure([*ENTRY, *entries], registries)
+    modules = closure(entries, registries)
     if registries == "all":  # the folders, which a new member changes, instead of today's members
         folders = [r for r in REGISTRIES if r in modules]
         modules -= {m for r in folders for m in [r, *members(r)]}

@@ -229,7 +229,7 @@ def test_posttrain_rerun_gives_identical_weights(repo):
     repo, env, _ = repo
     model = repo / "artifacts/posttrain/ect/diffusion/seed1/model.pt"
     before = torch.load(model, weights_only=True)
-    sh("python -m cmt_bench posttrain --init diffusion --method ect --seed 1", repo, env)
+    sh("python -m cmt_bench.stages posttrain --init diffusion --method ect --seed 1", repo, env)
     after = torch.load(model, weights_only=True)
     assert all(torch.equal(before["net"][k], after["net"][k]) for k in before["net"])
 

@@ -247,3 +247,15 @@ def test_contours_need_two_numeric_params(tmp_path):
     assert sens.plot_contours(frame, sens.importances({}), tmp_path / "c.png", log_params=[LR]) is None
     # a string categorical still gets its slice panel
     assert _non_blank(sens.plot_slices(frame, tmp_path / "s.png", log_params=[LR]))
+
+
+def test_the_report_words_a_study_claim():
+    """claim_text words claim 4 from its structured result: the study's claim sentence and what was measured."""
+    from cmt_bench import claim_text
+    from cmt_bench.study_report import _claim
+    frame = sens.trials_frame({"random": study(sharp, "random", seed=1), "cmt": study(flat, "cmt", seed=3)})
+    claim = _claim({"spec": {"method": "ect", "name": "toy_ect"}}, frame, ReportConfig(resamples=200))
+    assert claim_text.sentence(claim) == ("CMT makes ECT post-training less sensitive to hyperparameters "
+                                          "(study `toy_ect`)")
+    assert claim_text.verdict(claim) == "holds at this scale"
+    assert claim_text.measured(claim, ReportConfig()).startswith("Share of finished trials within 10% of the init's")

@@ -1,0 +1,39 @@
+"""Checks of the machine against params.yaml that every command runs before any work: a device
+this machine lacks, too many CUDA processes, a missing Inception weights file."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import config
+
+
+def check_device(params: config.Params, source: str) -> None:
+    """Refuse a device this machine lacks, or more CUDA processes than it has GPUs (NCCL takes one
+    GPU per process), before any work; torch is imported only where CUDA may be in play."""
+    compute = params.compute
+    if compute.device == "cpu" or (compute.device == "auto" and compute.processes == 1):
+        return
+    from . import distributed
+    try:
+        dev = distributed.device(compute.device)
+    except RuntimeError as exc:
+        raise config.ParamsError(f"{source}: {exc}") from None
+    import torch
+    gpus = torch.cuda.device_count()
+    if dev.type == "cuda" and compute.processes > gpus:
+        raise config.ParamsError(f"{source}: compute.processes: {compute.processes} processes on CUDA need one GPU each; "
+                                 f"this machine has {gpus}; allowed here: 1 to {gpus}, or compute.device: cpu")
+
+
+def check_inception_weights(params: config.Params, source: str) -> None:
+    """fid_inception reads torch-fidelity's Inception from a local file; it is never downloaded."""
+    weights = params.evaluate.inception_weights
+    if params.features == "inception" and not Path(weights).is_file():
+        raise config.ParamsError(f"{source}: evaluate.inception_weights: no file at {weights!r}; the Inception "
+                                 f"weights are never downloaded: copy torch-fidelity's pt_inception-2015-12-05 "
+                                 f"file there, or set evaluate.features to 'classifier' or 'raw'")
+
+
+def check(params: config.Params, source: str) -> None:
+    check_device(params, source)
+    check_inception_weights(params, source)
