@@ -15,7 +15,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 import torch  # noqa: E402
 
-from . import claim_text, html, inits, methods, study_report  # noqa: E402
+from . import claim_text, html, inits, study_report  # noqa: E402
 from .claim_text import SOURCE, TARGETS, paper  # noqa: E402
 from .config import Params  # noqa: E402
 from .data import load_split, read_json, write_json  # noqa: E402
@@ -61,7 +61,7 @@ def plot_curves(res: Evidence, path: Path) -> None:
     sns.set_style("whitegrid")
     for (method, metric), row in zip(rows, axes):
         data = res.mean[res.mean.method == method]
-        for ax, (x, label, xscale) in zip(row, axes_x):
+        for ax, (x, xlabel, xscale) in zip(row, axes_x):
             for init in res.inits:
                 d = data[data.init == init].sort_values("step")
                 ax.plot(d[x] * xscale, d[metric], marker="o", ms=3, c=inits.color(init), label=f"{init} init")
@@ -73,7 +73,7 @@ def plot_curves(res: Evidence, path: Path) -> None:
                            label=f"target: {TARGETS[target_init]}")
             if res.floor is not None:
                 ax.axhline(res.floor, ls=":", c="k", lw=1, label=f"noise floor (n={res.floor_n})")
-            ax.set(xlabel=label, ylabel=f"{metric} ({methods.label(method)})", yscale="log")
+            ax.set(xlabel=xlabel, ylabel=f"{metric} ({label(method)})", yscale="log")
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False, fontsize=9)
     seeds = f"mean of {len(res.seeds)} seeds, band = min to max" if len(res.seeds) > 1 else "one seed"

@@ -8,7 +8,6 @@ trial's checkpoint into the same MLflow run. Each study stops at `trials` finish
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import socket

@@ -27,11 +27,11 @@ class Method:
     cmt_variant: Literal["cm", "mf"]  # the CMT mid-training that initialises it (midtrain.variants' default)
     uses_distance: bool = False  # whether posttrain.distance enters its loss (logged and tunable only then)
     in_default_run: bool = False  # listed in posttrain.methods by default
-    # the paper's figure for each claim of the report this method has one for (claim id -> text);
-    # claim 3 (from CMT vs from scratch, total time and final 1-step quality) runs for the methods that give it
+    # the paper's figure for each claim of the report this method has one for (claim id -> text)
     paper: dict[int, str] = field(default_factory=dict)
     saving: str | None = None  # the paper's data / time saving over training without CMT (claim 2), if any
-    # claim 3 runs for the methods that give it: the paper's final 1-step figures from CMT vs from scratch
+    # the paper's final 1-step figures from CMT vs from scratch: claim 3 (about half the total time to
+    # equal or better 1-step quality) runs for the methods that give them
     from_scratch: str | None = None
     reference: str = ""  # where the method comes from
 
