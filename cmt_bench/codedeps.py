@@ -60,12 +60,6 @@ def module_file(name: str) -> Path | None:
     return None
 
 
-def module_name(path: Path) -> str:
-    rel = path.resolve().relative_to(SOURCE.parent).with_suffix("")
-    parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
-    return ".".join(parts)
-
-
 def _parents(name: str) -> list[str]:
     """Importing a.b.c runs a/__init__ and a/b/__init__ first."""
     parts = name.split(".")
@@ -157,10 +151,6 @@ def code_hash(modules) -> str:
 
 def _is_code(dep: str) -> bool:
     return dep.startswith(f"{PACKAGE}/")
-
-
-def _stage_name(dvc_stage: str) -> str:
-    return dvc_stage  # dvc.yaml's stage keys are the names above (matrix stages have one key)
 
 
 def mismatches(dvc_yaml: Path) -> dict[str, tuple[list[str], list[str]]]:
