@@ -51,6 +51,17 @@ def make_repo(repo: Path, preset: str, overrides: dict | None = None,
     return repo, env
 
 
+def stale_after_editing(repo: Path, env: dict, rel: str) -> set[str]:
+    """The stages `dvc status` lists after appending a comment to the file `rel` (restored after)."""
+    path = repo / rel
+    original = path.read_text()
+    try:
+        path.write_text(original + "# edited\n")
+        return set(json.loads(sh("dvc status --json", repo, env)))
+    finally:
+        path.write_text(original)
+
+
 def require_fashion() -> None:
     """Skip where Fashion-MNIST is not installed; in CI (where `make setup` installs it) fail."""
     from cmt_bench.sources import FASHION_DIR

@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 from browser import bounding_box, colour_mask, require_chromium, screenshot
-from conftest import make_repo, mlflow_runs as _runs, sh
+from conftest import make_repo, mlflow_runs as _runs, sh, stale_after_editing
 
 
 @pytest.fixture(scope="module")
@@ -125,16 +125,6 @@ def test_each_study_stage_depends_on_its_own_spec_only(repo):
     assert stale == {"studies@smoke_ect"}
 
 
-def _stale_after_editing(repo, env, rel: str) -> set[str]:
-    path = repo / rel
-    original = path.read_text()
-    try:
-        path.write_text(original + "# edited\n")
-        return set(json.loads(sh("dvc status --json", repo, env)))
-    finally:
-        path.write_text(original)
-
-
 def test_editing_code_stales_exactly_the_stages_that_run_it(repo):
     """Every stage depends on the modules it imports: the network reruns every stage that builds
     one (and the report, whose registry modules import it), not the data or the metric; a data
@@ -143,12 +133,12 @@ def test_editing_code_stales_exactly_the_stages_that_run_it(repo):
     repo, env, _ = repo
     cells = [f"posttrain@{i}-{m}-{s}" for i in ("random", "diffusion", "cmt") for m in ("ect", "meanflow")
              for s in (0, 1)]
-    nets = _stale_after_editing(repo, env, "cmt_bench/nets.py")
+    nets = stale_after_editing(repo, env, "cmt_bench/nets.py")
     assert {"pretrain", "trajectories", "midtrain@ect", "midtrain@meanflow", *cells, "studies@smoke_ect",
             "report"} <= nets and not nets & {"data", "features"}, nets
-    assert {"data", "features", "pretrain"} <= _stale_after_editing(repo, env, "cmt_bench/sources.py")
-    assert _stale_after_editing(repo, env, "cmt_bench/html.py") == {"report"}
-    ect = _stale_after_editing(repo, env, "cmt_bench/methods/ect.py")
+    assert {"data", "features", "pretrain"} <= stale_after_editing(repo, env, "cmt_bench/sources.py")
+    assert stale_after_editing(repo, env, "cmt_bench/html.py") == {"report"}
+    ect = stale_after_editing(repo, env, "cmt_bench/methods/ect.py")
     assert ect == {c for c in cells if "-ect-" in c} | {"studies@smoke_ect", "report"}, ect
     assert "Data and pipelines are up to date" in sh("dvc status", repo, env)
 

@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, make_repo, sh
+from conftest import ROOT, make_repo, sh, stale_after_editing
 
 PLUGINS = Path(__file__).parent / "plugins"
 
@@ -55,11 +55,5 @@ def test_a_new_method_and_init_run_to_the_report(repo):
 
 def test_editing_a_plugin_reruns_only_what_runs_it(repo):
     repo, env, _ = repo
-    path = repo / "cmt_bench/inits/half_teacher.py"
-    original = path.read_text()
-    try:
-        path.write_text(original + "# edited\n")
-        stale = set(json.loads(sh("dvc status --json", repo, env)))
-    finally:
-        path.write_text(original)
+    stale = stale_after_editing(repo, env, "cmt_bench/inits/half_teacher.py")
     assert stale == {"posttrain@half_teacher-fm_baseline-0", "report"}, stale
