@@ -31,7 +31,8 @@ def main() -> None:
     ap.add_argument("--shape")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
-    ap.add_argument("--method", default="flow_matching", choices=["flow_matching", "ect", "meanflow"])
+    ap.add_argument("--method", default="flow_matching",
+                    help="flow_matching or a registered method (a curriculum's phase as name@phase, e.g. alphaflow@alpha=0)")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN time its algorithms per shape")
     ap.add_argument("--rows", type=int, default=15)
@@ -39,6 +40,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     _, _, opt, x, fns = setup(args.preset, args.shape, args.device)
+    if args.method not in fns:
+        ap.error(f"--method {args.method!r}: allowed {', '.join(fns)}")
     fn, gen = fns[args.method], torch.Generator().manual_seed(0)
     for _ in range(10):
         train_step(fn, opt, x, gen, args.precision)

@@ -2,8 +2,8 @@
 
 Same network, batch, optimizer and data for every method; reps alternate the methods (the order
 rotates each rep) after a warm-up, and each ratio is the median over reps of method time / plain
-time within the rep, measured in this one run. MeanFlow's JVP costs extra forward-mode passes;
-ECT costs a second (no-grad) forward.
+time within the rep, measured in this one run. MeanFlow's and sCT's JVP costs extra forward-mode
+passes; ECT costs a second (no-grad) forward; AlphaFlow is timed at each phase of its curriculum.
 
     python benchmarks/step_cost.py [--preset toy|digits] [--steps N] [--reps R] [--threads T]
     python benchmarks/step_cost.py --preset fashion --device cuda --precision fp32,bf16 --shape 1,32,32
@@ -39,9 +39,17 @@ def step_fns(params: config.Params, net) -> dict:
     return {
         "flow_matching": lambda x, g: losses.flow_matching_loss(lambda z, t: net(z, t), path, x, g,
                                                                 params.pretrain.t_sampling),
-        **{name: (lambda x, g, m=m: m.loss(net, path, x, g, 0, getattr(post, m.name), post.distance))
-           for name, m in methods.REGISTRY.items()},  # every registered post-training method
+        **{label: (lambda x, g, m=m, n=images: m.loss(net, path, x, g, n, getattr(post, m.name), post.distance))
+           for m in methods.REGISTRY.values() for label, images in phases(m, post)},  # every registered method
     }
+
+
+def phases(method, post) -> list[tuple[str, int]]:
+    """(name, images seen) of each point where `method`'s step costs differently: its name alone when
+    one point (0) tells, else name@phase (a curriculum such as AlphaFlow's)."""
+    if method.cost_phases is None:
+        return [(method.name, 0)]
+    return [(f"{method.name}@{k}", n) for k, n in method.cost_phases(getattr(post, method.name)).items()]
 
 
 def setup(preset: str, shape_arg: str | None, device_name: str):
@@ -142,7 +150,7 @@ def main() -> None:
         "device": ledger.device_name(x.device), "precisions": precisions,
         **environment(),
     }
-    result = {"preset": args.preset, "meanflow": params.posttrain.meanflow.model_dump(), **result}
+    result = {"preset": args.preset, **{m: getattr(params.posttrain, m).model_dump() for m in methods.names()}, **result}
     suffix = "" if args.preset == "toy" else f"_{args.preset}"
     args.out = args.out or ROOT / "benchmarks" / "results" / (
         f"step_cost{suffix}.json" if args.device == "cpu" else f"step_cost_gpu{suffix}.json")

@@ -81,8 +81,9 @@ def study_name(params: Params, spec: StudySpec, init: str) -> str:
     # the feature network and reference statistics (run.json also holds measured seconds: left out)
     features = sorted(p for p in FEATURES_DIR.rglob("*") if p.is_file() and p.name != "run.json")
     inputs = [sha256(p) for p in [*posttrain_stage.posttrain_inputs(init, spec.method), *features]]
-    key = fingerprint(spec.model_dump(exclude={"path"}), params.model_dump(exclude={"studies", "report", "tracking"}),
-                      inputs, _code_hash(spec))
+    # which cells the pipeline's matrix runs (posttrain.methods, inits, seeds) changes no trial
+    ignored = {"studies": True, "report": True, "tracking": True, "posttrain": {"methods", "inits", "seeds"}}
+    key = fingerprint(spec.model_dump(exclude={"path"}), params.model_dump(exclude=ignored), inputs, _code_hash(spec))
     return f"{spec.name}-{init}-{key[:8]}"
 
 

@@ -34,6 +34,9 @@ class Method:
     # equal or better 1-step quality) runs for the methods that give them
     from_scratch: str | None = None
     reference: str = ""  # where the method comes from
+    # images-seen points where a step costs differently (a curriculum's phases), by name, from the
+    # method's section; the step-cost benchmark times each. None: one point (0) tells the cost.
+    cost_phases: Callable[[object], dict[str, int]] | None = None
 
     def tunable(self) -> tuple[str, ...]:
         """The dotted prefixes a sensitivity study of this method may vary."""
