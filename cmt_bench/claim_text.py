@@ -7,12 +7,15 @@ import math
 
 from . import methods
 from .config import ReportConfig
-from .verdicts import AT_FLOOR, FAILS, HOLDS, NEVER_REACHED, NO_COMPARISON, NO_STUDY, NOT_RESOLVED, NOT_RUN, \
-    NOT_TESTED, TOO_FEW_TRIALS
+from .verdicts import ACCOUNTING_UNKNOWN, AT_FLOOR, FAILS, HOLDS, NEVER_REACHED, NO_COMPARISON, NO_STUDY, \
+    NOT_RESOLVED, NOT_RUN, NOT_TESTED, TOO_FEW_SEEDS, TOO_FEW_TRIALS
 
 WORDS = {HOLDS: "holds at this scale", FAILS: "does not hold at this scale",
          NOT_RESOLVED: "not resolved at this scale", NOT_TESTED: "not tested at this scale"}
 TARGETS = {"diffusion": "the diffusion init's final value", "random": "the random init's final value"}
+ACCOUNTING_WORDS = {"total": "counting every stage", "given_teacher": "with the teacher given (its pre-training not counted)"}
+PAPERS = " (the paper's accounting)"
+EFFECT_WORDS = {"improved": "improved", "worse": "**worse**", "unresolved": "no resolved change"}
 SOURCE = "Hu, Lai, Mitsufuji, Ermon 2025, Consistency Mid-Training (arXiv 2509.24526)"
 # claim 4 is about every method at once; the figures of claims 1-3 are in each method's module
 SENSITIVITY_PAPER = "post-training from CMT is stable and much less sensitive to hyperparameters"
@@ -66,32 +69,62 @@ def _undecided(claim: dict, rules: ReportConfig) -> str:
     raise ValueError(f"claim {claim['id']}: no words for reason {claim['reason']!r}")
 
 
+def _bound(x: float) -> str:
+    return "∞" if math.isinf(x) else "undefined" if math.isnan(x) else f"{x:.2f}"
+
+
+def ratios(claim: dict, rules: ReportConfig, what: str) -> str:
+    """`what` (e.g. "CMT / diffusion compute to target") under each accounting with its interval,
+    which accounting the verdict rests on, and the ratios this run could have resolved."""
+    facts = claim["facts"]
+    paper = facts["accounting"]
+    parts = [f"{ACCOUNTING_WORDS[acc]}{PAPERS if acc == paper else ''} {_bound(iv['ratio'])}, "
+             f"{facts['confidence']:.0%} interval {_bound(iv['low'])} to {_bound(iv['high'])}"
+             for acc, iv in facts["intervals"].items()]
+    basis = facts["intervals"][paper or "total"]
+    resolvable = (f"; at this seed spread the run resolves ratios below {basis['resolvable']:.2f} or above "
+                  f"{1 / basis['resolvable']:.2f}" if basis["resolvable"] else "; the interval is unbounded")
+    reason = ""
+    if claim["reason"] == TOO_FEW_SEEDS:
+        reason = f"; fewer than {rules.min_seeds} seeds: no interval decides"
+    elif claim["reason"] == ACCOUNTING_UNKNOWN:
+        reason = "; the paper does not say which compute it counted, and the two accountings disagree"
+    elif not paper:
+        reason = "; the paper does not say which compute it counted: both accountings agree"
+    return f"{what}: " + "; ".join(parts) + resolvable + reason
+
+
 def measured(claim: dict, rules: ReportConfig) -> str:
     """What the run measured, in a sentence."""
     facts, method = claim["facts"], claim["method"]
     if claim["id"] == 4 and "study" in claim:
         return measured_sensitivity(claim)
-    if claim["id"] == 3 and "final_key" in facts:
-        final = (f"final 1-step `{facts['final_key']}` CMT {facts['final_cmt']:.3g} vs scratch "
-                 f"{facts['final_random']:.3g} (paper: {methods.get(method).from_scratch})")
-        if claim["reason"]:
-            return f"{_undecided(claim, rules)}; {final}"
-        return (f"total time to the target: {_less(claim['saving_total'])} than from scratch "
-                f"(paper: {methods.get(method).saving}); " + final)
-    if claim["reason"]:
-        return _undecided(claim, rules)
+    if claim["reason"] in (AT_FLOOR, NEVER_REACHED, NOT_RUN, NO_STUDY):
+        text = _undecided(claim, rules)
+        if claim["id"] == 3 and "final_key" in facts:
+            text += (f"; final 1-step `{facts['final_key']}` CMT {facts['final_cmt']:.3g} vs scratch "
+                     f"{facts['final_random']:.3g} (paper: {methods.get(method).from_scratch})")
+        return text
     if claim["id"] == 1:
-        return (f"CMT / diffusion total compute to target = {claim['ratio_total']:.2f} (post-training only: "
-                f"{claim['ratio_posttrain']:.2f}"
+        return (ratios(claim, rules, "CMT / diffusion compute to target")
+                + f"; post-training only: {claim['ratio_posttrain']:.2f}"
                 + ("; the CMT init met the target before any post-training" if facts["met_before_posttrain"] else "")
-                + f"; CMT seeds reaching it: {facts['seeds_reached']}/{facts['seeds']})"
-                + (f"; within {rules.time_tie:.0%} of 1, the wall-time noise" if claim["verdict"] == NOT_RESOLVED
-                   else ""))
+                + f"; CMT seeds reaching it: {facts['seeds_reached']}/{facts['seeds']}")
     if claim["id"] == 2:
-        return (f"from CMT: {_less(claim['saving_data'])} post-training data, {_less(claim['saving_posttrain'])} "
-                f"post-training time, {_less(claim['saving_total'])} total time (incl. pre-, trajectory and "
-                f"mid-training) than from random (paper: {methods.get(method).saving or 'no figure'})")
+        return (ratios(claim, rules, "CMT / random compute to target")
+                + f"; from CMT: {_less(claim['saving_data'])} post-training data, "
+                f"{_less(claim['saving_posttrain'])} post-training time (paper: {methods.get(method).saving or 'no figure'})")
+    if claim["id"] == 3:
+        return (ratios(claim, rules, "CMT / scratch total time to the target") + f" (paper: {methods.get(method).saving})"
+                + f"; final 1-step `{facts['final_key']}` CMT {facts['final_cmt']:.3g} vs scratch "
+                f"{facts['final_random']:.3g} (paper: {methods.get(method).from_scratch})")
     raise ValueError(f"claim {claim['id']}: no words for it")
+
+
+def effect_line(row) -> str:
+    """One row of the report's "did post-training help?" table."""
+    return (f"| {methods.label(row['method'])} | {row['init']} | {row['before']:.4g} | {row['after']:.4g} | "
+            f"{row['change']:+.3g} ({row['low']:+.3g} to {row['high']:+.3g}) | {EFFECT_WORDS[row['effect']]} |")
 
 
 def measured_sensitivity(found: dict) -> str:

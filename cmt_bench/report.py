@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -19,7 +20,7 @@ from . import claim_text, html, inits, study_report  # noqa: E402
 from .claim_text import SOURCE, TARGETS, paper  # noqa: E402
 from .config import Params  # noqa: E402
 from .data import load_split, read_json, write_json  # noqa: E402
-from .evidence import Evidence, claims, collect  # noqa: E402
+from .evidence import Evidence, claims, collect, posttrain_effect  # noqa: E402
 from .layout import out_dir, report_dir  # noqa: E402
 from .methods import label  # noqa: E402
 from .scoring import key  # noqa: E402
@@ -81,6 +82,40 @@ def plot_curves(res: Evidence, path: Path) -> None:
     fig.tight_layout(rect=(0, 0.6 / fig.get_figheight(), 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+ACCOUNTING_STYLE = {"total": ("o", "every stage counted"), "given_teacher": ("s", "teacher given")}
+
+
+def plot_intervals(verdicts: list[dict], confidence: float, path: Path) -> bool:
+    """Claims 1-3: each compute ratio CMT / baseline with its interval over seeds, per accounting, on a
+    log axis around 1 (left of it CMT needs less); the paper's accounting filled. False: nothing to draw."""
+    rows = [(c, acc, iv) for c in verdicts if c["id"] in (1, 2, 3) and "intervals" in c["facts"]
+            for acc, iv in c["facts"]["intervals"].items() if np.isfinite(iv["ratio"]) and iv["ratio"] > 0]
+    if not rows:
+        return False
+    fig, ax = plt.subplots(figsize=(8.5, 0.42 * len(rows) + 1.4))
+    finite = [v for _, _, iv in rows for v in (iv["ratio"], iv["low"], iv["high"]) if np.isfinite(v) and v > 0]
+    right = max(finite) * 2
+    for y, (claim, acc, iv) in enumerate(rows):
+        marker, _ = ACCOUNTING_STYLE[acc]
+        paper_basis = claim["facts"]["accounting"] == acc
+        high = iv["high"] if np.isfinite(iv["high"]) else right
+        ax.plot([iv["low"], high], [y, y], c="0.3", lw=2, solid_capstyle="butt")
+        ax.plot([iv["ratio"]], [y], marker=marker, ms=8, c="0.15", mfc="0.15" if paper_basis else "white")
+    ax.axvline(1, c="crimson", lw=1)
+    ax.set_yticks(range(len(rows)), [f"claim {c['id']}, {label(c['method'])}: {ACCOUNTING_STYLE[a][1]}"
+                                     for c, a, _ in rows], fontsize=8)
+    ax.invert_yaxis()
+    ax.set(xscale="log", xlabel=f"compute to target, CMT / baseline: left of 1 CMT needs less\n"
+                                f"({confidence:.0%} interval over seeds; filled marker: the paper's accounting)")
+    ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
 
 
 def image_grid(x: np.ndarray, side: int = 8) -> np.ndarray:
@@ -188,8 +223,22 @@ def _target_table(res: Evidence, method: str, unit: str, scale: float) -> list[s
     return lines + [""]
 
 
-def markdown(params: Params, res: Evidence, verdicts: list[dict], context: dict, studies: list[str] = ()) -> str:
-    """`studies`: the sensitivity section's lines (study_report), after the per-method tables."""
+def _effect_table(res: Evidence, effect: pd.DataFrame) -> list[str]:
+    return ["## Did post-training help?", "",
+            f"In-loop `{res.key}` of each init before post-training (images seen = 0: the init itself) and after "
+            f"it, mean over {len(res.seeds)} seed(s); the change with its {res.rules.confidence:.0%} bootstrap "
+            "interval over seeds (lower is better). A claim can hold while post-training made its own "
+            "starting point worse: read both.", "",
+            "| method | init | before | after | change (interval) | effect |", "|---|---|---|---|---|---|",
+            *(claim_text.effect_line(row) for _, row in effect.iterrows()), ""]
+
+
+def markdown(params: Params, res: Evidence, verdicts: list[dict], context: dict, studies: list[str] = (),
+             effect: pd.DataFrame | None = None, intervals: bool = False) -> str:
+    """`studies`: the sensitivity section's lines (study_report), after the per-method tables;
+    `effect`: evidence.posttrain_effect (the "did post-training help?" table), computed if not given;
+    `intervals`: whether ratio_intervals.png was drawn."""
+    effect = posttrain_effect(res) if effect is None else effect
     unit, scale = _unit(res.curves["total_hours"].max())
     sh = res.stage_hours
     total_spent = (sh["pretrain"] + sh["trajectories"] + sum(sh["midtrain"].values())
@@ -201,7 +250,11 @@ def markdown(params: Params, res: Evidence, verdicts: list[dict], context: dict,
         f"{len(res.seeds)} seed(s) each ({', '.join(map(str, res.seeds))}), equal images seen.", "",
         _metric_line(params, res), "",
         f"Compute is measured wall time of training steps x devices ({unit} on {res.device}), never estimated; "
-        "other load on a shared machine inflates it.", "",
+        "other load on a shared machine inflates it. The claims count it two ways: every stage an init needs, "
+        "and with the teacher given (its pre-training not counted, as in the paper's consistency-model runs "
+        "from public EDM checkpoints); each verdict rests on the accounting of the paper's figure, or on both "
+        f"where the paper does not say, and on a {res.rules.confidence:.0%} bootstrap interval over seeds of "
+        "the compute ratio (holds below 1, does not hold above, not resolved across).", "",
         *_floor_line(res),
         "## Claims", "",
         "| # | claim | paper | measured here | verdict |", "|---|---|---|---|---|",
@@ -213,6 +266,8 @@ def markdown(params: Params, res: Evidence, verdicts: list[dict], context: dict,
         f"Scale gap: this run trains {context['model']} on {context['data']} for {total_spent * scale:.3g} {unit} "
         "in all; the paper trains image networks of tens to hundreds of millions of parameters on CIFAR-10 and "
         "ImageNet for many GPU-days, so a verdict here speaks for this scale only.", "",
+        *(["![compute ratios with their intervals](ratio_intervals.png)", ""] if intervals else []),
+        *_effect_table(res, effect),
         "## Figures", "", "![metric versus compute](metric_vs_compute.png)", "", "![samples](samples.png)", "",
         "## Compute", "",
         f"Upstream stages: pre-training {_fmt(sh['pretrain'], scale)}, trajectories {_fmt(sh['trajectories'], scale)}, "
@@ -270,11 +325,14 @@ def build(params: Params) -> Path:
                "model": _model_line(params, parameters)}
     plot_curves(res, out / "metric_vs_compute.png")
     plot_samples(res, heldout, out / "samples.png")
-    text = markdown(params, res, verdicts, context, sensitivity_lines)
+    effect = posttrain_effect(res)
+    intervals = plot_intervals(verdicts, params.report.confidence, out / "ratio_intervals.png")
+    text = markdown(params, res, verdicts, context, sensitivity_lines, effect, intervals)
     (out / "report.md").write_text(text)
     (out / "report.html").write_text(html.render(text, out, f"CMT benchmark report: {params.preset}"))
     res.to_target.to_csv(out / "compute_to_target.csv", index=False)
     res.finals.to_csv(out / "finals.csv", index=False)
+    effect.to_csv(out / "posttrain_effect.csv", index=False)
     _curve_files(res, out)
     # DVC metrics: each claim's verdict and its measured ratios (the sentences are in report.md)
     write_json(out / "claims.json", {f"claim{c['id']}_{c.get('study', c['method'])}":

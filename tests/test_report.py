@@ -1,30 +1,42 @@
-"""Compute to target and claim verdicts on synthetic curves whose answers are known by hand."""
+"""Compute to target and claim verdicts on synthetic curves whose answers are known by hand: the
+ratios under both accountings, their intervals over seeds, and did post-training help."""
+import math
+
+import numpy as np
 import pandas as pd
 import pytest
 
 from cmt_bench import claim_text, evidence
 from cmt_bench.config import ReportConfig
 from cmt_bench.evidence import Evidence
-from cmt_bench.verdicts import FAILS, HOLDS, NOT_RESOLVED, NOT_TESTED
+from cmt_bench.verdicts import ACCOUNTING_UNKNOWN, FAILS, HOLDS, NOT_RESOLVED, NOT_TESTED, TOO_FEW_SEEDS
+
 
 def measured(claim: dict) -> str:
     """The report's sentence for a claim, under the default rules (report: in params)."""
     return claim_text.measured(claim, ReportConfig())
 
 
-UPSTREAM = {"random": 0.0, "diffusion": 10.0, "cmt": 14.0}  # device-hours before post-training
+PRETRAIN = 10.0  # device-hours of the teacher
+MID = {"random": None, "diffusion": 0.0, "cmt": 4.0}  # beyond the teacher (None: no teacher either)
 
 
-def _evidence(values: dict[tuple[str, str], list[list[float]]], floor=None, methods=("ect",)) -> Evidence:
-    """Curves of 5 logged points (100 images and 1 device-hour apart) per (method, init), one
-    list of values per seed; the 1-step metric is the 2-step one times 2."""
+def _evidence(values: dict[tuple[str, str], list[list[float]]], floor=None, methods=("ect",), mid=None,
+              rules=ReportConfig()) -> Evidence:
+    """Curves of 5 logged points (100 images and 1 device-hour apart) per (method, init), one list of
+    values per seed; the 1-step metric is the 2-step one times 2. Upstream: the teacher (PRETRAIN) for
+    diffusion and cmt, plus cmt's trajectories and mid-training (`mid`, default MID['cmt'])."""
+    extra = {**MID, **({"cmt": mid} if mid is not None else {})}
     rows = []
     for (method, init), seeds in values.items():
+        given = extra[init] or 0.0
+        total = given + (0.0 if extra[init] is None else PRETRAIN)
         for seed, curve in enumerate(seeds):
             for step, v in enumerate(curve):
                 rows.append({"method": method, "init": init, "seed": seed, "step": step, "images_seen": 100.0 * step,
-                             "device_hours": float(step), "upstream_hours": UPSTREAM[init],
-                             "total_hours": UPSTREAM[init] + step, "m_2step": v, "m_1step": 2 * v})
+                             "device_hours": float(step), "hours_total": total + step,
+                             "hours_given_teacher": given + step, "total_hours": total + step,
+                             "m_2step": v, "m_1step": 2 * v})
     curves = pd.DataFrame(rows)
     last = curves.sort_values("step").groupby(["method", "init", "seed"]).last().reset_index()
     finals = last.rename(columns={"device_hours": "posttrain_hours"}).assign(
@@ -33,9 +45,15 @@ def _evidence(values: dict[tuple[str, str], list[list[float]]], floor=None, meth
                    inits=["random", "diffusion", "cmt"],
                    seeds=sorted(curves.seed.unique().tolist()), curves=curves,
                    mean=evidence.mean_curves(curves, ["m_2step", "m_1step"]), finals=finals, stage_hours={},
-                   upstream={}, floor=floor, floor_n=100 if floor else None, features={}, device="cpu", post_runs={})
+                   upstream={}, floor=floor, floor_n=100 if floor else None, features={}, device="cpu", post_runs={},
+                   rules=rules)
     res.targets, res.to_target = evidence.compute_to_target(res)
     return res
+
+
+RANDOM = [2, 1.8, 1.6, 1.4, 1.2]  # reaches its own final 1.2 at step 4
+DIFFUSION = [1, 0.9, 0.7, 0.6, 0.5]  # reaches its own final 0.5 at step 4
+CMT = [0.6, 0.5, 0.45, 0.4, 0.4]  # reaches 0.5 at step 1, 1.2 at step 0
 
 
 def test_reach_interpolates_between_logged_points():
@@ -45,79 +63,112 @@ def test_reach_interpolates_between_logged_points():
     assert evidence.reach(curve, "m", 0.3) is None
 
 
-def test_cmt_versus_diffusion_holds_with_exact_ratio():
-    # diffusion ends at 0.5 (its 4th point, total 10 + 4); CMT gets there at step 1 (total 14 + 1)
-    res = _evidence({("ect", "random"): [[2, 1.8, 1.6, 1.4, 1.2]], ("ect", "diffusion"): [[1, 0.9, 0.7, 0.6, 0.5]],
-                     ("ect", "cmt"): [[0.6, 0.5, 0.45, 0.4, 0.4]]})
-    claim = evidence.claim_cmt_vs_diffusion(res, "ect")
-    assert claim["verdict"] == NOT_RESOLVED  # 15 / 14 is within the wall-time tie
-    assert claim["ratio_total"] == pytest.approx(15 / 14) and claim["ratio_posttrain"] == pytest.approx(1 / 4)
+def test_exact_ratios_under_both_accountings():
+    """Three identical seeds: the intervals are points. CMT reaches diffusion's final at step 1:
+    every stage counted 10 + 4 + 1 against 10 + 4, with the teacher given 4 + 1 against 4."""
+    three = {("ect", "random"): [RANDOM] * 3, ("ect", "diffusion"): [DIFFUSION] * 3, ("ect", "cmt"): [CMT] * 3}
+    claim = evidence.claim_cmt_vs_diffusion(_evidence(three), "ect")
+    assert claim["ratio_total"] == pytest.approx(15 / 14) and claim["ratio_given_teacher"] == pytest.approx(5 / 4)
+    assert claim["low_total"] == claim["high_total"] == pytest.approx(15 / 14)
+    assert claim["ratio_posttrain"] == pytest.approx(1 / 4) and claim["verdict"] == FAILS
+    assert claim["facts"]["accounting"] == "given_teacher"  # ECT's figures start from EDM checkpoints
+    text = measured(claim)
+    assert "with the teacher given (its pre-training not counted) (the paper's accounting) 1.25" in text
+    assert "CMT seeds reaching it: 3/3" in text
+    cheap = evidence.claim_cmt_vs_diffusion(_evidence(three, mid=0.5), "ect")  # 11.5 / 14 and 1.5 / 4
+    assert cheap["verdict"] == HOLDS and cheap["ratio_total"] == pytest.approx(11.5 / 14)
 
-    UPSTREAM["cmt"] = 2.0  # cheap mid-training: 3 / 14
-    try:
-        res = _evidence({("ect", "random"): [[2, 1.8, 1.6, 1.4, 1.2]], ("ect", "diffusion"): [[1, 0.9, 0.7, 0.6, 0.5]],
-                         ("ect", "cmt"): [[0.6, 0.5, 0.45, 0.4, 0.4]]})
-    finally:
-        UPSTREAM["cmt"] = 14.0
-    claim = evidence.claim_cmt_vs_diffusion(res, "ect")
-    assert claim["verdict"] == HOLDS and claim["ratio_total"] == pytest.approx(3 / 14)
-    assert "CMT seeds reaching it: 1/1" in measured(claim)
+
+def test_accountings_disagree_against_random():
+    """Random needs no teacher: with it counted CMT costs (10 + 1 + 0) against 4, without it 1 against 4.
+    ECT's claim follows the paper's accounting (teacher given); a method whose paper does not say
+    is not resolved, and MeanFlow's (everything counted) does not hold."""
+    values = {(m, i): [c] * 3 for m in ("ect", "sct", "meanflow")
+              for i, c in (("random", RANDOM), ("diffusion", DIFFUSION), ("cmt", CMT))}
+    res = _evidence(values, methods=("ect", "sct", "meanflow"), mid=1.0)
+    ect, sct, mf = (evidence.claim_cmt_vs_random(res, m) for m in ("ect", "sct", "meanflow"))
+    assert ect["ratio_total"] == pytest.approx(11 / 4) and ect["ratio_given_teacher"] == pytest.approx(1 / 4)
+    assert ect["verdict"] == HOLDS and mf["verdict"] == FAILS
+    assert sct["verdict"] == NOT_RESOLVED and sct["reason"] == ACCOUNTING_UNKNOWN
+    assert "the two accountings disagree" in measured(sct)
+
+
+def test_seed_spread_gives_an_interval_and_what_it_could_resolve():
+    """Seeds that disagree (CMT reaches diffusion's final at steps 1 to 3.7): the bootstrap interval
+    straddles 1, so not resolved; `resolvable` is the ratio this interval's half-width (in log ratio)
+    would tell from 1. A narrower interval (the confidence is a parameter) from the same seeds decides."""
+    spread = [[0.6, 0.5, 0.45, 0.4, 0.4], [1.0, 0.95, 0.9, 0.8, 0.45], [0.7, 0.55, 0.5, 0.45, 0.4]]
+    values = {("ect", "random"): [RANDOM] * 3, ("ect", "diffusion"): [DIFFUSION] * 3, ("ect", "cmt"): spread}
+    claim = evidence.claim_cmt_vs_diffusion(_evidence(values, mid=1.0), "ect")
+    iv = claim["facts"]["intervals"]["given_teacher"]
+    assert iv["low"] < 1 < iv["high"] and claim["verdict"] == NOT_RESOLVED and claim["reason"] is None
+    assert iv["resolvable"] == pytest.approx(math.exp(-(math.log(iv["high"]) - math.log(iv["low"])) / 2))
+    assert f"resolves ratios below {iv['resolvable']:.2f}" in measured(claim)
+    narrow = evidence.claim_cmt_vs_diffusion(_evidence(values, mid=1.0, rules=ReportConfig(confidence=0.2)), "ect")
+    assert narrow["verdict"] == FAILS and narrow["low_given_teacher"] > 1
+    again = evidence.claim_cmt_vs_diffusion(_evidence(values, mid=1.0), "ect")  # a seeded bootstrap: rerun, same interval
+    assert again["facts"]["intervals"] == claim["facts"]["intervals"]
+
+
+def test_too_few_seeds_decide_nothing():
+    one = _evidence({("ect", "random"): [RANDOM], ("ect", "diffusion"): [DIFFUSION], ("ect", "cmt"): [CMT]}, mid=0.5)
+    claim = evidence.claim_cmt_vs_diffusion(one, "ect")
+    assert claim["verdict"] == NOT_RESOLVED and claim["reason"] == TOO_FEW_SEEDS
+    assert claim["ratio_total"] == pytest.approx(11.5 / 14)  # the point ratio is still reported
+    assert "fewer than 3 seeds: no interval decides" in measured(claim)
 
 
 def test_cmt_that_never_reaches_does_not_hold_and_a_target_at_the_floor_is_not_resolved():
-    values = {("ect", "random"): [[2, 1.8, 1.6, 1.4, 1.2]], ("ect", "diffusion"): [[1, 0.9, 0.7, 0.6, 0.5]],
-              ("ect", "cmt"): [[1, 0.9, 0.8, 0.7, 0.6]]}
+    values = {("ect", "random"): [RANDOM] * 3, ("ect", "diffusion"): [DIFFUSION] * 3,
+              ("ect", "cmt"): [[1, 0.9, 0.8, 0.7, 0.6]] * 3}
     assert evidence.claim_cmt_vs_diffusion(_evidence(values), "ect")["verdict"] == FAILS
     at_floor = evidence.claim_cmt_vs_diffusion(_evidence(values, floor=0.45), "ect")
     assert at_floor["verdict"] == NOT_RESOLVED and "noise floor (0.45)" in measured(at_floor)
 
 
-def test_cmt_versus_random_savings_and_seed_spread():
+def test_cmt_versus_random_savings_and_seed_count():
     # random's mean curve ends at 1.0 at step 4 (400 images, 4 h); CMT's mean gets there at step 1
-    res = _evidence({("ect", "random"): [[2, 1.8, 1.6, 1.3, 1.1], [2, 1.8, 1.4, 1.1, 0.9]],
-                     ("ect", "diffusion"): [[1.5, 1.2, 1.0, 0.9, 0.8]] * 2,
-                     ("ect", "cmt"): [[1.2, 1.0, 0.9, 0.8, 0.7], [1.2, 1.0, 0.9, 0.8, 0.7]]})
+    res = _evidence({("ect", "random"): [[2, 1.8, 1.6, 1.3, 1.1], [2, 1.8, 1.4, 1.1, 0.9], [2, 1.8, 1.5, 1.2, 1.0]],
+                     ("ect", "diffusion"): [[1.5, 1.2, 1.0, 0.9, 0.8]] * 3,
+                     ("ect", "cmt"): [[1.2, 1.0, 0.9, 0.8, 0.7]] * 3})
     claim = evidence.claim_cmt_vs_random(res, "ect")
     assert claim["saving_data"] == pytest.approx(1 - 100 / 400)
     assert claim["saving_posttrain"] == pytest.approx(1 - 1 / 4)
-    assert claim["saving_total"] == pytest.approx(1 - 15 / 4)  # mid-training costs more than it saves
-    assert claim["verdict"] == FAILS and "275% more total time" in measured(claim)
+    assert claim["ratio_total"] == pytest.approx(15 / 4) and claim["ratio_given_teacher"] == pytest.approx(5 / 4)
+    assert "75% less post-training data" in measured(claim)
     t = res.to_target
     rnd = t[(t.metric == "m_2step") & (t.target_init == "random") & (t.init == "random")].iloc[0]
-    assert (rnd["seeds_reached"], rnd["seeds"]) == (1, 2)  # the seed that ended at 1.1 never got to 1.0
+    assert (rnd["seeds_reached"], rnd["seeds"]) == (2, 3)  # the seed that ended at 1.1 never got to 1.0
 
 
-def test_a_baseline_that_needed_nothing_is_said_so_not_nan():
-    """Random's first logged point already beats its final value: it reached its own target with
-    no post-training, so no share of its compute can be saved; CMT (14 h upstream) does not win."""
-    res = _evidence({("ect", "random"): [[1.0, 1.5, 1.4, 1.3, 1.2]], ("ect", "diffusion"): [[1.5, 1.2, 1.0, 0.9, 0.8]],
-                     ("ect", "cmt"): [[0.9, 0.8, 0.7, 0.6, 0.5]]})
+def test_a_baseline_that_needed_nothing_cannot_be_beaten():
+    """Random's first logged point already beats its final value: it reached its own target with no
+    post-training, so CMT (some upstream compute) cannot save any: an unbounded ratio, not NaN."""
+    res = _evidence({("ect", "random"): [[1.0, 1.5, 1.4, 1.3, 1.2]] * 3,
+                     ("ect", "diffusion"): [[1.5, 1.2, 1.0, 0.9, 0.8]] * 3,
+                     ("ect", "cmt"): [[0.9, 0.8, 0.7, 0.6, 0.5]] * 3})
     claim = evidence.claim_cmt_vs_random(res, "ect")
-    assert claim["verdict"] == FAILS and "nan" not in measured(claim)
-    assert "no comparable share of (the other init needed none) total time" in measured(claim)
+    assert claim["verdict"] == FAILS and math.isinf(claim["ratio_given_teacher"])
+    assert "nan" not in measured(claim) and "∞" in measured(claim)
 
 
 def test_meanflow_claim_needs_meanflow_and_sensitivity_is_not_tested():
-    res = _evidence({("ect", i): [[1, 0.9, 0.8, 0.7, 0.6]] for i in ("random", "diffusion", "cmt")})
+    res = _evidence({("ect", i): [[1, 0.9, 0.8, 0.7, 0.6]] * 3 for i in ("random", "diffusion", "cmt")})
     assert evidence.claim_from_scratch(res, "meanflow")["verdict"] == NOT_TESTED
     assert evidence.claim_sensitivity()["verdict"] == NOT_TESTED
-    UPSTREAM["cmt"] = 1.0
-    try:
-        res = _evidence({("meanflow", "random"): [[2, 1.8, 1.6, 1.4, 1.2]],
-                         ("meanflow", "diffusion"): [[1.5, 1.2, 1.0, 0.9, 0.8]],
-                         ("meanflow", "cmt"): [[1.4, 1.2, 1.0, 0.9, 0.8]]}, methods=("meanflow",))
-    finally:
-        UPSTREAM["cmt"] = 14.0
-    # the 1-step target (random's final 2 x 1.2) is reached by CMT at step 1: total 1 + 1 h against random's 4 h
+    # the 1-step target (random's final 2 x 1.2) is reached by CMT at step 1: total 10 + 0.5 + 1 against 4
+    res = _evidence({("meanflow", "random"): [RANDOM] * 3, ("meanflow", "diffusion"): [[1.5, 1.2, 1.0, 0.9, 0.8]] * 3,
+                     ("meanflow", "cmt"): [[1.4, 1.2, 1.0, 0.9, 0.8]] * 3}, methods=("meanflow",), mid=0.5)
     claim = evidence.claim_from_scratch(res, "meanflow")
-    assert claim["verdict"] == HOLDS and claim["saving_total"] == pytest.approx(0.5) and claim["cmt_final_not_worse"]
+    assert claim["facts"]["accounting"] == "total" and claim["ratio_total"] == pytest.approx(11.5 / 4)
+    assert claim["verdict"] == FAILS and claim["cmt_final_not_worse"]
     assert [c["id"] for c in evidence.claims(res)] == [1, 2, 3, 4]
 
 
 def test_each_method_row_quotes_the_papers_figure_for_that_method():
     """ECT's claims quote the paper's consistency-model figures; MeanFlow's claim 2 quotes the paper's
     MeanFlow-from-scratch figure, and its claim 1 says the paper gives no MeanFlow figure against diffusion."""
-    values = {(m, i): [[2, 1.8, 1.6, 1.4, 1.2]] for m in ("ect", "meanflow") for i in ("random", "diffusion", "cmt")}
+    values = {(m, i): [[2, 1.8, 1.6, 1.4, 1.2]] * 3 for m in ("ect", "meanflow") for i in ("random", "diffusion", "cmt")}
     res = _evidence(values, methods=("ect", "meanflow"))
     assert "(paper: up to 98% less)" in measured(evidence.claim_cmt_vs_random(res, "ect"))
     assert "(paper: about 50% less)" in measured(evidence.claim_cmt_vs_random(res, "meanflow"))
@@ -126,26 +177,20 @@ def test_each_method_row_quotes_the_papers_figure_for_that_method():
     assert "3.34 vs 3.43" in claim_text.paper(2, "meanflow") and "98%" not in claim_text.paper(2, "meanflow")
     assert "3.34 vs 3.43" in claim_text.paper(3, "meanflow") and claim_text.paper(4, "ect") == claim_text.SENSITIVITY_PAPER
     assert claim_text.paper(3, "ect") == "the paper gives no figure for ECT"
+    assert claim_text.paper(1, "sct") == "the paper gives no figure for sCT"
 
 
-def test_thresholds_are_parameters_and_the_words_follow_them():
-    """The same curves under a wider wall-time tie: the claim that held becomes not resolved, and
-    the sentence names the tie it used; a target at the floor under a smaller margin is decided."""
-    UPSTREAM["cmt"] = 2.0
-    try:
-        res = _evidence({("ect", "random"): [[2, 1.8, 1.6, 1.4, 1.2]], ("ect", "diffusion"): [[1, 0.9, 0.7, 0.6, 0.5]],
-                         ("ect", "cmt"): [[0.6, 0.5, 0.45, 0.4, 0.4]]})
-    finally:
-        UPSTREAM["cmt"] = 14.0
-    assert evidence.claim_cmt_vs_diffusion(res, "ect")["verdict"] == HOLDS  # 3 / 14
-    res.rules = ReportConfig(time_tie=0.9)
-    claim = evidence.claim_cmt_vs_diffusion(res, "ect")
-    assert claim["verdict"] == NOT_RESOLVED and claim["reason"] is None
-    assert claim_text.measured(claim, res.rules).endswith("; within 90% of 1, the wall-time noise")
-    assert claim_text.verdict(claim) == "not resolved at this scale"
-    values = {("ect", "random"): [[2, 1.8, 1.6, 1.4, 1.2]], ("ect", "diffusion"): [[1, 0.9, 0.7, 0.6, 0.5]],
-              ("ect", "cmt"): [[0.6, 0.5, 0.45, 0.4, 0.4]]}
-    res = _evidence(values, floor=0.45)
-    assert evidence.claim_cmt_vs_diffusion(res, "ect")["reason"] == "target_at_noise_floor"  # 0.5 <= 1.25 x 0.45
-    res.rules = ReportConfig(floor_margin=1.05)
-    assert evidence.claim_cmt_vs_diffusion(res, "ect")["reason"] is None
+def test_did_posttraining_help():
+    """Per init: the change from images seen = 0 to the end with its interval over seeds. The CMT init
+    here starts best and gets worse, random improves, diffusion's seeds disagree."""
+    res = _evidence({("ect", "random"): [RANDOM, [2.1, 1.9, 1.7, 1.5, 1.3], [1.9, 1.7, 1.5, 1.3, 1.1]],
+                     ("ect", "diffusion"): [[1.0, 1.0, 1.0, 1.0, 0.8], [1.0, 1.1, 1.2, 1.2, 1.2], [1.0] * 5],
+                     ("ect", "cmt"): [[0.04, 0.05, 0.05, 0.05, 0.05], [0.04, 0.045, 0.05, 0.05, 0.052],
+                                      [0.041, 0.05, 0.05, 0.05, 0.049]]})
+    effect = evidence.posttrain_effect(res).set_index("init")
+    assert effect.at["random", "effect"] == "improved" and effect.at["random", "change"] == pytest.approx(-0.8)
+    assert effect.at["cmt", "effect"] == "worse" and effect.at["cmt", "low"] > 0
+    assert effect.at["diffusion", "effect"] == "unresolved"
+    assert effect.at["cmt", "before"] == pytest.approx(np.mean([0.04, 0.04, 0.041]))
+    line = claim_text.effect_line(evidence.posttrain_effect(res).iloc[2])
+    assert line.startswith("| ECT | cmt |") and "**worse**" in line

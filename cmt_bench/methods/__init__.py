@@ -30,6 +30,10 @@ class Method:
     # the paper's figure for each claim of the report this method has one for (claim id -> text)
     paper: dict[int, str] = field(default_factory=dict)
     saving: str | None = None  # the paper's data / time saving over training without CMT (claim 2), if any
+    # the compute each of the paper's figures counts (claim id -> accounting, see evidence.ACCOUNTINGS):
+    # "total" (every stage, the teacher's pre-training included) or "given_teacher" (the teacher is a
+    # checkpoint someone else trained); a claim not listed is judged under both
+    accounting: dict[int, Literal["total", "given_teacher"]] = field(default_factory=dict)
     # the paper's final 1-step figures from CMT vs from scratch: claim 3 (about half the total time to
     # equal or better 1-step quality) runs for the methods that give them
     from_scratch: str | None = None

@@ -64,4 +64,7 @@ METHOD = register(Method(
               "ECT, which start from diffusion weights",
            2: "the same 'up to 98% less data and GPU time', read here against post-training without any "
               "pre-training (random init)"},
-    saving="up to 98% less"))
+    saving="up to 98% less",
+    # the paper's consistency-model runs (and sony/cmt) start from public EDM / EDM2 checkpoints: they
+    # count mid- plus post-training, never the teacher's pre-training
+    accounting={1: "given_teacher", 2: "given_teacher"}))
