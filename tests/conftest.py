@@ -137,6 +137,22 @@ def mlflow_runs(repo: Path):
     return client, client.search_runs([exp.experiment_id], max_results=1000)
 
 
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def small_flow_map_net(seed: int = 0) -> torch.nn.Module:
+    """A real two-time MLP in float64 for derivative checks, its gap embedding moved off its zero init
+    so that the second time counts too."""
+    from cmt_bench import nets
+    from cmt_bench.config import NetConfig
+    torch.manual_seed(seed)
+    net = nets.build((2,), NetConfig(hidden=32, depth=2, time_features=16), two_times=True).double()
+    for p in net.time.emb_gap.mlp[-1].parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    return net
+
+
 class ExactFlowMap(torch.nn.Module):
     """u(x, s, t) of a Gaussian's exact flow map, optionally scaled by (1 + scale) to step off it."""
 

@@ -4,10 +4,8 @@ velocity its target misses the exact average velocity by O(alpha^2), a residual 
 loss's units, while off the map it does not vanish."""
 import pytest
 import torch
-from conftest import ExactFlowMap
+from conftest import ExactFlowMap, gen, small_flow_map_net as real_net
 
-from cmt_bench import nets
-from cmt_bench.config import NetConfig
 from cmt_bench.losses.average_velocity import adaptive_weighted, meanflow_target
 from cmt_bench.methods import alphaflow
 from cmt_bench.methods.alphaflow import AlphaFlowConfig
@@ -15,18 +13,6 @@ from cmt_bench.paths import LinearPath
 
 PATH = LinearPath()
 F64 = torch.float64
-
-
-def gen(seed=0):
-    return torch.Generator().manual_seed(seed)
-
-
-def real_net(seed=0):
-    torch.manual_seed(seed)
-    net = nets.build((2,), NetConfig(hidden=32, depth=2, time_features=16), two_times=True).double()
-    for p in net.time.emb_gap.mlp[-1].parameters():  # leave the zero init, so the gap embedding counts too
-        torch.nn.init.normal_(p, std=0.3)
-    return net
 
 
 def batch(n, seed, jump_fraction=1.0):

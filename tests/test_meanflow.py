@@ -2,10 +2,8 @@
 closed-form average velocity of Gaussian data on the linear path."""
 import pytest
 import torch
-from conftest import ExactFlowMap
+from conftest import ExactFlowMap, gen, small_flow_map_net
 
-from cmt_bench import nets
-from cmt_bench.config import NetConfig
 from cmt_bench.losses import average_velocity as meanflow
 from cmt_bench.methods.meanflow import MeanFlowConfig
 from cmt_bench.paths import LinearPath
@@ -14,16 +12,9 @@ PATH = LinearPath()
 F64 = torch.float64
 
 
-def gen(seed=0):
-    return torch.Generator().manual_seed(seed)
-
-
 def test_jvp_matches_central_differences():
     """du/dt along the tangent (v, 1, 0) of the real network equals (u(+h) - u(-h)) / 2h."""
-    torch.manual_seed(0)
-    net = nets.build((2,), NetConfig(hidden=32, depth=2, time_features=16), two_times=True).double()
-    for p in net.time.emb_gap.mlp[-1].parameters():  # leave the zero init, so the gap embedding counts too
-        torch.nn.init.normal_(p, std=0.3)
+    net = small_flow_map_net()
     z, v = torch.randn(64, 2, generator=gen(1), dtype=F64), torch.randn(64, 2, generator=gen(2), dtype=F64)
     t = torch.rand(64, generator=gen(3), dtype=F64) * 0.8 + 0.1
     r = t * torch.rand(64, generator=gen(4), dtype=F64)
