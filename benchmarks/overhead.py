@@ -92,7 +92,7 @@ def run_harness(params, cfg, x, rep: int) -> tuple[float, float]:
     """Wired as stages.common.train_stage does; returns (wall seconds, seconds spent opening the tracker)."""
     net, opened = fresh_net(params, tuple(x.shape[1:])), []
     ledger = Ledger(device=device_name(torch.device("cpu")))
-    job = Job(STAGE, batch=lambda g, b: x[torch.randint(len(x), (b,), generator=g)], loss=loss_fn(params))
+    job = Job(STAGE, data=x, loss=loss_fn(params))
 
     def open_tracker(run_id):
         t0 = time.perf_counter()

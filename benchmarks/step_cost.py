@@ -1,17 +1,21 @@
-"""Cost of one training step per method, as a ratio to a plain flow-matching step.
+"""Cost of one training step per method, as a ratio to an eager fp32 flow-matching step.
 
-Same network, batch, optimizer and data for every method; reps alternate the methods (the order
-rotates each rep) after a warm-up, and each ratio is the median over reps of method time / plain
+Same network, batch, optimizer and data for every method; reps alternate the cells (the order
+rotates each rep) after a warm-up, and each ratio is the median over reps of cell time / baseline
 time within the rep, measured in this one run. MeanFlow's and sCT's JVP costs extra forward-mode
 passes; ECT costs a second (no-grad) forward; AlphaFlow is timed at each phase of its curriculum.
+A cell is (precision, compute.compile mode, memory format, method); the baseline is always timed.
 
     python benchmarks/step_cost.py [--preset toy|digits] [--steps N] [--reps R] [--threads T]
-    python benchmarks/step_cost.py --preset fashion --device cuda --precision fp32,bf16 --shape 1,32,32
+    python benchmarks/step_cost.py --compile none,step,jvp --methods meanflow
+    python benchmarks/step_cost.py --preset fashion --device cuda --precision fp32,bf16 --shape 1,32,32 \
+        --compile none,jvp --memory-format contiguous,channels_last --methods meanflow
 
-Writes benchmarks/results/step_cost[_<preset>].json (the toy MLP, or the preset's UNet on
-random samples of its data shape, with the preset's batch size and MeanFlow settings). `--shape`
-stands in for the data when it is not on this machine. With several precisions every
-(precision, method) pair is timed in each rep, and ratios are to fp32 flow matching.
+Writes benchmarks/results/step_cost[_gpu][_<preset>].json: one row per cell with ms per step,
+images/s, the ratio, the warm-up time (compilation included) and, on CUDA, the GPU busy fraction
+(kernel time from the profiler over the unprofiled wall time) and peak memory. The toy MLP, or the
+preset's UNet on random samples of its data shape (`--shape` stands in for data not on this
+machine), at the preset's batch size and method settings.
 """
 from __future__ import annotations
 
@@ -29,12 +33,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cmt_bench import config, data, distributed, ledger, losses, methods, nets  # noqa: E402
+from cmt_bench import compiling, config, data, distributed, ledger, losses, methods, nets  # noqa: E402
 from cmt_bench.distributed import autocast  # noqa: E402
 from cmt_bench.paths import LinearPath  # noqa: E402
 
 
 def step_fns(params: config.Params, net) -> dict:
+    """{name: loss(x, generator)} of flow matching and of every registered method (a curriculum per
+    phase) on `net`, the network as the loss calls it (compiled or not)."""
     path, post = LinearPath(), params.posttrain
     return {
         "flow_matching": lambda x, g: losses.flow_matching_loss(lambda z, t: net(z, t), path, x, g,
@@ -110,55 +116,101 @@ def environment() -> dict:
             "cpus": os.cpu_count()}
 
 
+def kernel_seconds(fn, opt, x, steps: int, gen, precision: str) -> float:
+    """GPU kernel time of `steps` steps, from the profiler (its own overhead is not in it)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        timed(fn, opt, x, steps, gen, precision)
+    return sum(e.self_device_time_total for e in prof.key_averages() if e.device_type == DeviceType.CUDA) / 1e6
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_args(ap, steps=100)
     ap.add_argument("--precision", default="fp32", help="comma-separated: fp32, bf16 (bf16 autocasts on CUDA only)")
+    ap.add_argument("--compile", default="none", help=f"comma-separated compute.compile modes: {', '.join(compiling.MODES)}")
+    ap.add_argument("--memory-format", default="contiguous", help="comma-separated: contiguous, channels_last (UNet)")
+    ap.add_argument("--methods", help="comma-separated subset of the step functions (flow_matching is always timed)")
     args = ap.parse_args()
-    precisions = args.precision.split(",")
+    precisions, modes, formats = args.precision.split(","), args.compile.split(","), args.memory_format.split(",")
     if not set(precisions) <= {"fp32", "bf16"} or (args.device == "cpu" and precisions != ["fp32"]):
         ap.error(f"--precision {args.precision!r}: allowed fp32, bf16 (bf16 with --device cuda)")
+    if not set(modes) <= set(compiling.MODES):
+        ap.error(f"--compile {args.compile!r}: allowed {', '.join(compiling.MODES)}")
+    if not set(formats) <= {"contiguous", "channels_last"}:
+        ap.error(f"--memory-format {args.memory_format!r}: allowed contiguous, channels_last")
     if args.threads:
         torch.set_num_threads(args.threads)
     params, net, opt, x, fns = setup(args.preset, args.shape, args.device)
+    if "channels_last" in formats and x.ndim != 4:
+        ap.error("--memory-format channels_last: a memory format of images; this preset's data are vectors")
+    names = list(fns) if not args.methods else ["flow_matching", *[n for n in args.methods.split(",") if n != "flow_matching"]]
+    if unknown := set(names) - set(fns):
+        ap.error(f"--methods: {', '.join(sorted(unknown))} unknown; allowed {', '.join(fns)}")
+    # every cell of the grid, the baseline (eager fp32 contiguous flow matching) first
+    cells = [(p, c, f, n) for f in formats for c in modes for p in precisions for n in names]
+    base = ("fp32", "none", "contiguous", "flow_matching")
+    cells = [base] + [cell for cell in cells if cell != base]
+    steps_of = {}  # (compile mode, memory format) -> step functions of that model
+    for f in formats:
+        net.to(memory_format=torch.channels_last if f == "channels_last" else torch.contiguous_format)
+        for c in modes + ["none"]:
+            steps_of[(c, f)] = step_fns(params, compiling.for_step(net, net, c))
+    xs = {f: x.contiguous(memory_format=torch.channels_last) if f == "channels_last" else x for f in formats + ["contiguous"]}
+
+    def step(cell):
+        p, c, f, n = cell
+        net.to(memory_format=torch.channels_last if f == "channels_last" else torch.contiguous_format)
+        return steps_of[(c, f)][n], xs[f], p
+
     gen = torch.Generator().manual_seed(0)
-    names = [(p, n) for p in precisions for n in fns]
-    peak_gib = {}
-    for p, n in names:
+    peak_gib, compile_s = {}, {}
+    for cell in cells:
+        fn, xf, p = step(cell)
         if x.is_cuda:
             torch.cuda.reset_peak_memory_stats()
-        timed(fns[n], opt, x, 10, gen, p)  # warm-up (forward-mode AD loads its decompositions once; cuDNN picks kernels)
+        # warm-up: forward-mode AD loads its decompositions once, cuDNN picks kernels, torch.compile
+        # compiles (the JVP once per padded batch size it meets, so a compiled cell warms up longer)
+        compile_s[cell] = timed(fn, opt, xf, 10 if cell[1] == "none" else 40, gen, p)
         if x.is_cuda:
-            peak_gib.setdefault(p, {})[n] = torch.cuda.max_memory_allocated() / 2**30
-    seconds = {pn: [] for pn in names}
+            peak_gib[cell] = torch.cuda.max_memory_allocated() / 2**30
+    seconds = {cell: [] for cell in cells}
     for rep in range(args.reps):
-        for pn in rotated(names, rep):
-            seconds[pn].append(timed(fns[pn[1]], opt, x, args.steps, gen, pn[0]))
-    base = seconds[("fp32", "flow_matching")]
-
-    def table(stat) -> dict:  # {method: value} for one precision, {precision: {method: value}} for several
-        out = {p: {n: stat(seconds[(p, n)]) for n in fns} for p in precisions}
-        return out[precisions[0]] if len(precisions) == 1 else out
-
+        for cell in rotated(cells, rep):
+            fn, xf, p = step(cell)
+            seconds[cell].append(timed(fn, opt, xf, args.steps, gen, p))
+    busy = {}
+    if x.is_cuda:  # kernel time per step over the (unprofiled) median wall time per step
+        for cell in cells:
+            fn, xf, p = step(cell)
+            busy[cell] = (kernel_seconds(fn, opt, xf, args.steps, gen, p) / args.steps) / (
+                statistics.median(seconds[cell]) / args.steps)
+    rows = [{"precision": p, "compile": c, "memory_format": f, "method": n,
+             "ms_per_step": 1000 * statistics.median(seconds[cell]) / args.steps,
+             "images_per_second": len(x) * args.steps / statistics.median(seconds[cell]),
+             "ratio_to_eager_fp32_flow_matching": statistics.median(a / b for a, b in zip(seconds[cell], seconds[base])),
+             "warmup_seconds": compile_s[cell],
+             **({"gpu_busy_fraction": busy[cell], "peak_memory_gib": peak_gib[cell]} if x.is_cuda else {})}
+            for cell in cells for p, c, f, n in [cell]]
     result = {
-        "ratio_to_flow_matching": table(lambda s: statistics.median(a / b for a, b in zip(s, base))),
-        "ms_per_step": table(lambda s: 1000 * statistics.median(s) / args.steps),
-        "images_per_second": table(lambda s: len(x) * args.steps / statistics.median(s)),
-        **({"peak_memory_gib": peak_gib} if peak_gib else {}),
+        "preset": args.preset, **{m: getattr(params.posttrain, m).model_dump() for m in methods.names()},
+        "rows": rows,
         "net": params.net.model_dump(), "params_millions": sum(p.numel() for p in net.parameters()) / 1e6,
         "shape": list(x.shape[1:]), "batch_size": len(x), "steps": args.steps, "reps": args.reps,
-        "device": ledger.device_name(x.device), "precisions": precisions,
-        **environment(),
+        "device": ledger.device_name(x.device), "precisions": precisions, "compile_modes": modes,
+        "memory_formats": formats, **environment(),
     }
-    result = {"preset": args.preset, **{m: getattr(params.posttrain, m).model_dump() for m in methods.names()}, **result}
     suffix = "" if args.preset == "toy" else f"_{args.preset}"
     args.out = args.out or ROOT / "benchmarks" / "results" / (
         f"step_cost{suffix}.json" if args.device == "cpu" else f"step_cost_gpu{suffix}.json")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(" | ".join(f"{p} {n}: {1000 * statistics.median(seconds[(p, n)]) / args.steps:.1f} ms, "
-                     f"x{statistics.median(a / b for a, b in zip(seconds[(p, n)], base)):.2f}"
-                     for p, n in names) + f" | {args.out}")
+    for r in rows:
+        print(f"{r['precision']} {r['compile']} {r['memory_format']} {r['method']}: {r['ms_per_step']:.1f} ms, "
+              f"x{r['ratio_to_eager_fp32_flow_matching']:.2f}"
+              + (f", GPU busy {r['gpu_busy_fraction']:.0%}, {r['peak_memory_gib']:.2f} GiB" if x.is_cuda else ""))
+    print(args.out)
 
 
 if __name__ == "__main__":

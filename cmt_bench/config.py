@@ -181,6 +181,15 @@ class ComputeConfig(Section):
     # bf16 autocast of the training step on CUDA; on a CPU training stays fp32 (the run's
     # `precision` tag says which was used)
     precision: Literal["fp32", "bf16"] = "fp32"
+    # torch.compile of the training step (compiling.py): none (eager), step (the network's forward
+    # and backward), jvp (step, and the forward-mode JVP of MeanFlow-style losses). Compiled kernels
+    # round differently from eager ones (tests bound it), so the mode is part of a run's parameters.
+    compile: Literal["none", "step", "jvp"] = "none"
+    # Where each step's batch indices, noise and times are drawn: device (on the training device, so
+    # a GPU step copies nothing from the host) or host (the CPU: one seed then gives the same draws on
+    # any device). On a CPU both are the same numbers.
+    draws: Literal["device", "host"] = "device"
+    channels_last: bool = False  # channels-last memory format for the UNet (images only)
 
 
 class ReportConfig(Section):
@@ -253,6 +262,9 @@ class Params(Section):
         if features == "inception" and not self.evaluate.inception_weights:
             raise ValueError("evaluate.inception_weights: give the local path of the Inception weights file "
                              "(it is never downloaded), or choose evaluate.features 'raw' or 'classifier'")
+        if self.compute.channels_last and self.net.kind != "unet":
+            raise ValueError("compute.channels_last: true is a memory format for the UNet's images; "
+                             f"net.kind is {self.net.kind!r}: set it to false")
         if self.report.metric != "auto" and self.report.metric not in report_metrics(self):
             raise ValueError(f"report.metric: {self.report.metric!r} is not measured for this preset; allowed: "
                              f"auto, {', '.join(report_metrics(self))}")

@@ -101,4 +101,8 @@ def wrap(net: torch.nn.Module, world: World) -> torch.nn.Module:
 
 
 def unwrap(net: torch.nn.Module) -> torch.nn.Module:
-    return getattr(net, "module", net)
+    """The bare network inside the wrappers of a training step: compiling.StepModel (`inner`),
+    torch.compile (`_orig_mod`) and DDP (`module`)."""
+    for attr in ("inner", "_orig_mod", "module"):
+        net = getattr(net, attr, net)
+    return net

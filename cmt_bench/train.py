@@ -1,9 +1,9 @@
 """The training loop shared by every stage; a stage differs only in its loss, data and init.
 
-Reproducible and resumable: each step's randomness comes from a generator seeded by
-(seed, stage, images seen), and a periodic atomic checkpoint holds weights, EMA, optimizer,
-ledger and the MLflow run id. A rerun after a kill continues from it into the same run and ends
-with the same weights as an uninterrupted run.
+Reproducible and resumable: each step's randomness (batch indices, noise, times) comes from a
+generator seeded by (seed, stage, images seen, rank) on the device the draws are made on, and a
+periodic atomic checkpoint holds weights, EMA, optimizer, ledger and the MLflow run id. A rerun after
+a kill continues from it into the same run and ends with the same weights as an uninterrupted run.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import checkpoint
+from . import checkpoint, compiling
 from .config import TrainConfig
 from .distributed import World, autocast, wrap
 from .ledger import Ledger
@@ -38,8 +38,8 @@ def derive_seed(*parts) -> int:
     return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
 
 
-def generator(*parts) -> torch.Generator:
-    return torch.Generator().manual_seed(derive_seed(*parts))
+def generator(*parts, device: torch.device | str = "cpu") -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(derive_seed(*parts))
 
 
 def quiet() -> bool:
@@ -48,9 +48,10 @@ def quiet() -> bool:
 
 @dataclass
 class Job:
-    """One training stage: how to draw a batch, the loss, and an optional in-loop evaluation."""
+    """One training stage: the examples batches are drawn from (uniformly, with replacement), the
+    loss, and an optional in-loop evaluation."""
     stage: str
-    batch: Callable[[torch.Generator, int], torch.Tensor]
+    data: torch.Tensor
     loss: Callable[[nn.Module, torch.Tensor, torch.Generator, int], torch.Tensor]
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None
     label: str = ""  # shown on the progress bar
@@ -79,12 +80,15 @@ def _crossed(before: int, after: int, every: int) -> bool:
 
 def train(net: nn.Module, job: Job, cfg: TrainConfig, *, seed: int, ckpt_path: Path, fingerprint: str,
           ledger: Ledger, open_tracker: Callable[[str | None], "object"],
-          world: World = World(), precision: str = "fp32") -> tuple[Result, "object"]:
+          world: World = World(), precision: str = "fp32", compile: str = "none",
+          draws: str = "device") -> tuple[Result, "object"]:
     """Run `job` until `cfg.budget_images`; return the result and the (still open) tracker.
 
     Under torchrun (`world.size` > 1) each rank draws batch_size / world.size images per step and
     DDP averages the gradients; only rank 0 opens the tracker (others get None), logs and saves.
-    `net` is already on its device; `precision` bf16 autocasts the step there if it is a GPU."""
+    `net` is already on its device; `precision` bf16 autocasts the step there if it is a GPU;
+    `compile` is compute.compile (compiling.py); `draws` device keeps the data and every random draw
+    on the net's device (nothing is copied from the host per step), host draws them on the CPU."""
     if cfg.batch_size % world.size:
         raise ValueError(f"{job.stage}: train.batch_size={cfg.batch_size} must divide by the number of "
                          f"processes ({world.size}): it is the global batch")
@@ -94,6 +98,8 @@ def train(net: nn.Module, job: Job, cfg: TrainConfig, *, seed: int, ckpt_path: P
         torch.manual_seed(derive_seed(seed, job.stage, "rank", world.rank))
     ledger.world_size = world.size
     device = next(net.parameters()).device
+    draw_device = device if draws == "device" else torch.device("cpu")
+    data = job.data.to(draw_device)  # once, not per step
     ema = copy.deepcopy(net).requires_grad_(False)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, foreach=True)  # one kernel per op, not per tensor
     # listed once: walking the module tree every step cost 3% of a small MLP's step time
@@ -111,13 +117,16 @@ def train(net: nn.Module, job: Job, cfg: TrainConfig, *, seed: int, ckpt_path: P
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng_cpu"])
+        if device.type == "cuda" and "rng_cuda" in state:  # dropout's masks on a GPU come from its generator
+            torch.cuda.set_rng_state(state["rng_cuda"], device)
         step, run_id = state["step"], state["run_id"]
         loss_sum, loss_n = state["loss_sum"], state["loss_n"]
         ledger.seconds, ledger.images_seen = state["seconds"], state["images_seen"]
         if world.main:
             print(f"[{job.stage}] resuming from {ckpt_path} at step {step} ({ledger.images_seen} images)", file=sys.stderr)
     tracker = open_tracker(run_id) if world.main else None
-    model = wrap(net, world)  # after loading: DDP starts from identical weights on every rank
+    # after loading: DDP starts from identical weights on every rank
+    model = compiling.for_step(wrap(net, world), net, compile)
 
     def log_point(loss_mean: float | None) -> None:
         if not world.main:
@@ -138,7 +147,8 @@ def train(net: nn.Module, job: Job, cfg: TrainConfig, *, seed: int, ckpt_path: P
         checkpoint.save(ckpt_path, {
             "fingerprint": fingerprint, "step": step, "run_id": tracker.run_id, "seconds": ledger.seconds,
             "images_seen": ledger.images_seen, "loss_sum": loss_sum, "loss_n": loss_n,
-            "net": net.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(), "rng_cpu": torch.get_rng_state()})
+            "net": net.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(), "rng_cpu": torch.get_rng_state(),
+            **({"rng_cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})})
 
     result = Result(net, ema, ledger, total_steps)
     if step == 0:
@@ -148,9 +158,10 @@ def train(net: nn.Module, job: Job, cfg: TrainConfig, *, seed: int, ckpt_path: P
         while step < total_steps:
             before = ledger.images_seen
             with ledger.clock():
-                gen = generator(seed, job.stage, before, *rank_tag)
+                gen = generator(seed, job.stage, before, *rank_tag, device=draw_device)
+                batch = data[torch.randint(len(data), (rank_batch,), generator=gen, device=draw_device)]
                 with autocast(precision, device):
-                    loss = job.loss(model, job.batch(gen, rank_batch), gen, before)
+                    loss = job.loss(model, batch.to(device, non_blocking=True), gen, before)
                 if world.any(not torch.isfinite(loss)):
                     raise NonFiniteLoss(
                         f"{job.stage}: loss became {loss.item()} at step {step + 1} (images_seen={before}); stopped. "

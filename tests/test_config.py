@@ -55,6 +55,9 @@ BAD = {
     "variant_missing": ("midtrain:\n  variants: {ect: cm}\n", ["midtrain.variants", "meanflow"]),
     "variant_value": ("midtrain:\n  variants: {ect: cd}\n", ["midtrain.variants.ect", "'cm'", "'mf'"]),
     "precision": ("compute: {precision: fp16}\n", ["compute.precision", "'fp32'", "'bf16'"]),
+    "compile": ("compute: {compile: full}\n", ["compute.compile", "'none'", "'step'", "'jvp'"]),
+    "draws": ("compute: {draws: gpu}\n", ["compute.draws", "'device'", "'host'"]),
+    "channels_last_for_points": ("compute: {channels_last: true}\n", ["compute.channels_last", "net.kind is 'mlp'"]),
     "no_levels": ("net: {kind: unet, channel_mult: []}\n", ["net.channel_mult", "at least one level"]),
 }
 

@@ -97,7 +97,7 @@ def _toy_job(nan_at_step=None):
     def loss(net, x, gen, seen):
         out = net(x, torch.rand(len(x), generator=gen)).pow(2).mean()
         return out * float("nan") if nan_at_step is not None and seen >= nan_at_step * 32 else out
-    return Job("toy", batch=lambda g, b: data[torch.randint(256, (b,), generator=g)], loss=loss)
+    return Job("toy", data=data, loss=loss)
 
 
 def _run(params, job, ckpt, fp="fp", budget=320):

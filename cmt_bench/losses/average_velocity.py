@@ -8,6 +8,7 @@ along the probability-flow ODE (tangent dz = v, dt = 1, dr = 0), computed by one
 """
 import torch
 
+from ..compiling import total_derivative
 from ..distributed import unwrap
 from .flow_matching import logit_normal
 from ..schema import TimeSampling
@@ -19,7 +20,7 @@ def sample_times(n: int, t_sampling: TimeSampling, r_neq_t: float,
     a fraction `r_neq_t` of the batch."""
     a, b = logit_normal(n, t_sampling, generator), logit_normal(n, t_sampling, generator)
     t, r = torch.maximum(a, b), torch.minimum(a, b)
-    keep = torch.rand(n, generator=generator) < r_neq_t
+    keep = torch.rand(n, generator=generator, device=generator.device) < r_neq_t
     return t, torch.where(keep, r, t)
 
 
@@ -30,8 +31,7 @@ def meanflow_target(net, z: torch.Tensor, t: torch.Tensor, r: torch.Tensor, v: t
     It needs no graph, so it runs on the bare module: the loss's gradient then flows through one
     ordinary forward of the (possibly DDP-wrapped) network, where DDP synchronises it. Taking the
     loss through the JVP's primal output instead bypasses DDP's hooks (py-meanflow's pitfall)."""
-    _, dudt = torch.func.jvp(lambda z_, t_, r_: unwrap(net)(z_, t_, r_), (z, t, r),
-                             (v, torch.ones_like(t), torch.zeros_like(r)))
+    dudt = total_derivative(net, unwrap(net), z, t, r, v)
     return v - (t - r).reshape(-1, *([1] * (z.ndim - 1))) * dudt
 
 

@@ -15,7 +15,7 @@ def cmt_cm_loss(net, traj: torch.Tensor, times: torch.Tensor, generator: torch.G
     """traj: [B, M+1, ...] states at `times` (decreasing, times[-1] == 0; on traj's device). One point per trajectory,
     uniform over the M non-terminal points: an unbiased estimate of the uniform average over i."""
     b, m_plus_1 = traj.shape[:2]
-    i = torch.randint(0, m_plus_1 - 1, (b,), generator=generator).to(traj.device)
+    i = torch.randint(0, m_plus_1 - 1, (b,), generator=generator, device=generator.device).to(traj.device)
     x_i = traj[torch.arange(b, device=traj.device), i]
     pred = flow_map(net, x_i, times[i].to(traj.dtype), torch.zeros(b, dtype=traj.dtype, device=traj.device))
     return distance(pred - traj[:, -1], dist).mean()
@@ -26,7 +26,7 @@ def cmt_mf_loss(net, traj: torch.Tensor, times: torch.Tensor, generator: torch.G
     u(x_i, t_j, t_i) onto the teacher's average velocity (x_i - x_j) / (t_i - t_j)."""
     b, m_plus_1 = traj.shape[:2]
     pairs = torch.triu_indices(m_plus_1, m_plus_1, offset=1)  # all (i, j) with i < j
-    pick = pairs[:, torch.randint(0, pairs.shape[1], (b,), generator=generator)].to(traj.device)
+    pick = pairs[:, torch.randint(0, pairs.shape[1], (b,), generator=generator, device=generator.device)].to(traj.device)
     rows = torch.arange(b, device=traj.device)
     x_i, x_j = traj[rows, pick[0]], traj[rows, pick[1]]
     t_i, t_j = times[pick[0]].to(traj.dtype), times[pick[1]].to(traj.dtype)

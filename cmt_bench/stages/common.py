@@ -2,7 +2,6 @@
 MLflow run and checkpoint, and writing a finished stage's outputs."""
 from __future__ import annotations
 
-import dataclasses
 import shutil
 from pathlib import Path
 
@@ -57,12 +56,12 @@ def train_stage(params: Params, stage: str, net, job: Job, train_cfg, inputs: li
     """Train one stage (or matrix cell) on this process's device; `method_tag` names the method in
     MLflow (flow_matching, cmt_cm, ...) where it is not a post-training method; `seed` is a
     post-training cell's seed (else the top-level one). A study trial passes its own checkpoint path
-    and `open_run(run_id) -> Tracker`. Batches are drawn on the CPU and moved to the device."""
+    and `open_run(run_id) -> Tracker`."""
     world = distributed.init()
-    dev = distributed.device(params.compute.device, world)
-    net.to(dev)
-    job = dataclasses.replace(job, batch=lambda g, b, draw=job.batch: draw(g, b).to(dev, non_blocking=True))
-    precision = distributed.precision_used(params.compute.precision, dev)
+    compute = params.compute
+    dev = distributed.device(compute.device, world)
+    net.to(dev, memory_format=torch.channels_last if compute.channels_last else torch.preserve_format)
+    precision = distributed.precision_used(compute.precision, dev)
     ledger = Ledger(device=device_name(dev))
     fp = fingerprint(params, stage, init, method, seed, [datasets.sha256(p) for p in inputs])
     ckpt = ckpt or checkpoint(stage, init, method, seed) / "last.pt"
@@ -75,8 +74,10 @@ def train_stage(params: Params, stage: str, net, job: Job, train_cfg, inputs: li
                                    stage_params=stage_params)
         if run_id is None:
             tracker.set_tags({"device": ledger.device, "world_size": ledger.world_size, "precision": precision,
+                              "compile": compute.compile, "draws": compute.draws,
                               "device_hours_measures": "wall time of training steps x devices; "
                                                        "excludes in-loop evaluation and checkpoint I/O"})
         return tracker
     return train(net, job, train_cfg, seed=params.seed if seed is None else seed, ckpt_path=ckpt, fingerprint=fp,
-                 ledger=ledger, open_tracker=open_tracker, world=world, precision=precision)
+                 ledger=ledger, open_tracker=open_tracker, world=world, precision=precision,
+                 compile=compute.compile, draws=compute.draws)

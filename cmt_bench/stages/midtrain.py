@@ -1,6 +1,8 @@
 """The midtrain stage: CMT for one post-training method, in the variant midtrain.variants[method]."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .. import data as datasets
@@ -29,8 +31,9 @@ def run(params: Params, method: str) -> None:
     net = seeded_net(params.seed, params, shape, True, "midtrain")
     nets.load_teacher_into(net, stage_weights("pretrain"))
     loss = LOSS[variant]
-    job = Job("midtrain", batch=lambda g, b: traj[torch.randint(len(traj), (b,), generator=g)],
-              loss=lambda n, x, g, seen: loss(n, x, times.to(x.device), g, cfg.distance),
+    times_on = functools.cache(times.to)  # copied to the training device once, not every step
+    job = Job("midtrain", data=traj,
+              loss=lambda n, x, g, seen: loss(n, x, times_on(x.device), g, cfg.distance),
               evaluate=heldout_eval(params, path, heldout, shape), label=f"midtrain CMT-{variant.upper()} for {method}")
     result, tracker = train_stage(params, "midtrain", net, job, cfg.train,
                                   [traj_dir / "manifest.json", out_dir("pretrain") / "model.pt"], method=method,

@@ -50,7 +50,7 @@ def train_posttrain(params: Params, init: str, method: str, seed: int, **stage_k
     shape, path, cfg = tuple(train_x.shape[1:]), PATHS["linear"](), params.posttrain
     loss = posttrain_loss(params, method, path)  # an unknown method fails before the net is built
     net = initial_net(params, init, method, shape, seed)
-    job = Job("posttrain", batch=lambda g, b: train_x[torch.randint(len(train_x), (b,), generator=g)], loss=loss,
+    job = Job("posttrain", data=train_x, loss=loss,
               evaluate=heldout_eval(params, path, heldout, shape), label=f"posttrain {method} ({init} init)",
               on_point=stage_kwargs.pop("on_point", None))
     return train_stage(params, "posttrain", net, job, cfg.train, posttrain_inputs(init, method), init=init,

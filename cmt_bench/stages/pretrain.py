@@ -28,7 +28,7 @@ def run(params: Params) -> None:
         x0 = solvers.integrate(lambda x, t: ema(x, t), x1, grid, ode.solver)[0][-1].cpu().numpy()
         return score({"ode": x0})
 
-    job = Job("pretrain", batch=lambda g, b: train_x[torch.randint(len(train_x), (b,), generator=g)],
+    job = Job("pretrain", data=train_x,
               loss=lambda n, x, g, seen: losses.flow_matching_loss(n, path, x, g, cfg.t_sampling),
               evaluate=evaluate, label="pretrain (teacher)")
     result, tracker = train_stage(params, "pretrain", net, job, cfg.train, [data_dir / "manifest.json"],
