@@ -13,18 +13,8 @@
 # A machine without internet installs the packages it lacks from wheels in .whl/ first (see
 # reports/gpu/README.md for the list); each part has its own time limit so one hang costs little.
 set -uo pipefail
-OUT=${OUT:-build/gpu_check}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 MLFLOW_DISABLE_TELEMETRY=true CI=true
-PY=$(command -v "${PYTHON:-python3}")
-log() { echo "== $(date +%T) $*" | tee -a "$OUT/gpu_check.log"; }
-
-if [ -d .whl ] && ! $PY -c "import mlflow, pydantic, webdataset, torch_fidelity" 2>/dev/null; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir .whl/*.whl 2>&1 | tail -3
-fi
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  $PY -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
-  nproc; } 2>&1 | tee "$OUT/env.txt"
+OUT=${OUT:-build/gpu_check} LOG=gpu_check.log
+source "$(dirname "$0")/gpu_env.sh"
 
 log "tests"
 timeout 150 $PY -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py tests/test_train.py tests/test_meanflow.py tests/test_config.py \

@@ -12,22 +12,12 @@
 # A machine without internet installs the packages it lacks from wheels in .whl/ first (see
 # reports/gpu/README.md for the list).
 set -uo pipefail
-OUT=${OUT:-build/gpu_step}
+OUT=${OUT:-build/gpu_step} LOG=gpu_step.log
 DEVICE=${DEVICE:-cuda}
 SHAPE=${SHAPE:-1,32,32}
 STEPS=${STEPS:-20}
 REPS=${REPS:-3}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 MLFLOW_DISABLE_TELEMETRY=true CI=true
-PY=$(command -v "${PYTHON:-python3}")
-log() { echo "== $(date +%T) $*" | tee -a "$OUT/gpu_step.log"; }
-
-if [ -d .whl ] && ! $PY -c "import mlflow, pydantic, webdataset, torch_fidelity" 2>/dev/null; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir .whl/*.whl 2>&1 | tail -3
-fi
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
-  $PY -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
-  nproc; } 2>&1 | tee "$OUT/env.txt"
+source "$(dirname "$0")/gpu_env.sh"
 
 # bf16 is the precision the issue's targets are set in; on a CPU (a dry run) fp32
 [ "$DEVICE" = cuda ] && P=bf16 || P=fp32

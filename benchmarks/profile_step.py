@@ -41,7 +41,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     params, net, opt, x, fns = setup(args.preset, args.shape, args.device)
-    fns = step_fns(params, compiling.for_step(net, net, args.compile))
+    fns = step_fns(params, compiling.for_step(net, args.compile))
     if args.method not in fns:
         ap.error(f"--method {args.method!r}: allowed {', '.join(fns)}")
     fn, gen = fns[args.method], torch.Generator().manual_seed(0)

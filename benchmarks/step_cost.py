@@ -156,7 +156,7 @@ def main() -> None:
     for f in formats:
         net.to(memory_format=torch.channels_last if f == "channels_last" else torch.contiguous_format)
         for c in modes + ["none"]:
-            steps_of[(c, f)] = step_fns(params, compiling.for_step(net, net, c))
+            steps_of[(c, f)] = step_fns(params, compiling.for_step(net, c))
     xs = {f: x.contiguous(memory_format=torch.channels_last) if f == "channels_last" else x for f in formats + ["contiguous"]}
 
     def step(cell):

@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from .distributed import unwrap
+
 MODES = ("none", "step", "jvp")
 
 
@@ -34,20 +36,20 @@ class StepModel(nn.Module):
     """The network as a compiled training step sees it: `inner` (the bare or DDP-wrapped network)
     compiled, and under `jvp` a compiled total derivative that `total_derivative` picks up."""
 
-    def __init__(self, inner: nn.Module, bare: nn.Module, mode: str):
+    def __init__(self, inner: nn.Module, mode: str):
         super().__init__()
         self.inner = torch.compile(inner)
-        self.jvp = torch.compile(partial(_jvp_with_plain_norms, bare), dynamic=False) if mode == "jvp" else None
+        self.jvp = torch.compile(partial(_jvp_with_plain_norms, unwrap(inner)), dynamic=False) if mode == "jvp" else None
 
     def forward(self, *args):
         return self.inner(*args)
 
 
-def for_step(model: nn.Module, bare: nn.Module, mode: str) -> nn.Module:
-    """What the loss calls under compute.compile `mode`: `model` itself when none."""
+def for_step(model: nn.Module, mode: str) -> nn.Module:
+    """What the loss calls under compute.compile `mode`: `model` (bare or DDP-wrapped) itself when none."""
     if mode not in MODES:
         raise ValueError(f"compute.compile: {mode!r}; allowed: {', '.join(MODES)}")
-    return model if mode == "none" else StepModel(model, bare, mode)
+    return model if mode == "none" else StepModel(model, mode)
 
 
 def _jvp(net: nn.Module, z, t, r, v) -> torch.Tensor:
@@ -59,11 +61,13 @@ def _channels_last(net: nn.Module) -> bool:
                for p in net.parameters())
 
 
-def total_derivative(net: nn.Module, bare: nn.Module, z, t, r, v) -> torch.Tensor:
-    """du/dt of u = bare(z, t, r) along (dz, dt, dr) = (v, 1, 0), by one forward-mode JVP; compiled
-    when `net` (what the loss was given) is a StepModel under compile mode jvp."""
-    compiled = getattr(net, "jvp", None) if isinstance(net, StepModel) else None
+def total_derivative(net: nn.Module, z, t, r, v) -> torch.Tensor:
+    """du/dt of u(z, r, t) = net(z, t, r) along (dz, dt, dr) = (v, 1, 0), by one forward-mode JVP of
+    the bare network (a JVP needs no DDP: it builds no graph); compiled when `net` (what the loss
+    was given) is a StepModel under compile mode jvp."""
+    compiled = net.jvp if isinstance(net, StepModel) else None
     if compiled is None:
+        bare = unwrap(net)
         # torch's forward-mode GroupNorm fails on channels-last tensors (a view in its derivative)
         with PlainNorms() if _channels_last(bare) else contextlib.nullcontext():
             return _jvp(bare, z, t, r, v)

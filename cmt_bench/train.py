@@ -126,7 +126,7 @@ def train(net: nn.Module, job: Job, cfg: TrainConfig, *, seed: int, ckpt_path: P
             print(f"[{job.stage}] resuming from {ckpt_path} at step {step} ({ledger.images_seen} images)", file=sys.stderr)
     tracker = open_tracker(run_id) if world.main else None
     # after loading: DDP starts from identical weights on every rank
-    model = compiling.for_step(wrap(net, world), net, compile)
+    model = compiling.for_step(wrap(net, world), compile)
 
     def log_point(loss_mean: float | None) -> None:
         if not world.main:

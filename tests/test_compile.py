@@ -82,7 +82,7 @@ def test_compiled_step_gives_eager_loss_and_gradients(name):
     for mode in ("step", "jvp"):
         torch._dynamo.reset()  # else a graph of an earlier, alike network is reused
         graphs = counters["stats"]["unique_graphs"]
-        loss, grads = _loss_and_grads(net, compiling.for_step(net, net, mode), name, x, seed=7)
+        loss, grads = _loss_and_grads(net, compiling.for_step(net, mode), name, x, seed=7)
         assert counters["stats"]["unique_graphs"] > graphs, f"{name} {mode}: nothing was compiled"
         torch.testing.assert_close(loss, eager_loss, rtol=RTOL, atol=ATOL, msg=f"{name} {mode}: loss")
         assert len(grads) == len(eager_grads)
@@ -97,15 +97,15 @@ def test_compiled_jvp_through_the_unet_equals_eager(device):
     z, v = (torch.randn(7, 1, 8, 8, generator=gen(i)).to(device) for i in (1, 2))
     t = (torch.rand(7, generator=gen(3)) * 0.8 + 0.1).to(device)
     r = t * torch.rand(7, generator=gen(4)).to(device)
-    eager = compiling.total_derivative(net, net, z, t, r, v)
+    eager = compiling.total_derivative(net, z, t, r, v)
     torch._dynamo.reset()
     graphs = counters["stats"]["unique_graphs"]
-    compiled = compiling.total_derivative(compiling.for_step(net, net, "jvp"), net, z, t, r, v)
+    compiled = compiling.total_derivative(compiling.for_step(net, "jvp"), z, t, r, v)
     assert counters["stats"]["unique_graphs"] > graphs, "the JVP was not compiled"
     assert compiling.padded_size(7) == 7 and eager.abs().mean() > 0.1
     torch.testing.assert_close(compiled, eager, **TOLERANCE[device])
     z9 = torch.cat([z, z[:2]])  # 9 rows: padded to 10 with zeros, the extra row cut off again
-    compiled9 = compiling.total_derivative(compiling.for_step(net, net, "jvp"), net, z9, torch.cat([t, t[:2]]),
+    compiled9 = compiling.total_derivative(compiling.for_step(net, "jvp"), z9, torch.cat([t, t[:2]]),
                                            torch.cat([r, r[:2]]), torch.cat([v, v[:2]]))
     torch.testing.assert_close(compiled9[:7], eager, **TOLERANCE[device])
 
@@ -146,8 +146,8 @@ def test_eager_jvp_of_a_channels_last_unet_equals_contiguous():
     z, v = torch.randn(5, 1, 8, 8, generator=gen(1), dtype=F64), torch.randn(5, 1, 8, 8, generator=gen(2), dtype=F64)
     t = torch.rand(5, generator=gen(3), dtype=F64) * 0.8 + 0.1
     r = t * torch.rand(5, generator=gen(4), dtype=F64)
-    contiguous = compiling.total_derivative(net, net, z, t, r, v)
+    contiguous = compiling.total_derivative(net, z, t, r, v)
     net.to(memory_format=torch.channels_last)
     with pytest.raises(RuntimeError, match="view size is not compatible"):  # why the plain norms are needed
         torch.func.jvp(net, (z, t, r), (v, torch.ones_like(t), torch.zeros_like(r)))
-    torch.testing.assert_close(compiling.total_derivative(net, net, z, t, r, v), contiguous, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(compiling.total_derivative(net, z, t, r, v), contiguous, rtol=1e-10, atol=1e-10)

@@ -9,7 +9,6 @@ along the probability-flow ODE (tangent dz = v, dt = 1, dr = 0), computed by one
 import torch
 
 from ..compiling import total_derivative
-from ..distributed import unwrap
 from .flow_matching import logit_normal
 from ..schema import TimeSampling
 
@@ -31,7 +30,7 @@ def meanflow_target(net, z: torch.Tensor, t: torch.Tensor, r: torch.Tensor, v: t
     It needs no graph, so it runs on the bare module: the loss's gradient then flows through one
     ordinary forward of the (possibly DDP-wrapped) network, where DDP synchronises it. Taking the
     loss through the JVP's primal output instead bypasses DDP's hooks (py-meanflow's pitfall)."""
-    dudt = total_derivative(net, unwrap(net), z, t, r, v)
+    dudt = total_derivative(net, z, t, r, v)
     return v - (t - r).reshape(-1, *([1] * (z.ndim - 1))) * dudt
 
 

@@ -1,0 +1,177 @@
+"""Where the wall time of a first `make toy` goes.
+
+Clones this repository's HEAD into a fresh folder and runs there what a new user runs: `make setup`
+(the install), then `make toy` with the default parameters (MLflow and Optuna on SQLite files, one
+study worker), timestamping every line DVC prints as it arrives. Afterwards it splits the time:
+
+- install: `make setup`;
+- each DVC stage: from its "Running stage" line to the next one (DVC's hashing and lock writes
+  for the stage included); for a stage with an MLflow run (its run.json), the run's own duration
+  splits into training steps (the ledger's measured seconds, `device_hours`) and the rest of the
+  run (in-loop evaluation, checkpoints, logging), and what the stage took outside its run is its
+  fixed cost (interpreter, imports, data load, DVC);
+- the studies: the trials' training-step seconds (each trial run's `device_hours`) within the stage;
+- what came before the first stage and after the last (DVC start-up, `cmt-bench summary`).
+
+`efficiency` is the training-step device-seconds (pipeline and study trials) over the wall seconds
+after the install. Writes benchmarks/results/pipeline.json (rows per stage, totals per category) and
+prints a table.
+
+    python benchmarks/pipeline.py [--workdir DIR] [--out FILE]
+    python benchmarks/pipeline.py --analyse DIR   # split an earlier run's timings again
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGE_LINE = re.compile(r"^Running stage '([^']+)'")
+
+
+def run_timed(cmd: list[str], cwd: Path, env: dict, log) -> tuple[float, list[tuple[float, str]]]:
+    """(wall seconds, [(seconds since start, line)]) of `cmd`, its output echoed to `log`."""
+    start = time.monotonic()
+    lines = []
+    with subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          bufsize=1) as proc:
+        for line in proc.stdout:
+            lines.append((time.monotonic() - start, line.rstrip("\n")))
+            log.write(f"{lines[-1][0]:9.1f} {line}")
+        if proc.wait():
+            raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}); its log is {log.name}")
+    return time.monotonic() - start, lines
+
+
+def stage_walls(lines: list[tuple[float, str]], end: float) -> tuple[dict[str, float], float, float]:
+    """{stage: wall seconds} from the "Running stage" lines, and the seconds before the first and
+    after the last stage's end (the last stage ends at DVC's final lock write, else at `end`)."""
+    starts = [(t, m.group(1)) for t, line in lines if (m := STAGE_LINE.match(line))]
+    if not starts:
+        raise SystemExit("no 'Running stage' line: did dvc repro run anything?")
+    # dvc repro's last line about the pipeline ("Use `dvc push` ..." or the lock update) ends the last stage
+    last = min((t for t, line in lines if line.startswith(("Use `dvc push`", "To track the changes"))), default=end)
+    bounds = [t for t, _ in starts] + [last]
+    walls = {name: bounds[i + 1] - bounds[i] for i, (_, name) in enumerate(starts)}
+    return walls, starts[0][0], end - last
+
+
+def dvc_name(run: dict) -> str:
+    """The DVC stage (or matrix cell) a stage's run.json belongs to."""
+    stage, init, method, seed = run["stage"], run.get("init"), run.get("method"), run.get("seed")
+    if stage == "posttrain":
+        return f"posttrain@{init}-{method}-{seed}"
+    return f"{stage}@{method}" if method else stage
+
+
+def split(work: Path, walls: dict[str, float]) -> tuple[list[dict], float]:
+    """Per-stage rows (wall, MLflow run duration, training-step seconds) and the study trials'
+    training-step seconds, read from the clone's artifacts and MLflow store."""
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    runs = {dvc_name(r): r for r in (json.loads(p.read_text()) for p in (work / "artifacts").rglob("run.json"))}
+    rows = []
+    for name, wall in walls.items():
+        row = {"stage": name, "wall_s": wall}
+        if name in runs:
+            info = client.get_run(runs[name]["run_id"]).info
+            row["run_s"] = (info.end_time - info.start_time) / 1000
+            row["steps_s"] = runs[name]["ledger"]["seconds"]
+        rows.append(row)
+    experiment = client.get_experiment_by_name("cmt_bench")
+    trials = client.search_runs([experiment.experiment_id], "tags.stage = 'study_trial'", max_results=50000)
+    trial_steps = sum(r.data.metrics.get("device_hours", 0.0) * 3600 for r in trials)
+    return rows, trial_steps
+
+
+def category(stage: str) -> str:
+    base = stage.split("@")[0]
+    return {"evaluate": "final evaluation", "studies": "studies", "study_index": "report", "report": "report"}.get(
+        base, "training stages" if base in ("pretrain", "midtrain", "posttrain") else "data, features, trajectories")
+
+
+def summarise(install_s: float, toy_s: float, rows: list[dict], before_s: float, after_s: float,
+              trial_steps: float) -> dict:
+    totals = defaultdict(float)
+    for row in rows:
+        totals[category(row["stage"])] += row["wall_s"]
+    trained = [r for r in rows if "run_s" in r and category(r["stage"]) == "training stages"]
+    steps = sum(r["steps_s"] for r in trained)
+    return {
+        "total_minutes": (install_s + toy_s) / 60,
+        "install_minutes": install_s / 60,
+        "after_install_minutes": toy_s / 60,
+        "efficiency": (steps + trial_steps) / toy_s,
+        "seconds": {
+            "install": install_s,
+            **dict(totals),
+            "before first stage (make, check, DVC start)": before_s,
+            "after last stage (summary)": after_s,
+        },
+        "training_stages": {
+            "count": len(trained),
+            "steps_s": steps,
+            "in_run_other_s": sum(r["run_s"] - r["steps_s"] for r in trained),
+            "fixed_s": sum(r["wall_s"] - r["run_s"] for r in trained),
+            "fixed_s_per_stage": sum(r["wall_s"] - r["run_s"] for r in trained) / max(1, len(trained)),
+        },
+        "trajectories_ode_s": sum(r.get("steps_s", 0) for r in rows if r["stage"] == "trajectories"),
+        "evaluate_s_per_cell": totals["final evaluation"] / max(1, sum(category(r["stage"]) == "final evaluation"
+                                                                       for r in rows)),
+        "study_trials_steps_s": trial_steps,
+        "stages": rows,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", type=Path, help="where to clone (default: a new temporary folder, kept)")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "pipeline.json")
+    ap.add_argument("--analyse", type=Path, metavar="DIR", help="split the timings of an earlier run in DIR again")
+    args = ap.parse_args()
+    if args.analyse:
+        work = args.analyse
+        timings = json.loads((work / "first_run.json").read_text())
+    else:
+        work = args.workdir or Path(tempfile.mkdtemp(prefix="cmt_bench_first_run_"))
+        if work.exists() and any(work.iterdir()):
+            ap.error(f"--workdir {work}: not empty; a first run needs a fresh clone")
+        subprocess.run(["git", "clone", "-q", str(ROOT), str(work)], check=True)
+        # a new user's shell: no tracking server or study storage configured, no CI quietness
+        env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "CMT_BENCH_STUDY_STORAGE",
+                                                                 "CMT_BENCH_STUDY_WORKERS", "VIRTUAL_ENV", "CI")}
+        env["PYTHONUNBUFFERED"] = "1"
+        with open(work / "first_run.log", "w") as log:
+            install_s, _ = run_timed(["make", "setup"], work, env, log)
+            toy_s, lines = run_timed(["make", "toy"], work, env, log)
+        timings = {"install_s": install_s, "toy_s": toy_s, "lines": lines}
+        (work / "first_run.json").write_text(json.dumps(timings))
+    install_s, toy_s, lines = timings["install_s"], timings["toy_s"], timings["lines"]
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=work, capture_output=True, text=True).stdout.strip()
+    walls, before_s, after_s = stage_walls(lines, toy_s)
+    rows, trial_steps = split(work, walls)
+    result = {"commit": commit, "workdir": str(work), "cpus": os.cpu_count(), "machine": platform.platform(),
+              **summarise(install_s, toy_s, rows, before_s, after_s, trial_steps)}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"first make toy: {result['total_minutes']:.1f} min ({result['install_minutes']:.1f} install), "
+          f"efficiency {result['efficiency']:.2f}")
+    for name, s in result["seconds"].items():
+        print(f"  {name:45s} {s / 60:6.1f} min")
+    t = result["training_stages"]
+    print(f"  training stages: {t['count']}, steps {t['steps_s']:.0f} s, rest of their runs {t['in_run_other_s']:.0f} s, "
+          f"fixed {t['fixed_s']:.0f} s ({t['fixed_s_per_stage']:.1f} s each); study trials' steps {trial_steps:.0f} s")
+    print(args.out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
