@@ -1,4 +1,6 @@
-# Two entry points: `make toy` (set up, then `dvc repro` of the toy preset) and `make test`.
+# Two entry points: `make toy` (the Python environment and the offline page of `dvc plots`, then
+# `dvc repro` of the toy preset) and `make test` (all of `make setup`: also Debian's Fashion-MNIST
+# and Chromium, which only the image presets and the browser tests use).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(abspath $(VENV))/bin
@@ -44,7 +46,7 @@ $(VENV)/installed: pyproject.toml constraints.txt
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps torch-fidelity==0.4.0
 	touch $@
 
-toy: setup
+toy: $(VENV)/installed plots-template
 	cmt-bench check
 	dvc repro
 	@cmt-bench summary

@@ -68,8 +68,8 @@ def stage_walls(lines: list[tuple[float, str]], end: float) -> tuple[dict[str, f
 def dvc_name(run: dict) -> str:
     """The DVC stage (or matrix cell) a stage's run.json belongs to."""
     stage, init, method, seed = run["stage"], run.get("init"), run.get("method"), run.get("seed")
-    if stage == "posttrain":
-        return f"posttrain@{init}-{method}-{seed}"
+    if init is not None:  # a matrix cell: posttrain@cmt-ect-0, evaluate@cmt-ect-0
+        return f"{stage}@{init}-{method}-{seed}"
     return f"{stage}@{method}" if method else stage
 
 
@@ -85,7 +85,8 @@ def split(work: Path, walls: dict[str, float]) -> tuple[list[dict], float]:
         if name in runs:
             info = client.get_run(runs[name]["run_id"]).info
             row["run_s"] = (info.end_time - info.start_time) / 1000
-            row["steps_s"] = runs[name]["ledger"]["seconds"]
+            if "ledger" in runs[name]:  # a training or ODE stage (evaluation has none)
+                row["steps_s"] = runs[name]["ledger"]["seconds"]
         rows.append(row)
     experiment = client.get_experiment_by_name("cmt_bench")
     trials = client.search_runs([experiment.experiment_id], "tags.stage = 'study_trial'", max_results=50000)
@@ -104,7 +105,7 @@ def summarise(install_s: float, toy_s: float, rows: list[dict], before_s: float,
     totals = defaultdict(float)
     for row in rows:
         totals[category(row["stage"])] += row["wall_s"]
-    trained = [r for r in rows if "run_s" in r and category(r["stage"]) == "training stages"]
+    trained = [r for r in rows if "steps_s" in r and category(r["stage"]) == "training stages"]
     steps = sum(r["steps_s"] for r in trained)
     return {
         "total_minutes": (install_s + toy_s) / 60,
