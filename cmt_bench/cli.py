@@ -47,9 +47,6 @@ def _study_plan(params: config.Params, args) -> tuple[int, str]:
 def _run_studies(params: config.Params, specs: list, args) -> int:
     from . import study
     if args.command == "study" and args.action == "worker":
-        if args.threads:
-            import torch
-            torch.set_num_threads(args.threads)
         study.run_worker(params, specs[0], study.storage_url(params, args.storage), args.index)
         return 0
     if args.command == "studies" and args.index_only:
@@ -123,7 +120,6 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--storage", default=None, help="Optuna storage URL (default: studies.storage, "
                     "$CMT_BENCH_STUDY_STORAGE, else sqlite:///optuna.db)")
     st.add_argument("--index", type=int, default=0, help=argparse.SUPPRESS)  # a worker's number (sampler seed)
-    st.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
     ab = sub.add_parser("ablation", help="one factor at several levels as DVC experiments, and their report")
     ab.add_argument("action", choices=("run", "queue", "report"),
                     help="queue: one `dvc exp run --queue` per level; run: queue, `dvc queue start -j JOBS`, wait, "

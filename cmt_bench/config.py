@@ -221,6 +221,10 @@ class StudiesConfig(Section):
     # parameters follow from its number, so results do not depend on these); $CMT_BENCH_STUDY_WORKERS
     # and $CMT_BENCH_STUDY_STORAGE override them, as MLFLOW_TRACKING_URI does tracking.uri.
     workers: PositiveInt = 1  # worker processes on this machine; several need PostgreSQL or a journal file
+    # torch threads of every trial, however many workers: the thread count changes the order of
+    # float sums, and a trial near divergence turns that into another value (two toy_ect runs with
+    # 1 and 2 threads per trial agreed on no trial, by up to 0.3). So this one is part of a result.
+    threads: PositiveInt = 1
     # None: $CMT_BENCH_STUDY_STORAGE, else sqlite:///<repo root>/optuna.db. Also postgresql+psycopg://...
     # (parallel workers, any machine) or journal:<path> (a JournalStorage file)
     storage: str | None = None

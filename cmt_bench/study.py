@@ -18,6 +18,7 @@ import warnings
 from pathlib import Path
 
 import optuna
+import torch
 from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend
 from optuna.study import MaxTrialsCallback
@@ -81,8 +82,10 @@ def study_name(params: Params, spec: StudySpec, init: str) -> str:
     # the feature network and reference statistics (run.json also holds measured seconds: left out)
     features = sorted(p for p in FEATURES_DIR.rglob("*") if p.is_file() and p.name != "run.json")
     inputs = [sha256(p) for p in [*posttrain_stage.posttrain_inputs(init, spec.method), *features]]
-    # which cells the pipeline's matrix runs (posttrain.methods, inits, seeds) changes no trial
-    ignored = {"studies": True, "report": True, "tracking": True, "posttrain": {"methods", "inits", "seeds"}}
+    # which cells the pipeline's matrix runs (posttrain.methods, inits, seeds) changes no trial, nor
+    # where and how wide the studies run, except the threads of a trial
+    ignored = {"studies": set(type(params.studies).model_fields) - {"threads"}, "report": True, "tracking": True,
+               "posttrain": {"methods", "inits", "seeds"}}
     key = fingerprint(spec.model_dump(exclude={"path"}), params.model_dump(exclude=ignored), inputs, _code_hash(spec))
     return f"{spec.name}-{init}-{key[:8]}"
 
@@ -206,7 +209,8 @@ def objective(params: Params, spec: StudySpec, init: str, study_run_id: str):
 
 def run_worker(params: Params, spec: StudySpec, url: str, worker: int = 0) -> None:
     """Run trials of each init's study until it has `spec.trials` finished ones (creating the study
-    if this worker is the first)."""
+    if this worker is the first), each on studies.threads torch threads."""
+    torch.set_num_threads(params.studies.threads)
     for init, study in prepare(params, spec, url).items():
         study.sampler, study.pruner = _sampler(spec, init, worker), _pruner(spec)
         if finished(study) >= spec.trials:
@@ -246,9 +250,7 @@ def run_study(params: Params, spec: StudySpec, workers: int = 1, url: str | None
 
 
 def _run_processes(spec: StudySpec, url: str, workers: int, params_file: str) -> None:
-    # workers share the cores: more threads than cores slows every one of them
-    cmd = [sys.executable, "-m", "cmt_bench", "--params", params_file, "study", "worker", spec.path,
-           "--storage", url, "--threads", str(max(1, (os.cpu_count() or 1) // workers))]
+    cmd = [sys.executable, "-m", "cmt_bench", "--params", params_file, "study", "worker", spec.path, "--storage", url]
     procs = [subprocess.Popen([*cmd, "--index", str(i)]) for i in range(workers)]
     codes = [p.wait() for p in procs]
     crashed = [(i, c) for i, c in enumerate(codes) if c > 0]
