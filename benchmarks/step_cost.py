@@ -138,7 +138,7 @@ def main() -> None:
         ap.error(f"--precision {args.precision!r}: allowed fp32, bf16 (bf16 with --device cuda)")
     if not set(modes) <= set(compiling.MODES):
         ap.error(f"--compile {args.compile!r}: allowed {', '.join(compiling.MODES)}")
-    if not set(formats) <= {"contiguous", "channels_last"}:
+    if not set(formats) <= {"contiguous", "channels_last"}:  # the keys of `layout` below
         ap.error(f"--memory-format {args.memory_format!r}: allowed contiguous, channels_last")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -152,16 +152,17 @@ def main() -> None:
     cells = [(p, c, f, n) for f in formats for c in modes for p in precisions for n in names]
     base = ("fp32", "none", "contiguous", "flow_matching")
     cells = [base] + [cell for cell in cells if cell != base]
+    layout = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
     steps_of = {}  # (compile mode, memory format) -> step functions of that model
     for f in formats:
-        net.to(memory_format=torch.channels_last if f == "channels_last" else torch.contiguous_format)
+        net.to(memory_format=layout[f])
         for c in modes + ["none"]:
             steps_of[(c, f)] = step_fns(params, compiling.for_step(net, c))
-    xs = {f: x.contiguous(memory_format=torch.channels_last) if f == "channels_last" else x for f in formats + ["contiguous"]}
+    xs = {f: x.contiguous(memory_format=layout[f]) for f in formats + ["contiguous"]}
 
     def step(cell):
         p, c, f, n = cell
-        net.to(memory_format=torch.channels_last if f == "channels_last" else torch.contiguous_format)
+        net.to(memory_format=layout[f])
         return steps_of[(c, f)][n], xs[f], p
 
     gen = torch.Generator().manual_seed(0)
