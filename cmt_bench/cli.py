@@ -29,11 +29,6 @@ def _study_specs(params: config.Params, args) -> list:
         specs = [load_spec(name, params) for name in params.studies.specs]
     else:
         return []
-    workers, url = _study_plan(params, args)
-    if specs and workers > 1 and url.startswith("sqlite"):
-        raise config.ParamsError(f"studies.workers: {workers} workers need a storage that takes concurrent writers "
-                                 f"(postgresql+psycopg://... or journal:<file>, via --storage, studies.storage or "
-                                 f"CMT_BENCH_STUDY_STORAGE); {url} is for one worker")
     return specs
 
 
@@ -53,9 +48,6 @@ def _run_studies(params: config.Params, specs: list, args) -> int:
         study.write_index([s.name for s in specs])
         return 0
     workers, url = _study_plan(params, args)
-    if workers > 1 and study.tracking_uri(params).startswith("sqlite"):
-        print(f"warning: {workers} study workers write to the SQLite MLflow store {study.tracking_uri(params)}; "
-              "use a tracking server for parallel work (README: Sensitivity studies)", file=sys.stderr)
     for spec in specs:
         studies = study.run_study(params, spec, workers, url, params_file=args.params)
         print(f"[study {spec.name}] results in {study.write_results(params, spec, studies, url, workers)}")

@@ -220,7 +220,10 @@ class StudiesConfig(Section):
     # Where and how wide studies run (not what they compute: with a QMC sampler and no pruner a trial's
     # parameters follow from its number, so results do not depend on these); $CMT_BENCH_STUDY_WORKERS
     # and $CMT_BENCH_STUDY_STORAGE override them, as MLFLOW_TRACKING_URI does tracking.uri.
-    workers: PositiveInt = 1  # worker processes on this machine; several need PostgreSQL or a journal file
+    # worker processes on this machine (two: both cores of a small machine; each trial takes
+    # `threads`). The default SQLite store takes local workers; workers on other machines need
+    # PostgreSQL (or a journal file on a shared disk)
+    workers: PositiveInt = 2
     # torch threads of every trial, however many workers: the thread count changes the order of
     # float sums, and a trial near divergence turns that into another value (two toy_ect runs with
     # 1 and 2 threads per trial agreed on no trial, by up to 0.3). So this one is part of a result.

@@ -59,8 +59,11 @@ def redacted(url: str) -> str:
 def open_storage(url: str, heartbeat_seconds: int):
     if url.startswith("journal:"):  # no heartbeat: a killed worker's trial stays RUNNING (use an RDB for that)
         return JournalStorage(JournalFileBackend(url.removeprefix("journal:")))
+    # SQLite takes the local workers one write at a time: wait for the lock rather than fail (MLflow's
+    # SQLite store waits 20 s); trials write a few rows and a heartbeat per interval, so waits are short
+    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
     # RetryHeartbeatStaleTrialCallback is Optuna 4.9+'s name for RetryFailedTrialCallback
-    return RDBStorage(url, heartbeat_interval=heartbeat_seconds, grace_period=2 * heartbeat_seconds,
+    return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=heartbeat_seconds, grace_period=2 * heartbeat_seconds,
                       heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
                           max_retry=3, inherit_intermediate_values=True))
 

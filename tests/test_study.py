@@ -85,16 +85,3 @@ def test_cli_refuses_a_bad_spec_before_any_work(tmp_path):
     missing = subprocess.run([sys.executable, "-m", "cmt_bench", "study", "run", "nope"], cwd=tmp_path,
                              capture_output=True, text=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert missing.returncode == 2 and "study spec 'nope' not found" in missing.stderr
-
-
-def test_parallel_workers_on_sqlite_are_refused(tmp_path):
-    import shutil
-    shutil.copytree(ROOT / "experiments", tmp_path / "experiments")
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params.update(preset="smoke")
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    out = subprocess.run([sys.executable, "-m", "cmt_bench", "study", "run", "smoke_ect", "--workers", "2"],
-                         cwd=tmp_path, capture_output=True, text=True,
-                         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
-    assert out.returncode == 2 and "studies.workers: 2 workers need a storage that takes concurrent writers" in out.stderr
-    assert not (tmp_path / "optuna.db").exists()

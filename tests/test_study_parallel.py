@@ -1,5 +1,6 @@
 """Studies past one process: two workers on PostgreSQL (Optuna RDB storage) logging to a real MLflow
-tracking server backed by PostgreSQL, one of them SIGKILLed mid-trial; and a JournalStorage file."""
+tracking server backed by PostgreSQL, one of them SIGKILLed mid-trial; two on the default SQLite
+stores (what `make toy` runs); and a JournalStorage file."""
 import json
 import os
 import signal
@@ -117,6 +118,41 @@ def test_two_workers_on_postgres_survive_a_sigkill(upstream, tmp_path):
         # the retry took a trial number, whose own point of the QMC sequence the two workers then skipped
         assert len(one) == 2 * KILL_SPEC["trials"] and len(common) >= len(one) - 1
         assert {k: (one[k], two[k]) for k in common if one[k] != two[k]} == {}
+
+
+def test_two_workers_on_the_default_sqlite_stores(upstream, tmp_path):
+    """Nothing configured: studies.workers (2) share optuna.db and mlflow.db, and give the values one
+    worker gives (on a journal file, so no trial is reused)."""
+    repo, env = upstream
+    # as the toy specs: QMC over ranges, so trial n gets the same point whichever worker runs it
+    spec = {**KILL_SPEC, "inits": ["cmt"], "trials": 4, "objective": {"budget_images": 32768}, "sampler": "qmc",
+            "space": {**SPACE, "posttrain.train.batch_size": {"low": 128, "high": 256, "int": True}}}
+    (repo / "experiments/studies/pair.yaml").write_text(yaml.safe_dump(spec))
+    out = sh("python -m cmt_bench study run pair", repo, env)
+    assert "database is locked" not in out
+    results = json.loads((repo / "artifacts/studies/pair/study.json").read_text())
+    assert results["workers"] == 2 and results["storage"] == f"sqlite:///{repo / 'optuna.db'}"
+    storage = f"sqlite:///{repo / 'optuna.db'}"
+    (summary,) = [s for s in optuna.get_all_study_summaries(storage) if s.study_name.startswith("pair-")]
+    trials = optuna.load_study(study_name=summary.study_name, storage=storage).get_trials()
+    assert len({t.user_attrs["worker"] for t in trials}) == 2  # both workers ran trials
+    complete = {t.user_attrs["mlflow_run_id"]: t.value for t in trials if t.state == TrialState.COMPLETE}
+    assert len(complete) >= spec["trials"] and len(complete) == len(trials)
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("cmt_bench")
+    runs = [r for r in client.search_runs([exp.experiment_id], "tags.study = 'pair'", max_results=100)
+            if r.data.tags["stage"] == "study_trial"]
+    assert sorted(r.info.run_id for r in runs) == sorted(complete)  # every trial arrived, once
+    assert all(r.info.status == "FINISHED" and r.data.metrics["fd_raw_2step_n1000"] == complete[r.info.run_id]
+               for r in runs)
+    one = tmp_path / "one.log"
+    sh(f"python -m cmt_bench study run pair --workers 1 --storage journal:{one}", repo, env)
+    journal = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(one)))
+    two = {(t.number, tuple(sorted(t.params.items()))): t.value for t in trials if t.state == TrialState.COMPLETE}
+    (single,) = optuna.get_all_study_summaries(journal)
+    alone = {(t.number, tuple(sorted(t.params.items()))): t.value
+             for t in optuna.load_study(study_name=single.study_name, storage=journal).get_trials()}
+    assert alone == {k: v for k, v in two.items() if k[0] < len(alone)}
 
 
 def test_journal_storage_file(upstream):
