@@ -1,5 +1,5 @@
 # Two entry points: `make toy` (the Python environment and the offline page of `dvc plots`, then
-# `dvc repro` of the toy preset) and `make test` (all of `make setup`: also Debian's Fashion-MNIST
+# `dvc repro` of the toy preset, one line per stage) and `make test` (all of `make setup`: also Debian's Fashion-MNIST
 # and Chromium, which only the image presets and the browser tests use).
 PYTHON ?= python3
 VENV := .venv
@@ -48,7 +48,7 @@ $(VENV)/installed: pyproject.toml constraints.txt
 
 toy: $(VENV)/installed plots-template
 	cmt-bench check
-	dvc repro
+	cmt-bench repro
 	@cmt-bench summary
 
 test: setup

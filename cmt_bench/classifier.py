@@ -14,10 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.nn import functional as F
-from tqdm.auto import tqdm
 
-from . import checkpoint
-from .train import quiet
+from . import checkpoint, progress
 
 
 def _conv_block(c_in: int, c_out: int, stride: int) -> nn.Sequential:
@@ -71,7 +69,7 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, *, epochs: int 
     caller_threads = torch.get_num_threads()
     torch.set_num_threads(threads or caller_threads)
     try:
-        for _ in tqdm(range(epochs), desc="classifier", unit="epoch", disable=quiet()):
+        for _ in progress.iterate(range(epochs), "classifier", "epoch"):
             for idx in torch.randperm(len(images), generator=gen).split(batch_size):
                 loss = F.cross_entropy(model(images[idx.to(device)]), labels[idx.to(device)])
                 opt.zero_grad(set_to_none=True)

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+import subprocess
 import sys
 from pathlib import Path
 
-from . import config, preflight
+from . import config, preflight, progress
 from .stages import run as stage_run
 
 
@@ -32,6 +34,23 @@ def _study_specs(params: config.Params, args) -> list:
     return specs
 
 
+# what `dvc repro` prints per stage; each stage prints its own closing line (progress.py)
+DVC_STAGE_LINES = re.compile(r"(Running stage '[^']+':|> .*|Updating lock file '[^']+'|)")
+
+
+def _repro(dvc_args: list[str]) -> int:
+    """dvc repro with its per-stage lines left out (its other output, warnings and errors pass)."""
+    proc = subprocess.Popen(["dvc", "repro", *dvc_args], stdout=subprocess.PIPE, text=True, bufsize=1)
+    try:
+        for line in proc.stdout:
+            if not DVC_STAGE_LINES.fullmatch(line.rstrip("\n")):
+                sys.stdout.write(line)
+                sys.stdout.flush()
+        return proc.wait()
+    except KeyboardInterrupt:  # DVC got the same SIGINT: let it stop its stage
+        return proc.wait()
+
+
 def _study_plan(params: config.Params, args) -> tuple[int, str]:
     """How many workers, on which storage: the command line, then the environment, then params.yaml."""
     from .study import storage_url
@@ -39,18 +58,22 @@ def _study_plan(params: config.Params, args) -> tuple[int, str]:
     return workers, storage_url(params, getattr(args, "storage", None))
 
 
-def _run_studies(params: config.Params, specs: list, args) -> int:
+def _run_studies(params: config.Params, specs: list, args, started: float | None) -> int:
     from . import study
     if args.command == "study" and args.action == "worker":
         study.run_worker(params, specs[0], study.storage_url(params, args.storage), args.index)
         return 0
     if args.command == "studies" and args.index_only:
-        study.write_index([s.name for s in specs])
+        with progress.stage("study_index", started):
+            study.write_index([s.name for s in specs])
         return 0
     workers, url = _study_plan(params, args)
     for spec in specs:
-        studies = study.run_study(params, spec, workers, url, params_file=args.params)
-        print(f"[study {spec.name}] results in {study.write_results(params, spec, studies, url, workers)}")
+        with progress.stage(f"studies@{spec.name}", started):
+            studies = study.run_study(params, spec, workers, url, params_file=args.params)
+            out = study.write_results(params, spec, studies, url, workers)
+            progress.note(f"{sum(study.finished(s) for s in studies.values())} trials on {workers} workers, in {out}")
+        started = None  # the next study's time starts now
     if args.command == "studies":
         study.write_index([s.name for s in specs])
     return 0
@@ -120,6 +143,9 @@ def _parser() -> argparse.ArgumentParser:
     ab.add_argument("-j", "--jobs", type=int, default=1, help="experiments at once (default 1)")
     ab.add_argument("-f", "--force", action="store_true",
                     help="rerun levels that have an experiment already, every stage afresh (no run-cache)")
+    rep = sub.add_parser("repro", help="`dvc repro` showing one line per stage (and bars on a terminal) instead of "
+                                       "DVC's own lines; other arguments go to dvc repro")
+    rep.add_argument("dvc_args", nargs="*", help="arguments of dvc repro (e.g. -f -s STAGE)")
     sub.add_parser("check", help="validate the parameter file and exit")
     dep = sub.add_parser("deps", help="the code each dvc.yaml stage runs (its import closure) against its deps")
     dep.add_argument("--write", action="store_true", help="rewrite dvc.yaml's code dependencies to match")
@@ -129,13 +155,15 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, started: float | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["repro"] and not {"-h", "--help"} & set(argv):  # the rest is dvc repro's, options too
+        return _repro(argv[1:])
     args = _parser().parse_args(argv)
     if args.command == "deps":
         return _deps(args.write)
     if args.command in stage_run.STAGES:
-        return stage_run.main(argv)
+        return stage_run.main(argv, started)
     try:
         if args.command == "preset":
             params = config.preset(args.name)
@@ -161,14 +189,17 @@ def main(argv: list[str] | None = None) -> int:
         from . import report
         if args.command == "report":
             try:
-                report.build(params)
+                with progress.stage("report", started):
+                    report.build(params)
             except (LookupError, FileNotFoundError) as exc:  # a missing stage output or run: say which
                 print(f"error: {exc}", file=sys.stderr)
                 return 1
         print(report.summary(params))
+        if args.command == "summary":
+            print("\n".join([*report.mlflow_links(params), *progress.summary_lines()]))
         return 0
     if args.command in ("study", "studies"):
-        return _run_studies(params, specs, args)
+        return _run_studies(params, specs, args, started)
     if args.command == "ablation":
         return _run_ablation(params, specs[0], args)
     raise AssertionError(f"unhandled command {args.command!r}")

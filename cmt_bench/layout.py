@@ -8,6 +8,7 @@ from pathlib import Path
 
 ART = Path("artifacts")  # DVC outputs of the stages
 CKPT = Path("checkpoints")  # resumable state; not a DVC output, so a rerun after a kill finds it
+TIMINGS = Path("logs/stages")  # each stage's time in its latest run (progress.py), for the summary
 EXPERIMENTS = Path("experiments")  # presets: experiments/<preset>.yaml
 STUDY_SPECS = EXPERIMENTS / "studies"
 ABLATION_SPECS = EXPERIMENTS / "ablations"

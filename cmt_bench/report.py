@@ -16,11 +16,11 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 import torch  # noqa: E402
 
-from . import claim_text, html, inits, study_report  # noqa: E402
+from . import claim_text, html, inits, mlflow_view, study_report  # noqa: E402
 from .claim_text import SOURCE, TARGETS, paper  # noqa: E402
 from .config import Params  # noqa: E402
 from .data import load_split, read_json, write_json  # noqa: E402
-from .evidence import Evidence, claims, collect, posttrain_effect  # noqa: E402
+from .evidence import Evidence, claims, client_for, collect, posttrain_effect  # noqa: E402
 from .layout import out_dir, report_dir  # noqa: E402
 from .methods import label  # noqa: E402
 from .scoring import key  # noqa: E402
@@ -340,7 +340,27 @@ def build(params: Params) -> Path:
                                       "verdict": claim_text.verdict(c)} for c in verdicts})
     write_json(out / "summary.json", {"metric": res.metric, "noise_floor": res.floor,
                                       "summary": summary_lines(params, res, verdicts)})
+    client = client_for(params)
+    mlflow_view.install(client, client.get_experiment_by_name(params.tracking.experiment).experiment_id,
+                        res.key, params.preset, res.methods)
     return out
+
+
+def mlflow_links(params: Params) -> list[str]:
+    """Where to see the comparison in MLflow's UI (the views the report stage saved)."""
+    client = client_for(params)
+    exp = client.get_experiment_by_name(params.tracking.experiment)
+    if exp is None or not any(k.startswith("mlflow.sharedViewState.cmt-bench-") for k in exp.tags):
+        return []
+    uri = client.tracking_uri
+    if uri.startswith("http"):
+        base, start = uri, []
+    else:
+        base = mlflow_view.DEFAULT_UI
+        start = [f"  mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri {uri}"]
+    return ["MLflow (curves per init against device-hours and images seen):", *start,
+            *(f"  {label(m)}: {mlflow_view.url(base, exp.experiment_id, params.preset, m)}"
+              for m in params.posttrain.methods)]
 
 
 def summary(params: Params) -> str:

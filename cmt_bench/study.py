@@ -13,8 +13,10 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import optuna
@@ -24,7 +26,7 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
 
-from . import codedeps, inits, methods
+from . import codedeps, inits, methods, progress
 from .config import Params, fingerprint
 from .data import sha256, write_json
 from .layout import FEATURES as FEATURES_DIR
@@ -214,6 +216,7 @@ def run_worker(params: Params, spec: StudySpec, url: str, worker: int = 0) -> No
     """Run trials of each init's study until it has `spec.trials` finished ones (creating the study
     if this worker is the first), each on studies.threads torch threads."""
     torch.set_num_threads(params.studies.threads)
+    _quiet_trials()
     for init, study in prepare(params, spec, url).items():
         study.sampler, study.pruner = _sampler(spec, init, worker), _pruner(spec)
         if finished(study) >= spec.trials:
@@ -236,19 +239,51 @@ def _reap(studies: dict[str, optuna.Study], params: Params, url: str) -> bool:
     return True
 
 
+def _quiet_trials() -> None:
+    """On a terminal the study's bar replaces Optuna's line per trial and each trial's own bar."""
+    if progress.live():
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+    progress.no_bars()
+
+
+@contextmanager
+def _trials_bar(spec: StudySpec, studies: dict[str, optuna.Study]):
+    """A bar of finished trials over all inits, polled from the storage while the workers run."""
+    if not progress.live():
+        yield
+        return
+    bar, stop = progress.bar(spec.trials * len(studies), f"studies@{spec.name}", "trial"), threading.Event()
+
+    def poll() -> None:
+        while not stop.wait(2.0):
+            bar.n = sum(min(finished(s), spec.trials) for s in studies.values())
+            bar.refresh()
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        bar.close()
+
+
 def run_study(params: Params, spec: StudySpec, workers: int = 1, url: str | None = None,
               params_file: str = "params.yaml") -> dict[str, optuna.Study]:
     """Run a study to its trial count with `workers` processes on this machine, then write its results."""
     url = storage_url(params, url)
+    if progress.live():
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
     studies = prepare(params, spec, url)
-    if workers == 1:
-        run_worker(params, spec, url)
-    else:
-        _run_processes(spec, url, workers, params_file)
-    for _ in range(3):  # a worker killed mid-trial: fail its trial, then finish the retries here
-        if all(finished(s) >= spec.trials for s in studies.values()) or not _reap(studies, params, url):
-            break
-        run_worker(params, spec, url, worker=workers)
+    with _trials_bar(spec, studies):
+        if workers == 1:
+            run_worker(params, spec, url)
+        else:
+            _run_processes(spec, url, workers, params_file)
+        for _ in range(3):  # a worker killed mid-trial: fail its trial, then finish the retries here
+            if all(finished(s) >= spec.trials for s in studies.values()) or not _reap(studies, params, url):
+                break
+            run_worker(params, spec, url, worker=workers)
     return studies
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,9 +17,8 @@ from typing import Callable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from . import checkpoint, compiling
+from . import checkpoint, compiling, progress
 from .config import TrainConfig
 from .distributed import World, autocast, wrap
 from .ledger import Ledger
@@ -40,10 +38,6 @@ def derive_seed(*parts) -> int:
 
 def generator(*parts, device: torch.device | str = "cpu") -> torch.Generator:
     return torch.Generator(device=device).manual_seed(derive_seed(*parts))
-
-
-def quiet() -> bool:
-    return os.environ.get("CI", "").lower() == "true" or not sys.stderr.isatty()
 
 
 @dataclass
@@ -153,7 +147,8 @@ def train(net: nn.Module, job: Job, cfg: TrainConfig, *, seed: int, ckpt_path: P
     result = Result(net, ema, ledger, total_steps)
     if step == 0:
         log_point(None)  # the init's own quality, at zero compute
-    bar = tqdm(total=total_steps, initial=step, desc=job.label or job.stage, unit="step", disable=quiet() or not world.main)
+    bar = progress.bar(total_steps * cfg.batch_size, job.label or job.stage, "img", initial=ledger.images_seen,
+                       enabled=world.main)
     try:
         while step < total_steps:
             before = ledger.images_seen
@@ -175,7 +170,7 @@ def train(net: nn.Module, job: Job, cfg: TrainConfig, *, seed: int, ckpt_path: P
             step += 1
             ledger.images_seen += cfg.batch_size
             loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
-            bar.update(1)
+            bar.update(cfg.batch_size)
             last = step == total_steps
             if last or _crossed(before, ledger.images_seen, cfg.log_every_images):
                 log_point(loss_sum / loss_n)

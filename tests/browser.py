@@ -15,7 +15,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 # names a CDN (the negative controls) sends nothing anywhere.
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--hide-scrollbars", "--host-resolver-rules=MAP * ~NOTFOUND"]
+         "--hide-scrollbars", "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"]  # a local server only
 
 
 def require_chromium() -> None:
@@ -36,15 +36,16 @@ def require_npm() -> None:
     pytest.skip("npm is not installed")
 
 
-def screenshot(page: Path, size=(1000, 1000), wait_ms: int = 5000) -> np.ndarray:
-    """The page's first `size` pixels as an [H, W, 3] uint8 array. Up to `wait_ms` of virtual time
-    lets scripts that draw after the load event (vega-embed) finish; an idle page skips ahead, so a
-    static page is not slowed. (A budget of 0 makes Chromium 156 hang: keep it positive.)"""
+def screenshot(page: Path | str, size=(1000, 1000), wait_ms: int = 5000, timeout: int = 60) -> np.ndarray:
+    """The first `size` pixels of a file or a 127.0.0.1 URL as an [H, W, 3] uint8 array. Up to
+    `wait_ms` of virtual time lets scripts that draw after the load event (vega-embed) finish; an
+    idle page skips ahead, so a static page is not slowed. (A budget of 0 makes Chromium 156 hang.)"""
     with tempfile.TemporaryDirectory(prefix="chromium-") as tmp:
         out = Path(tmp) / "shot.png"
+        target = page if isinstance(page, str) else page.resolve().as_uri()
         cmd = [str(CHROMIUM), *FLAGS, f"--user-data-dir={tmp}/profile", f"--virtual-time-budget={wait_ms}",
-               f"--window-size={size[0]},{size[1]}", f"--screenshot={out}", page.resolve().as_uri()]
-        run = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+               f"--window-size={size[0]},{size[1]}", f"--screenshot={out}", target]
+        run = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         assert out.exists(), f"chromium wrote no screenshot (exit {run.returncode}):\n{run.stderr[-3000:]}"
         return np.asarray(Image.open(out).convert("RGB"))
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from .. import data as datasets
-from .. import distributed, nets, sampling, scoring
+from .. import distributed, nets, progress, sampling, scoring
 from ..config import Params, fingerprint
 from ..data import write_json
 from ..layout import checkpoint, out_dir
@@ -41,6 +41,10 @@ def finish_training(stage: str, result, tracker, *, init: str | None = None, met
     the other ranks of a DDP run have no tracker)."""
     if tracker is None:
         return
+    ledger = result.ledger
+    loss = next((h["loss"] for h in reversed(result.history) if "loss" in h), None)
+    progress.note(f"{progress.count(ledger.images_seen)} images in {ledger.seconds:.1f} s of steps"
+                  + (f", loss {loss:.4g}" if loss is not None else ""), training_seconds=ledger.seconds)
     out = out_dir(stage, init, method, seed)
     out.mkdir(parents=True, exist_ok=True)
     torch.save({"ema": result.ema.state_dict(), "net": result.net.state_dict()}, out / "model.pt")

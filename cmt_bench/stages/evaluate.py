@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from .. import data as datasets
-from .. import distributed, nets, sampling, scoring
+from .. import distributed, nets, progress, sampling, scoring
 from ..config import Params
 from ..data import read_json, write_json
 from ..layout import out_dir
@@ -50,3 +50,4 @@ def run(params: Params, init: str, method: str, seed: int) -> None:
     write_json(out / "run.json", {"run_id": tracker.run_id, "stage": "evaluate", "init": init, "method": method,
                                   "seed": seed, "posttrain_run_id": posttrain_run})
     write_json(out / "metrics.json", scores)  # DVC metrics: numbers only
+    progress.note("  ".join(f"{k} {scores[k]:.4g}" for k in sorted(scores) if k.startswith(params.report_metric)))

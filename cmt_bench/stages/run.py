@@ -10,7 +10,7 @@ import os
 import subprocess
 import sys
 
-from .. import config, preflight
+from .. import config, preflight, progress
 
 STAGES = ("data", "features", "pretrain", "trajectories", "midtrain", "posttrain", "evaluate")
 TRAINING = ("pretrain", "midtrain", "posttrain")
@@ -36,7 +36,7 @@ def _relaunch_under_torchrun(processes: int, argv: list[str]) -> int:
     return subprocess.run(cmd).returncode
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, started: float | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="python -m cmt_bench.stages", description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml", help="parameter file (default: params.yaml)")
@@ -52,13 +52,18 @@ def main(argv: list[str] | None = None) -> int:
         return _relaunch_under_torchrun(params.compute.processes, argv)
     from .. import distributed
     run = importlib.import_module(f"{__package__}.{args.command}").run
+    seed = (params.posttrain.seeds[0] if args.seed is None else args.seed) if args.command in ("posttrain", "evaluate") \
+        else None
+    cell = (args.init, args.method, seed) if seed is not None else (getattr(args, "method", None),)
+    quiet = int(os.environ.get("RANK", "0")) != 0  # one line per stage, from rank 0 of a DDP run
     try:
-        if args.command in ("posttrain", "evaluate"):
-            run(params, args.init, args.method, params.posttrain.seeds[0] if args.seed is None else args.seed)
-        elif args.command == "midtrain":
-            run(params, args.method)
-        else:
-            run(params)
+        with progress.stage(progress.dvc_name(args.command, *cell), started, quiet=quiet):
+            if seed is not None:
+                run(params, args.init, args.method, seed)
+            elif args.command == "midtrain":
+                run(params, args.method)
+            else:
+                run(params)
     finally:
         distributed.close()
     return 0

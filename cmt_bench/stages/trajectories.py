@@ -4,17 +4,16 @@ from __future__ import annotations
 import shutil
 
 import torch
-from tqdm.auto import tqdm
 
 from .. import data as datasets
-from .. import distributed, nets, solvers
+from .. import distributed, nets, progress, solvers
 from ..checkpoint import stage_weights
 from ..config import Params
 from ..data import write_json
 from ..layout import out_dir
 from ..ledger import Ledger, device_name
 from ..tracking import Tracker
-from ..train import generator, quiet
+from ..train import generator
 
 
 def run(params: Params) -> None:
@@ -31,7 +30,7 @@ def run(params: Params) -> None:
                            stage_params={"trajectories": cfg.model_dump()})
     gen = generator(params.seed, "trajectories")
     chunks, nfe = [], 0
-    for start in tqdm(range(0, cfg.count, cfg.batch_size), desc="trajectories", disable=quiet()):
+    for start in progress.iterate(range(0, cfg.count, cfg.batch_size), "trajectories", "batch"):
         x1 = torch.randn(min(cfg.batch_size, cfg.count - start), *shape, generator=gen)
         with ledger.clock():
             states, nfe = solvers.integrate(lambda x, t: teacher(x, t), x1.to(dev), grid, cfg.solver)
