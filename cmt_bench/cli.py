@@ -39,16 +39,19 @@ DVC_STAGE_LINES = re.compile(r"(Running stage '[^']+':|> .*|Updating lock file '
 
 
 def _repro(dvc_args: list[str]) -> int:
-    """dvc repro with its per-stage lines left out (its other output, warnings and errors pass)."""
-    proc = subprocess.Popen(["dvc", "repro", *dvc_args], stdout=subprocess.PIPE, text=True, bufsize=1)
-    try:
-        for line in proc.stdout:
-            if not DVC_STAGE_LINES.fullmatch(line.rstrip("\n")):
-                sys.stdout.write(line)
-                sys.stdout.flush()
-        return proc.wait()
-    except KeyboardInterrupt:  # DVC got the same SIGINT: let it stop its stage
-        return proc.wait()
+    """dvc repro with its per-stage lines left out (its other output, warnings and errors pass), its
+    stages run by a warm interpreter (warm.py)."""
+    from . import warm
+    with warm.server() as env:
+        proc = subprocess.Popen(["dvc", "repro", *dvc_args], stdout=subprocess.PIPE, text=True, bufsize=1, env=env)
+        try:
+            for line in proc.stdout:
+                if not DVC_STAGE_LINES.fullmatch(line.rstrip("\n")):
+                    sys.stdout.write(line)
+                    sys.stdout.flush()
+            return proc.wait()
+        except KeyboardInterrupt:  # DVC got the same SIGINT: let it stop its stage
+            return proc.wait()
 
 
 def _study_plan(params: config.Params, args) -> tuple[int, str]:

@@ -13,6 +13,7 @@ import sys
 import time
 from contextlib import contextmanager
 
+from . import warm
 from .layout import TIMINGS
 
 # stage kinds in pipeline order, with how the summary names them
@@ -73,7 +74,7 @@ class Stage:
         if ok:  # the time of its last successful run, for the summary
             TIMINGS.mkdir(parents=True, exist_ok=True)
             record = {"stage": self.name, "kind": self.name.split("@")[0], "seconds": seconds,
-                      "finished": time.time(), **self.extra}
+                      "finished": time.time(), "warm": warm.forked, **self.extra}
             (TIMINGS / f"{self.name}.json").write_text(json.dumps(record))
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 from browser import bounding_box, colour_mask, require_chromium, screenshot
-from cmt_bench import mlflow_view
+from cmt_bench import mlflow_view, warm
 from conftest import make_repo, mlflow_runs as _runs, mlflow_server, sh, stale_after_editing
 
 
@@ -332,3 +332,32 @@ def test_study_trials_are_nested_runs_and_fill_claim_4(repo, tmp_path):
     finally:
         dash.terminate()
         dash.wait(timeout=30)
+
+
+def test_repro_runs_stages_in_a_warm_interpreter_with_the_same_results(repo):
+    """`cmt-bench repro` runs each stage in a fork of a process that imported torch, MLflow and the
+    package once (warm.py): a post-training cell and its evaluation rerun there end with the weights
+    and scores `dvc repro` gave; after a module changes on disk a stage runs in a fresh interpreter."""
+    import os
+    repo, env, _ = repo
+    cell = "cmt-ect-0"
+    weights = torch.load(repo / "artifacts/posttrain/ect/cmt/seed0/model.pt", weights_only=True)
+    scores = (repo / "artifacts/evaluate/ect/cmt/seed0/metrics.json").read_text()
+    sh(f"python -m cmt_bench repro -f -s posttrain@{cell} evaluate@{cell}", repo, env)
+    timing = {s: json.loads((repo / f"logs/stages/{s}@{cell}.json").read_text()) for s in ("posttrain", "evaluate")}
+    assert timing["posttrain"]["warm"] and timing["evaluate"]["warm"]
+    again = torch.load(repo / "artifacts/posttrain/ect/cmt/seed0/model.pt", weights_only=True)
+    assert all(torch.equal(weights[k][n], again[k][n]) for k in ("net", "ema") for n in weights[k])
+    assert (repo / "artifacts/evaluate/ect/cmt/seed0/metrics.json").read_text() == scores
+    with warm.server(cwd=repo) as served:
+        stage = f"python -m cmt_bench.stages evaluate --init cmt --method ect --seed 0"
+        ran_warm = []
+        for edit in (False, True):
+            if edit:  # a module "edited" while the server runs: the server's copy is stale
+                source = repo / "cmt_bench/scoring.py"
+                os.utime(source, ns=(source.stat().st_atime_ns, source.stat().st_mtime_ns + 10**9))
+            sh(stage, repo, {**env, warm.ENV: served[warm.ENV]})
+            ran_warm.append(json.loads((repo / f"logs/stages/evaluate@{cell}.json").read_text())["warm"])
+            assert (repo / "artifacts/evaluate/ect/cmt/seed0/metrics.json").read_text() == scores
+    assert ran_warm == [True, False]
+    sh("python -m cmt_bench repro", repo, env)  # the report reads the new runs: the pipeline is whole again
