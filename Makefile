@@ -1,6 +1,7 @@
 # Two entry points: `make toy` (the Python environment and the offline page of `dvc plots`, then
-# `dvc repro` of the toy preset, one line per stage) and `make test` (all of `make setup`: also Debian's Fashion-MNIST
-# and Chromium, which only the image presets and the browser tests use).
+# `dvc repro` of the toy preset through `cmt-bench repro`: one line per stage, stages run warm) and
+# `make test` (all of `make setup`: also Debian's Fashion-MNIST and Chromium, which only the image
+# presets and the browser tests use).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(abspath $(VENV))/bin

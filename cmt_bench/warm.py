@@ -147,11 +147,13 @@ def _child(conn: socket.socket, sources: dict[str, int], env: dict, root: str) -
     return max(code, 0)
 
 
+ENTRY = {"cmt_bench.stages": "cmt_bench.stages.run", "cmt_bench": "cmt_bench.cli"}  # what each __main__ calls
+
+
 def _main(module: str, argv: list[str], started: float) -> int:
-    from .cli import main as cli_main
-    from .stages.run import main as stage_main
+    import importlib  # by name: a stage runs (and depends on) its own entry point only
     try:
-        return (stage_main if module == "cmt_bench.stages" else cli_main)(argv, started=started)
+        return importlib.import_module(ENTRY[module]).main(argv, started=started)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except BaseException:  # what a fresh interpreter would print, and its exit code
