@@ -21,20 +21,34 @@ def fd_raw(a: np.ndarray, b: np.ndarray) -> float:
 
 def sliced_wasserstein(a: np.ndarray, b: np.ndarray, projections: int = 256, seed: int = 0) -> float:
     """SW_2 over `projections` directions; the two sets are compared through matching quantiles."""
-    a, b = np.asarray(a, np.float64).reshape(len(a), -1), np.asarray(b, np.float64).reshape(len(b), -1)
-    dirs = np.random.default_rng(seed).standard_normal((a.shape[1], projections))
-    dirs /= np.linalg.norm(dirs, axis=0, keepdims=True)
-    n = min(len(a), len(b))
-    return float(np.sqrt(((_quantiles(a @ dirs, n) - _quantiles(b @ dirs, n)) ** 2).mean()))
+    return SlicedWasserstein(b, projections, seed)(a)
 
 
-def _quantiles(proj: np.ndarray, n: int) -> np.ndarray:
-    """The empirical quantile function of each column at q_i = (i + 1/2)/n, i < n: the smallest
-    value whose CDF reaches q_i, i.e. sorted[ceil(q_i m) - 1] for m values (np.quantile's
+class SlicedWasserstein:
+    """SW_2 to a fixed reference set, whose projections are sorted once: in-loop scoring compares
+    many sample sets to one held-out split, and sorting its projections was most of the cost
+    (measured: 0.3 of 0.43 s per in-loop point on the toy). Same numbers as sorting every time."""
+
+    def __init__(self, reference: np.ndarray, projections: int = 256, seed: int = 0):
+        reference = np.asarray(reference, np.float64).reshape(len(reference), -1)
+        dirs = np.random.default_rng(seed).standard_normal((reference.shape[1], projections))
+        self.dirs = dirs / np.linalg.norm(dirs, axis=0, keepdims=True)
+        self.reference_sorted = np.sort(reference @ self.dirs, axis=0)
+
+    def __call__(self, a: np.ndarray) -> float:
+        a = np.asarray(a, np.float64).reshape(len(a), -1)
+        n = min(len(a), len(self.reference_sorted))
+        ours = _quantiles(np.sort(a @ self.dirs, axis=0), n)
+        return float(np.sqrt(((ours - _quantiles(self.reference_sorted, n)) ** 2).mean()))
+
+
+def _quantiles(sorted_proj: np.ndarray, n: int) -> np.ndarray:
+    """The empirical quantile function of each (sorted) column at q_i = (i + 1/2)/n, i < n: the
+    smallest value whose CDF reaches q_i, i.e. sorted[ceil(q_i m) - 1] for m values (np.quantile's
     `inverted_cdf`, but one sort instead of a selection per q; ~50x faster). Integer arithmetic
     keeps ceil exact."""
-    m = len(proj)
+    m = len(sorted_proj)
     i = np.arange(n)
     index = ((2 * i + 1) * m + 2 * n - 1) // (2 * n) - 1
-    return np.sort(proj, axis=0)[index]
+    return sorted_proj[index]
 

@@ -42,6 +42,11 @@ class Scorer:
         from . import fidelity
         return fidelity.to_uint8(_tensor(self.reference))
 
+    @cached_property
+    def sliced_wasserstein(self) -> metrics.SlicedWasserstein:
+        ev = self.params.evaluate
+        return metrics.SlicedWasserstein(self.reference, ev.sw_projections, ev.seed)
+
     def frechet(self, x: np.ndarray) -> float:
         features = self.params.features
         if features == "raw":
@@ -55,10 +60,10 @@ class Scorer:
 
     def __call__(self, samples: dict[str, np.ndarray]) -> dict[str, float]:
         """Scores of each sampler's samples ({'1step': x, '2step': y}) under counted keys."""
-        ev, out = self.params.evaluate, {}
+        out = {}
         for name, x in samples.items():
             out[key(f"{self.params.fd_name}_{name}", len(x))] = self.frechet(x)
-            out[key(f"sw_{name}", len(x))] = metrics.sliced_wasserstein(x, self.reference, ev.sw_projections, ev.seed)
+            out[key(f"sw_{name}", len(x))] = self.sliced_wasserstein(x)
         return out
 
 

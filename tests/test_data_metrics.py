@@ -66,4 +66,22 @@ def test_sliced_wasserstein_equal_and_unequal_sizes_agree():
     assert metrics.sliced_wasserstein(a, b) > 0.01
     for m in (1000, 1001, 2000, 2999, 3000):  # the quantile index against numpy's definition
         q = (np.arange(1000) + 0.5) / 1000
-        assert np.array_equal(metrics._quantiles(x[:m], 1000), np.quantile(x[:m], q, axis=0, method="inverted_cdf"))
+        assert np.array_equal(metrics._quantiles(np.sort(x[:m], axis=0), 1000),
+                              np.quantile(x[:m], q, axis=0, method="inverted_cdf"))
+
+
+def test_sliced_wasserstein_to_a_fixed_reference_sorts_it_once_for_the_same_number():
+    """In-loop scoring keeps the held-out projections sorted: each call equals SW computed afresh
+    (projections and sorts of both sets), exactly, for fewer, as many and more samples."""
+    rng = np.random.default_rng(3)
+    reference = rng.standard_normal((5000, 2))
+    sw = metrics.SlicedWasserstein(reference, projections=64, seed=7)
+    dirs = np.random.default_rng(7).standard_normal((2, 64))
+    dirs /= np.linalg.norm(dirs, axis=0, keepdims=True)
+    for n in (1000, 5000, 7000):
+        a = rng.standard_normal((n, 2)) + 0.1
+        m = min(n, 5000)
+        q = (np.arange(m) + 0.5) / m
+        fresh = np.sqrt(((np.quantile(a @ dirs, q, axis=0, method="inverted_cdf")
+                          - np.quantile(reference @ dirs, q, axis=0, method="inverted_cdf")) ** 2).mean())
+        assert sw(a) == pytest.approx(fresh, rel=1e-15) and sw(a) == metrics.sliced_wasserstein(a, reference, 64, 7)
