@@ -112,7 +112,7 @@ def test_two_workers_on_postgres_survive_a_sigkill(upstream, tmp_path):
         # value the two workers gave it, the killed-and-resumed one included: each trial runs on
         # studies.threads threads whatever the worker count (1 and 2 threads agreed on none of toy_ect's).
         journal = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(tmp_path / "one.log")))
-        sh(f"python -m cmt_bench study run kill --storage journal:{tmp_path / 'one.log'}", repo, env)
+        sh(f"python -m cmt_bench study run kill --workers 1 --storage journal:{tmp_path / 'one.log'}", repo, env)
         one, two = _values(journal), _values(optuna_db)
         common = one.keys() & two.keys()
         # the retry took a trial number, whose own point of the QMC sequence the two workers then skipped
@@ -161,7 +161,7 @@ def test_journal_storage_file(upstream):
     spec = {**KILL_SPEC, "inits": ["cmt"], "trials": 2, "objective": {"budget_images": 4096}}
     (repo / "experiments/studies/journal.yaml").write_text(yaml.safe_dump(spec))
     journal = repo / "studies.log"
-    sh(f"python -m cmt_bench study run journal --storage journal:{journal}", repo, env)
+    sh(f"python -m cmt_bench study run journal --workers 1 --storage journal:{journal}", repo, env)
     storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
     (summary,) = optuna.get_all_study_summaries(storage)
     trials = optuna.load_study(study_name=summary.study_name, storage=storage).get_trials()
