@@ -67,11 +67,10 @@ def stage_walls(lines: list[tuple[float, str]], end: float) -> tuple[dict[str, f
 
 
 def dvc_name(run: dict) -> str:
-    """The DVC stage (or matrix cell) a stage's run.json belongs to."""
-    stage, init, method, seed = run["stage"], run.get("init"), run.get("method"), run.get("seed")
-    if init is not None:  # a matrix cell: posttrain@cmt-ect-0, evaluate@cmt-ect-0
-        return f"{stage}@{init}-{method}-{seed}"
-    return f"{stage}@{method}" if method else stage
+    """The DVC stage (or matrix cell) a stage's run.json belongs to, named as the stage names itself."""
+    from cmt_bench.progress import dvc_name as stage_name
+    cell = (run.get("init"), run.get("method"), run.get("seed")) if run.get("init") is not None else (run.get("method"),)
+    return stage_name(run["stage"], *cell)
 
 
 def split(work: Path, walls: dict[str, float]) -> tuple[list[dict], float]:

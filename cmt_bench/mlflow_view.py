@@ -29,6 +29,11 @@ def view_key(preset: str, method: str) -> str:
     return f"cmt-bench-{preset}-{method}"
 
 
+def view_tag(preset: str, method: str) -> str:
+    """The experiment tag MLflow's UI reads a saved view from."""
+    return f"mlflow.sharedViewState.{view_key(preset, method)}"
+
+
 def _line_chart(section: str, metric: str, x_metric: str) -> dict:
     """A line card as the UI serialises one (its RunsChartsLineCardConfig)."""
     return {"uuid": f"{metric}-vs-{x_metric}", "type": "LINE", "runsCountToCompare": 10, "metricSectionId": section,
@@ -66,8 +71,7 @@ def install(client, experiment_id: str, metric: str, preset: str, methods: list[
     for method in methods:
         envelope = {"name": f"cmt_bench {preset}: post-training {method}", "createdAt": now, "updatedAt": now,
                     "state": json.dumps(view_state(metric, preset, method))}
-        client.set_experiment_tag(experiment_id, f"mlflow.sharedViewState.{view_key(preset, method)}",
-                                  json.dumps(envelope))
+        client.set_experiment_tag(experiment_id, view_tag(preset, method), json.dumps(envelope))
 
 
 def url(base: str, experiment_id: str, preset: str, method: str) -> str:

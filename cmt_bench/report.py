@@ -350,7 +350,9 @@ def mlflow_links(params: Params) -> list[str]:
     """Where to see the comparison in MLflow's UI (the views the report stage saved)."""
     client = client_for(params)
     exp = client.get_experiment_by_name(params.tracking.experiment)
-    if exp is None or not any(k.startswith("mlflow.sharedViewState.cmt-bench-") for k in exp.tags):
+    saved = exp.tags if exp is not None else {}
+    methods = [m for m in params.posttrain.methods if mlflow_view.view_tag(params.preset, m) in saved]
+    if not methods:
         return []
     uri = client.tracking_uri
     if uri.startswith("http"):
@@ -360,7 +362,7 @@ def mlflow_links(params: Params) -> list[str]:
         start = [f"  mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri {uri}"]
     return ["MLflow (curves per init against device-hours and images seen):", *start,
             *(f"  {label(m)}: {mlflow_view.url(base, exp.experiment_id, params.preset, m)}"
-              for m in params.posttrain.methods)]
+              for m in methods)]
 
 
 def summary(params: Params) -> str:

@@ -130,9 +130,9 @@ def test_two_workers_on_the_default_sqlite_stores(upstream, tmp_path):
     (repo / "experiments/studies/pair.yaml").write_text(yaml.safe_dump(spec))
     out = sh("python -m cmt_bench study run pair", repo, env)
     assert "database is locked" not in out
-    results = json.loads((repo / "artifacts/studies/pair/study.json").read_text())
-    assert results["workers"] == 2 and results["storage"] == f"sqlite:///{repo / 'optuna.db'}"
     storage = f"sqlite:///{repo / 'optuna.db'}"
+    results = json.loads((repo / "artifacts/studies/pair/study.json").read_text())
+    assert results["workers"] == 2 and results["storage"] == storage
     (summary,) = [s for s in optuna.get_all_study_summaries(storage) if s.study_name.startswith("pair-")]
     trials = optuna.load_study(study_name=summary.study_name, storage=storage).get_trials()
     assert len({t.user_attrs["worker"] for t in trials}) == 2  # both workers ran trials
