@@ -21,6 +21,7 @@ from pathlib import Path
 
 import optuna
 import torch
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend
 from optuna.study import MaxTrialsCallback
@@ -33,9 +34,10 @@ from .layout import FEATURES as FEATURES_DIR
 from .layout import STUDIES, STUDY_INDEX, study_checkpoint
 from .stages import posttrain as posttrain_stage
 from .stages.evaluate import final_scores
-from .study_spec import Choices, StudySpec, trial_params
+from .study_spec import Choices, Range, StudySpec, trial_params
 from .tracking import MlflowClient, Tracker, project_root, tracking_uri
 from .train import NonFiniteLoss, derive_seed
+from .trial_points import TrialPointSampler
 
 # heartbeats and retries are marked experimental since Optuna 2.8; they are what makes workers restartable
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -96,13 +98,10 @@ def study_name(params: Params, spec: StudySpec, init: str) -> str:
 
 
 def _sampler(spec: StudySpec, init: str, worker: int) -> optuna.samplers.BaseSampler:
-    if spec.sampler == "qmc":  # the point comes from the trial number: workers share one sequence
-        return optuna.samplers.QMCSampler(seed=spec.sampler_seed, scramble=True, warn_asynchronous_seeding=False,
-                                          warn_independent_sampling=False)
-    seed = derive_seed(spec.sampler_seed, spec.name, init, worker) % 2**32  # workers must not draw alike
-    if spec.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=seed)
-    return optuna.samplers.RandomSampler(seed=seed)
+    if spec.sampler in ("qmc", "random"):  # trial n's point from n: one study for any number of workers
+        return TrialPointSampler(spec.sampler, spec.sampler_seed, distributions(spec))
+    # TPE adapts to the trials finished so far, so its points depend on their order whatever the seed
+    return optuna.samplers.TPESampler(seed=derive_seed(spec.sampler_seed, spec.name, init, worker) % 2**32)
 
 
 def _pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
@@ -138,11 +137,22 @@ def prepare(params: Params, spec: StudySpec, url: str) -> dict[str, optuna.Study
 
 # --- the objective -----------------------------------------------------------------------------
 
-def _suggest(trial: optuna.Trial, key: str, dist):
-    if isinstance(dist, Choices):
+def distributions(spec: StudySpec) -> dict[str, BaseDistribution]:
+    """The spec's space as the Optuna distributions its trials suggest from."""
+    def one(dist: Range | Choices) -> BaseDistribution:
+        if isinstance(dist, Choices):
+            return CategoricalDistribution(dist.choices)
+        if dist.int:
+            return IntDistribution(int(dist.low), int(dist.high), log=dist.log)
+        return FloatDistribution(dist.low, dist.high, log=dist.log)
+    return {key: one(dist) for key, dist in spec.space.items()}
+
+
+def _suggest(trial: optuna.Trial, key: str, dist: BaseDistribution):
+    if isinstance(dist, CategoricalDistribution):
         return trial.suggest_categorical(key, dist.choices)
-    if dist.int:
-        return trial.suggest_int(key, int(dist.low), int(dist.high), log=dist.log)
+    if isinstance(dist, IntDistribution):
+        return trial.suggest_int(key, dist.low, dist.high, log=dist.log)
     return trial.suggest_float(key, dist.low, dist.high, log=dist.log)
 
 
@@ -161,7 +171,7 @@ def objective(params: Params, spec: StudySpec, init: str, study_run_id: str):
     inloop_key, final_key = f"{metric}_n{params.evaluate.inloop_samples}", f"{metric}_n{params.evaluate.samples}"
 
     def run(trial: optuna.Trial) -> float:
-        values = {key: _suggest(trial, key, dist) for key, dist in spec.space.items()}
+        values = {key: _suggest(trial, key, dist) for key, dist in distributions(spec).items()}
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # who ran it (and who to blame)
         p = trial_params(params, spec, values, f"trial {trial.number}")
         origin = _origin(trial)

@@ -115,7 +115,8 @@ def test_two_workers_on_postgres_survive_a_sigkill(upstream, tmp_path):
         sh(f"python -m cmt_bench study run kill --workers 1 --storage journal:{tmp_path / 'one.log'}", repo, env)
         one, two = _values(journal), _values(optuna_db)
         common = one.keys() & two.keys()
-        # the retry took a trial number, whose own point of the QMC sequence the two workers then skipped
+        # trial n's point follows from n (trial_points), whichever worker drew it; the retry took a trial
+        # number with the dead trial's point, so that number's own point is missing from the two workers' set
         assert len(one) == 2 * KILL_SPEC["trials"] and len(common) >= len(one) - 1
         assert {k: (one[k], two[k]) for k in common if one[k] != two[k]} == {}
 
@@ -124,7 +125,7 @@ def test_two_workers_on_the_default_sqlite_stores(upstream, tmp_path):
     """Nothing configured: studies.workers (2) share optuna.db and mlflow.db, and give the values one
     worker gives (on a journal file, so no trial is reused)."""
     repo, env = upstream
-    # as the toy specs: QMC over ranges, so trial n gets the same point whichever worker runs it
+    # as the toy specs: QMC over ranges
     spec = {**KILL_SPEC, "inits": ["cmt"], "trials": 4, "objective": {"budget_images": 32768}, "sampler": "qmc",
             "space": {**SPACE, "posttrain.train.batch_size": {"low": 128, "high": 256, "int": True}}}
     (repo / "experiments/studies/pair.yaml").write_text(yaml.safe_dump(spec))
