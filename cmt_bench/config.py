@@ -30,8 +30,25 @@ class TrackingConfig(Section):
     experiment: str = "cmt_bench"
 
 
-TOY_DATASETS = ("checkerboard", "eight_gaussians", "two_moons")
+TOY_DATASETS = ("checkerboard", "eight_gaussians", "two_moons", "gmm")
 IMAGE_DATASETS = ("digits", "fashion", "folder", "cifar10")
+EXACT_DATASETS = ("gmm",)  # data whose flow map is known: scored by flowmap_err and mode coverage (gmm.py)
+
+
+class GmmConfig(Section):
+    """data.dataset=gmm: equal-weight isotropic Gaussians in `dim` dimensions, whose flow map is known."""
+    dim: PositiveInt = 8
+    components: PositiveInt = 8
+    spread: PositiveFloat = 2.0  # the means are drawn N(0, spread^2 I)
+    scale: PositiveFloat | list[PositiveFloat] = 0.1  # every component's std, or one per component
+    seed: int = 0  # draws the means: the mixture itself, apart from the seed that draws its samples
+
+    @model_validator(mode="after")
+    def _one_scale_each(self) -> "GmmConfig":
+        if isinstance(self.scale, list) and len(self.scale) != self.components:
+            raise ValueError(f"scale: give one std for all components or one per component "
+                             f"({self.components}), not {len(self.scale)}")
+        return self
 
 
 class DataConfig(Section):
@@ -45,6 +62,7 @@ class DataConfig(Section):
     pad_to: PositiveInt | None = None  # zero-pad images to this square size (fashion 28 -> 32)
     samples_per_record: PositiveInt = 1_000  # several samples per tar member: headers cost 512 B
     records_per_shard: PositiveInt = 10
+    gmm: GmmConfig = GmmConfig()
 
     @property
     def is_image(self) -> bool:
@@ -259,7 +277,7 @@ class Params(Section):
                              f"{', '.join(missing)}")
         if self.data.is_image != (self.net.kind == "unet"):
             raise ValueError(f"net.kind: {self.net.kind!r} does not fit data.dataset={self.data.dataset!r}; "
-                             f"use unet for images ({', '.join(IMAGE_DATASETS)}), mlp for 2-D toy data")
+                             f"use unet for images ({', '.join(IMAGE_DATASETS)}), mlp for points")
         features, dataset = self.evaluate.features, self.data.dataset
         if features == "classifier" and dataset not in LABELLED_DATASETS:
             raise ValueError(f"evaluate.features: 'classifier' needs labelled images ({', '.join(LABELLED_DATASETS)}), "
@@ -297,8 +315,10 @@ class Params(Section):
 
 
 def report_metrics(params: Params) -> list[str]:
-    """Metric families a run measures (its Frechet distance and sliced Wasserstein), at 1 and 2 steps."""
-    return [f"{family}_{k}step" for family in (params.fd_name, "sw") for k in (1, 2)]
+    """Metric families a run measures (its Frechet distance and sliced Wasserstein; on data with a
+    known flow map also the distance from it), at 1 and 2 steps."""
+    exact = ("flowmap_err",) if params.data.dataset in EXACT_DATASETS else ()
+    return [f"{family}_{k}step" for family in (params.fd_name, "sw", *exact) for k in (1, 2)]
 
 
 class ParamsError(ValueError):

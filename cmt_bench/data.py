@@ -7,7 +7,7 @@ sha256. Images are stored as uint8 and come back as floats in [-1, 1].
 Class labels of image datasets that have them (digits, fashion, cifar10) are stored as int64
 shards `labels_train-*.tar` / `labels_heldout-*.tar` beside the images (a prefix the image globs
 `train-*` / `heldout-*` do not match), under the manifest's `labels` key; `load_labels` reads them.
-Toy points and image folders have none: no shards, no `labels` key.
+Toy points (the Gaussian mixture included) and image folders have none: no shards, no `labels` key.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import webdataset as wds
 
 from . import sources
 from .config import DataConfig
+from .gmm import GaussianMixture
 
 
 def toy(name: str, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -105,6 +106,9 @@ def make_labeled_splits(cfg: DataConfig, seed: int) -> tuple[list[np.ndarray], l
     """([train, heldout], [train labels, heldout labels] or None where the data has no labels).
     The arrays are those of `make_splits`: labels take nothing from the seeded generator."""
     rng = np.random.default_rng(seed)
+    if cfg.dataset == "gmm":  # the points only: a model is scored against the mixture, not its components
+        mixture = GaussianMixture.from_config(cfg.gmm)
+        return [mixture.sample(n, rng)[0] for n in (cfg.train_size, cfg.heldout_size)], None
     if not cfg.is_image:
         return [toy(cfg.dataset, n, rng) for n in (cfg.train_size, cfg.heldout_size)], None
     train, heldout, *labels = sources.SOURCES[cfg.dataset](cfg, rng, with_labels=True)

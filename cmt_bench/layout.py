@@ -18,6 +18,7 @@ FEATURES = ART / "features"
 FEATURES_METRICS = ART / "features.json"  # DVC metrics of the features stage (numbers only)
 CLASSIFIER = FEATURES / "classifier.pt"  # the feature network of fd_<dataset>
 REFERENCE_CACHE = FEATURES / "reference"  # torch-fidelity's cached held-out statistics
+EXACT_SAMPLES = FEATURES / "exact"  # the exact flow map's samples per sample count (data with a known map)
 STUDIES = ART / "studies"  # one folder per study, and index.json (the studies the report shows)
 STUDY_INDEX = STUDIES / "index.json"
 ABLATION_REPORTS = REPORTS / "ablations"

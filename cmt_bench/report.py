@@ -130,7 +130,7 @@ def image_grid(x: np.ndarray, side: int = 8) -> np.ndarray:
 
 def plot_samples(res: Evidence, heldout: np.ndarray, path: Path) -> None:
     """Rows: method x sampler (1- and 2-step); columns: held-out data, then each init (the first
-    seed). Points are scattered, images tiled."""
+    seed). Points are scattered (their first two coordinates), images tiled."""
     rows = [(m, s) for m in res.methods for s in ("1step", "2step")]
     images, seed = heldout.ndim == 4, res.seeds[0]
     fig, axes = plt.subplots(len(rows), 1 + len(res.inits), figsize=(3 * (1 + len(res.inits)), 3 * len(rows)),
@@ -142,7 +142,7 @@ def plot_samples(res: Evidence, heldout: np.ndarray, path: Path) -> None:
             ax.imshow(image_grid(x), cmap="gray", vmin=0, vmax=1)
             ax.set_axis_off()
         else:
-            ax.scatter(*x.T, s=1, c=color, alpha=0.4)
+            ax.scatter(x[:, 0], x[:, 1], s=1, c=color, alpha=0.4)
             ax.set(xlim=(-3, 3), ylim=(-3, 3), aspect="equal")
     for r, (method, steps) in enumerate(rows):
         show(axes[r, 0], heldout[:n], "k")

@@ -19,12 +19,17 @@ def two_step(net, path, eps: torch.Tensor, eps_mid: torch.Tensor, t_mid: float) 
     return flow_map(net, path.sample(x0, eps_mid, t), t, 0.0)
 
 
+def noise(n: int, shape: tuple[int, ...], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The starting noise and the 2-step sampler's re-noising noise of `sample` at `seed` (CPU)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, *shape, generator=gen), torch.randn(n, *shape, generator=gen)
+
+
 @torch.no_grad()
 def sample(net, path, n: int, shape: tuple[int, ...], seed: int, t_mid: float, batch_size: int = 1024) -> dict[str, torch.Tensor]:
     """1- and 2-step samples (on the CPU) from noise drawn on the CPU at `seed`, run on net's device."""
     device = next(net.parameters(), torch.empty(0)).device
-    gen = torch.Generator().manual_seed(seed)
-    eps, eps_mid = torch.randn(n, *shape, generator=gen), torch.randn(n, *shape, generator=gen)
+    eps, eps_mid = noise(n, shape, seed)
     out = {"1step": [], "2step": []}
     for i in range(0, n, batch_size):
         e, m = eps[i:i + batch_size].to(device), eps_mid[i:i + batch_size].to(device)

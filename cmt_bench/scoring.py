@@ -1,6 +1,8 @@
 """What samples score: the preset's Frechet distance and the sliced Wasserstein distance against the
 held-out split, under keys that say the metric, the sampler and the sample count, e.g.
-`fd_digits_2step_n2000` or `sw_1step_n4000`.
+`fd_digits_2step_n2000` or `sw_1step_n4000`. On data whose flow map is known (the Gaussian
+mixture) also the distance from the exact map's samples at the same noise (`flowmap_err_2step_n4000`)
+and the modes reached (`mode_coverage_*`, `mode_precision_*`).
 
 The Frechet distance is `fd_raw` on raw coordinates (2-D points), or torch-fidelity's FID in the
 features of the classifier the `features` stage trained (`fd_<dataset>`) or of Inception
@@ -8,15 +10,16 @@ features of the classifier the `features` stage trained (`fd_<dataset>`) or of I
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
-from . import metrics
-from .config import Params
-from .layout import CLASSIFIER, REFERENCE_CACHE
+from . import metrics, sampling
+from .config import EXACT_DATASETS, Params
+from .layout import CLASSIFIER, EXACT_SAMPLES, REFERENCE_CACHE
 
 REFERENCE_NAME = "heldout"  # the held-out statistics' name in torch-fidelity's cache
 
@@ -35,6 +38,7 @@ def family(metric: str) -> str:
 class Scorer:
     params: Params
     reference: np.ndarray  # the held-out split as floats (points, or images in [-1, 1])
+    _exact: dict = field(default_factory=dict, repr=False)  # sample count -> the exact map's samples
 
     @cached_property
     def reference_uint8(self):
@@ -46,6 +50,53 @@ class Scorer:
     def sliced_wasserstein(self) -> metrics.SlicedWasserstein:
         ev = self.params.evaluate
         return metrics.SlicedWasserstein(self.reference, ev.sw_projections, ev.seed)
+
+    @cached_property
+    def mixture(self):
+        """The data's Gaussian mixture where its flow map is known, else None."""
+        if self.params.data.dataset not in EXACT_DATASETS:
+            return None
+        from .gmm import GaussianMixture
+        return GaussianMixture.from_config(self.params.data.gmm)
+
+    def exact(self, n: int) -> dict[str, np.ndarray]:
+        """What the samplers would give with no error, from the noise `sampling.sample` draws at
+        evaluate.seed: the exact map's 1-step jump (also the teacher ODE's target, from the same
+        starting noise) and its 2-step sample (re-noised with the same noise at sampling.t_mid).
+        The features stage saves them (a float64 ODE solve takes seconds); others read that file."""
+        if n not in self._exact:
+            what = self._exact_key(n)
+            path = EXACT_SAMPLES / f"n{n}.npz"
+            if path.exists():
+                with np.load(path, allow_pickle=False) as saved:
+                    if str(saved["key"]) == what:
+                        self._exact[n] = {name: saved[name] for name in ("1step", "2step", "ode")}
+                        return self._exact[n]
+            from .paths import PATHS
+            eps, eps_mid = sampling.noise(n, (self.mixture.dim,), self.params.evaluate.seed)
+            one = self.mixture.flow_map(eps, 1.0, 0.0)
+            t_mid = self.params.sampling.t_mid
+            two = self.mixture.flow_map(PATHS["linear"]().sample(one, eps_mid.double(), t_mid), t_mid, 0.0)
+            self._exact[n] = {"1step": one.numpy(), "2step": two.numpy(), "ode": one.numpy()}
+        return self._exact[n]
+
+    def _exact_key(self, n: int) -> str:
+        """What the exact samples depend on, stored beside them (a file from other settings is not used)."""
+        return json.dumps({"gmm": self.params.data.gmm.model_dump(), "seed": self.params.evaluate.seed, "n": n,
+                           "t_mid": self.params.sampling.t_mid}, sort_keys=True)
+
+    def save_exact(self, n: int) -> None:
+        EXACT_SAMPLES.mkdir(parents=True, exist_ok=True)
+        np.savez(EXACT_SAMPLES / f"n{n}.npz", key=np.array(self._exact_key(n)), **self.exact(n))
+
+    def exact_scores(self, name: str, x: np.ndarray) -> dict[str, float]:
+        """flowmap_err (where `name` is a sampler whose noise is known) and mode coverage/precision."""
+        from . import gmm
+        out = {key(f"{m}_{name}", len(x)): v for m, v in gmm.mode_scores(self.mixture, x).items()}
+        target = self.exact(len(x)).get(name)
+        if target is not None:
+            out[key(f"flowmap_err_{name}", len(x))] = gmm.flowmap_err(x, target)
+        return out
 
     def frechet(self, x: np.ndarray) -> float:
         features = self.params.features
@@ -64,6 +115,8 @@ class Scorer:
         for name, x in samples.items():
             out[key(f"{self.params.fd_name}_{name}", len(x))] = self.frechet(x)
             out[key(f"sw_{name}", len(x))] = self.sliced_wasserstein(x)
+            if self.mixture is not None:
+                out.update(self.exact_scores(name, x))
         return out
 
 

@@ -7,7 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+from cmt_bench import sampling, scoring
+from cmt_bench.config import Params
 from cmt_bench.gmm import GaussianMixture, flowmap_err, mode_scores
+from cmt_bench.layout import EXACT_SAMPLES
 from cmt_bench.paths import GaussianFlow
 from cmt_bench.solvers import integrate, time_grid
 
@@ -108,3 +111,28 @@ def test_mixture_from_config_and_its_samples():
     assert per.stds.tolist() == [0.1, 0.2, 0.3, 0.1, 0.2, 0.3]
     with pytest.raises(ValueError, match="one positive std per component: 6 means"):
         GaussianMixture.from_config(SimpleNamespace(**{**vars(cfg), "scale": [0.1, 0.2]}))
+
+
+def test_scorer_reads_the_saved_exact_samples_only_for_its_own_settings(tmp_path, monkeypatch):
+    """The features stage saves the exact samples; a Scorer with the same settings reads them (here a
+    planted file proves it), one with another t_mid solves the map itself: the same 1-step jump (the
+    same noise), another 2-step sample."""
+    monkeypatch.chdir(tmp_path)
+    gmm = {"dim": 3, "components": 3, "spread": 2.0, "scale": 0.3}
+    params = Params.model_validate({"data": {"dataset": "gmm", "gmm": gmm}, "evaluate": {"samples": 200}})
+    scorer = scoring.Scorer(params, np.zeros((10, 3), np.float32))
+    solved = scorer.exact(200)
+    mixture = GaussianMixture.from_config(params.data.gmm)
+    eps, _ = sampling.noise(200, (3,), params.evaluate.seed)
+    assert np.allclose(solved["1step"], mixture.flow_map(eps, 1.0, 0.0).numpy(), atol=1e-9)
+    scorer.save_exact(200)
+    with np.load(EXACT_SAMPLES / "n200.npz") as saved:
+        planted = {"key": saved["key"], **{k: np.zeros_like(saved[k]) for k in ("1step", "2step", "ode")}}
+    np.savez(EXACT_SAMPLES / "n200.npz", **planted)
+    assert (scoring.Scorer(params, np.zeros((10, 3), np.float32)).exact(200)["2step"] == 0).all()
+    other = params.model_validate({**params.model_dump(), "sampling": {**params.sampling.model_dump(), "t_mid": 0.3}})
+    moved = scoring.Scorer(other, np.zeros((10, 3), np.float32)).exact(200)
+    assert np.array_equal(moved["1step"], solved["1step"]) and not np.allclose(moved["2step"], solved["2step"])
+    scores = scorer({"1step": solved["1step"].astype(np.float32), "floor": solved["2step"]})
+    assert scores["flowmap_err_1step_n200"] < 1e-6 and "flowmap_err_floor_n200" not in scores  # no noise: no target
+    assert scores["mode_coverage_floor_n200"] == 1.0
