@@ -37,4 +37,6 @@ def test_report_rests_on_flowmap_err(repo):
     repo, _ = repo
     summary = json.loads((repo / "reports/smoke/summary.json").read_text())
     assert summary["metric"] == "flowmap_err_2step" and summary["noise_floor"] is None
-    assert "flowmap_err_2step" in (repo / "reports/smoke/report.md").read_text()
+    report = (repo / "reports/smoke/report.md").read_text()
+    assert "`gmm`, 4-D points from 4 Gaussians" in report and "`flowmap_err`: the mean distance" in report
+    assert "| ECT | cmt |" in report  # the before/after table: did post-training help, on the exact metric
