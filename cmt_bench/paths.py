@@ -62,6 +62,13 @@ class GaussianFlow:
         return self.mu + self.s * torch.randn(n, self.mu.numel(), generator=generator, dtype=self.mu.dtype)
 
 
+def noise(n: int, shape: tuple[int, ...], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The noise (t = 1) that samples start from at `seed`, on the CPU, and a second draw for a 2-step
+    sampler's re-noising: the samplers, the teacher's ODE scoring and the exact map's targets share it."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, *shape, generator=gen), torch.randn(n, *shape, generator=gen)
+
+
 def _col(t: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
     """Broadcast a per-sample time (shape [B] or scalar) against a batch of shape [B, ...]."""
     t = torch.as_tensor(t, dtype=like.dtype, device=like.device)

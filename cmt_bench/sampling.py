@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from .nets import flow_map
+from .paths import noise
 
 
 @torch.no_grad()
@@ -17,12 +18,6 @@ def two_step(net, path, eps: torch.Tensor, eps_mid: torch.Tensor, t_mid: float) 
     x0 = one_step(net, eps)
     t = torch.full((eps.shape[0],), t_mid, dtype=eps.dtype, device=eps.device)
     return flow_map(net, path.sample(x0, eps_mid, t), t, 0.0)
-
-
-def noise(n: int, shape: tuple[int, ...], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The starting noise and the 2-step sampler's re-noising noise of `sample` at `seed` (CPU)."""
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(n, *shape, generator=gen), torch.randn(n, *shape, generator=gen)
 
 
 @torch.no_grad()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import metrics, sampling
+from . import metrics
 from .config import EXACT_DATASETS, Params
 from .layout import CLASSIFIER, EXACT_SAMPLES, REFERENCE_CACHE
 
@@ -60,8 +60,8 @@ class Scorer:
         return GaussianMixture.from_config(self.params.data.gmm)
 
     def exact(self, n: int) -> dict[str, np.ndarray]:
-        """What the samplers would give with no error, from the noise `sampling.sample` draws at
-        evaluate.seed: the exact map's 1-step jump (also the teacher ODE's target, from the same
+        """What the samplers would give with no error, from the noise they draw at evaluate.seed
+        (`paths.noise`): the exact map's 1-step jump (also the teacher ODE's target, from the same
         starting noise) and its 2-step sample (re-noised with the same noise at sampling.t_mid).
         The features stage saves them (a float64 ODE solve takes seconds); others read that file."""
         if n not in self._exact:
@@ -72,8 +72,8 @@ class Scorer:
                     if str(saved["key"]) == what:
                         self._exact[n] = {name: saved[name] for name in ("1step", "2step", "ode")}
                         return self._exact[n]
-            from .paths import PATHS
-            eps, eps_mid = sampling.noise(n, (self.mixture.dim,), self.params.evaluate.seed)
+            from .paths import PATHS, noise
+            eps, eps_mid = noise(n, (self.mixture.dim,), self.params.evaluate.seed)
             one = self.mixture.flow_map(eps, 1.0, 0.0)
             t_mid = self.params.sampling.t_mid
             two = self.mixture.flow_map(PATHS["linear"]().sample(one, eps_mid.double(), t_mid), t_mid, 0.0)

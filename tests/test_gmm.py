@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from cmt_bench import sampling, scoring
+from cmt_bench import scoring
 from cmt_bench.config import Params
 from cmt_bench.gmm import GaussianMixture, flowmap_err, mode_scores
 from cmt_bench.layout import EXACT_SAMPLES
-from cmt_bench.paths import GaussianFlow
+from cmt_bench.paths import GaussianFlow, noise
 from cmt_bench.solvers import integrate, time_grid
 
 F64 = torch.float64
@@ -123,7 +123,7 @@ def test_scorer_reads_the_saved_exact_samples_only_for_its_own_settings(tmp_path
     scorer = scoring.Scorer(params, np.zeros((10, 3), np.float32))
     solved = scorer.exact(200)
     mixture = GaussianMixture.from_config(params.data.gmm)
-    eps, _ = sampling.noise(200, (3,), params.evaluate.seed)
+    eps, _ = noise(200, (3,), params.evaluate.seed)
     assert np.allclose(solved["1step"], mixture.flow_map(eps, 1.0, 0.0).numpy(), atol=1e-9)
     scorer.save_exact(200)
     with np.load(EXACT_SAMPLES / "n200.npz") as saved:

@@ -1,13 +1,11 @@
 """The pretrain stage: the flow-matching teacher v(x, t) on the linear path."""
 from __future__ import annotations
 
-import torch
-
 from .. import data as datasets
 from .. import losses, scoring, solvers
 from ..config import Params
 from ..layout import out_dir
-from ..paths import PATHS
+from ..paths import PATHS, noise
 from ..train import Job
 from .common import finish_training, seeded_net, train_stage
 
@@ -22,9 +20,7 @@ def run(params: Params) -> None:
     grid = solvers.time_grid(ode.steps, ode.grid, ode.rho)
 
     def evaluate(ema) -> dict[str, float]:  # the teacher's ODE samples (pretrain.ode_eval's solver)
-        x1 = torch.randn(params.evaluate.inloop_samples, *shape,
-                         generator=torch.Generator().manual_seed(params.evaluate.seed))
-        x1 = x1.to(next(ema.parameters()).device)
+        x1 = noise(params.evaluate.inloop_samples, shape, params.evaluate.seed)[0].to(next(ema.parameters()).device)
         x0 = solvers.integrate(lambda x, t: ema(x, t), x1, grid, ode.solver)[0][-1].cpu().numpy()
         return score({"ode": x0})
 
