@@ -18,6 +18,7 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT_FILES = ["cmt_bench", "dvc.yaml", "experiments", "pyproject.toml", ".gitignore", ".dvcignore"]
+SHIPPED_SPECS = sorted(p.stem for p in (ROOT / "experiments/studies").glob("*.yaml"))
 
 
 def sh(cmd, cwd, env):
@@ -135,6 +136,15 @@ def mlflow_runs(repo: Path):
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     exp = client.get_experiment_by_name("cmt_bench")
     return client, client.search_runs([exp.experiment_id], max_results=1000)
+
+
+def shipped_spec(name: str):
+    """(params, spec) of a shipped study spec, on its preset with every method post-trained."""
+    from cmt_bench import methods
+    from cmt_bench.config import override, preset
+    from cmt_bench.study_spec import load_spec
+    params = override(preset(name.split("_")[0], ROOT), {"posttrain.methods": list(methods.names())}, "test")
+    return params, load_spec(name, params, ROOT)
 
 
 def gen(seed: int = 0) -> torch.Generator:

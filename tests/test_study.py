@@ -4,9 +4,8 @@ import sys
 
 import pytest
 import yaml
-from conftest import ROOT
+from conftest import ROOT, SHIPPED_SPECS, shipped_spec
 
-from cmt_bench import methods
 from cmt_bench.config import ParamsError, flatten, override, preset
 from cmt_bench.study_spec import load_spec, trial_params
 
@@ -20,10 +19,9 @@ def _spec(tmp_path, **changes):
     return path
 
 
-@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "experiments/studies").glob("*.yaml")))
+@pytest.mark.parametrize("name", SHIPPED_SPECS)
 def test_shipped_specs_fit_their_presets(name):
-    params = override(preset(name.split("_")[0], ROOT), {"posttrain.methods": list(methods.names())}, "test")
-    spec = load_spec(name, params, ROOT)
+    params, spec = shipped_spec(name)
     assert spec.name == name and spec.trials >= 5 and spec.space
     assert set(spec.space) <= set(flatten(params))
 

@@ -2,14 +2,11 @@
 the order trials are asked in, or how many workers share the study."""
 import optuna
 import pytest
-from conftest import ROOT
+from conftest import SHIPPED_SPECS, shipped_spec
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from scipy.stats import qmc
 
-from cmt_bench import methods
-from cmt_bench.config import override, preset
 from cmt_bench.study import _suggest, distributions
-from cmt_bench.study_spec import load_spec
 from cmt_bench.trial_points import TrialPointSampler, from_unit, unit_point
 
 SPACE = {"lr": FloatDistribution(1e-5, 3e-3, log=True), "batch": IntDistribution(32, 256, log=True),
@@ -73,10 +70,9 @@ def test_a_parameter_outside_the_space_is_refused():
         trial.suggest_float("ema", 0.9, 0.999)
 
 
-@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "experiments/studies").glob("*.yaml")))
+@pytest.mark.parametrize("name", SHIPPED_SPECS)
 def test_shipped_specs_draw_distinct_points_inside_their_space(name):
-    params = override(preset(name.split("_")[0], ROOT), {"posttrain.methods": list(methods.names())}, "test")
-    spec = load_spec(name, params, ROOT)
+    _, spec = shipped_spec(name)
     if spec.sampler == "tpe":
         pytest.skip("TPE adapts to finished trials")
     sampler = TrialPointSampler(spec.sampler, spec.sampler_seed, distributions(spec))
