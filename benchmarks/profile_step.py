@@ -21,7 +21,7 @@ from torch.profiler import ProfilerActivity, profile
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))  # step_cost puts the repo on the path too
 
-from step_cost import setup, step_fns, sync, train_step  # noqa: E402
+from step_cost import GRAPHS, for_step, generator, setup, step_fns, sync, train_step  # noqa: E402
 
 from cmt_bench import compiling  # noqa: E402
 
@@ -33,7 +33,8 @@ def main() -> None:
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--method", default="flow_matching",
                     help="flow_matching or a registered method (a curriculum's phase as name@phase, e.g. alphaflow@alpha=0)")
-    ap.add_argument("--compile", default="none", choices=compiling.MODES, help="compute.compile mode")
+    ap.add_argument("--compile", default="none", choices=[*compiling.MODES, GRAPHS], help="compute.compile mode")
+    ap.add_argument("--draws", default="device", choices=["device", "host"], help="where noise and times are drawn")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN time its algorithms per shape")
     ap.add_argument("--rows", type=int, default=15)
@@ -41,10 +42,10 @@ def main() -> None:
     args = ap.parse_args()
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     params, net, opt, x, fns = setup(args.preset, args.shape, args.device)
-    fns = step_fns(params, compiling.for_step(net, args.compile))
+    fns = step_fns(params, for_step(net, args.compile))
     if args.method not in fns:
         ap.error(f"--method {args.method!r}: allowed {', '.join(fns)}")
-    fn, gen = fns[args.method], torch.Generator().manual_seed(0)
+    fn, gen = fns[args.method], generator(x.device, args.draws)
     for _ in range(10 if args.compile == "none" else 40):  # a compiled JVP compiles once per padded size
         train_step(fn, opt, x, gen, args.precision)
     sync(x)
@@ -58,7 +59,7 @@ def main() -> None:
     events = prof.key_averages()
     # kernels only: an operator's row repeats the self time of the kernels it launched
     gpu_us = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA) / args.steps
-    lines = [f"{args.preset} {args.method} {args.precision} compile={args.compile} on {x.device} (batch {len(x)}, shape {tuple(x.shape[1:])}, "
+    lines = [f"{args.preset} {args.method} {args.precision} compile={args.compile} draws={args.draws} on {x.device} (batch {len(x)}, shape {tuple(x.shape[1:])}, "
              f"cudnn.benchmark={args.cudnn_benchmark}): {1000 * wall:.1f} ms per step under the profiler"]
     if x.is_cuda:
         lines.append(f"GPU kernels {gpu_us / 1000:.1f} ms per step: busy {100 * gpu_us / 1e6 / wall:.0f}% of the wall time")

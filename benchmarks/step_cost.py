@@ -5,6 +5,11 @@ rotates each rep) after a warm-up, and each ratio is the median over reps of cel
 time within the rep, measured in this one run. MeanFlow's and sCT's JVP costs extra forward-mode
 passes; ECT costs a second (no-grad) forward; AlphaFlow is timed at each phase of its curriculum.
 A cell is (precision, compute.compile mode, memory format, method); the baseline is always timed.
+Noise, times and batch picks are drawn on the network's device, as training draws them
+(compute.draws device); `--draws host` draws them on the CPU and copies them over each step.
+`--compile graphs` (this benchmark only, not a compute.compile mode yet) is `step` under CUDA graphs
+(torch.compile mode reduce-overhead): what is left of the launch overhead. A cell that fails to
+compile or run is reported with its error instead of stopping the others.
 
     python benchmarks/step_cost.py [--preset toy|digits] [--steps N] [--reps R] [--threads T]
     python benchmarks/step_cost.py --compile none,step,jvp --methods meanflow
@@ -72,6 +77,19 @@ def setup(preset: str, shape_arg: str | None, device_name: str):
     return params, net, opt, x, step_fns(params, net)
 
 
+GRAPHS = "graphs"  # step under CUDA graphs: a benchmark cell, not a compute.compile mode
+
+
+def for_step(net, mode: str):
+    """The network as the loss calls it under `mode` (a compute.compile mode, or GRAPHS)."""
+    return torch.compile(net, mode="reduce-overhead") if mode == GRAPHS else compiling.for_step(net, mode)
+
+
+def generator(device: torch.device, draws: str = "device") -> torch.Generator:
+    """The step's random draws: on `device` as training draws them, or on the host (copied per step)."""
+    return torch.Generator(device=device if draws == "device" else "cpu").manual_seed(0)
+
+
 def sync(x) -> None:
     """Wait for x's device: a clock must include the queued GPU work."""
     if x.is_cuda:
@@ -129,15 +147,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_args(ap, steps=100)
     ap.add_argument("--precision", default="fp32", help="comma-separated: fp32, bf16 (bf16 autocasts on CUDA only)")
-    ap.add_argument("--compile", default="none", help=f"comma-separated compute.compile modes: {', '.join(compiling.MODES)}")
+    ap.add_argument("--compile", default="none",
+                    help=f"comma-separated compute.compile modes: {', '.join(compiling.MODES)}, or {GRAPHS} (CUDA)")
+    ap.add_argument("--draws", default="device", choices=["device", "host"], help="where noise and times are drawn")
     ap.add_argument("--memory-format", default="contiguous", help="comma-separated: contiguous, channels_last (UNet)")
     ap.add_argument("--methods", help="comma-separated subset of the step functions (flow_matching is always timed)")
     args = ap.parse_args()
     precisions, modes, formats = args.precision.split(","), args.compile.split(","), args.memory_format.split(",")
     if not set(precisions) <= {"fp32", "bf16"} or (args.device == "cpu" and precisions != ["fp32"]):
         ap.error(f"--precision {args.precision!r}: allowed fp32, bf16 (bf16 with --device cuda)")
-    if not set(modes) <= set(compiling.MODES):
-        ap.error(f"--compile {args.compile!r}: allowed {', '.join(compiling.MODES)}")
+    if not set(modes) <= {*compiling.MODES, GRAPHS} or (GRAPHS in modes and args.device != "cuda"):
+        ap.error(f"--compile {args.compile!r}: allowed {', '.join(compiling.MODES)} ({GRAPHS} with --device cuda)")
     if not set(formats) <= {"contiguous", "channels_last"}:  # the keys of `layout` below
         ap.error(f"--memory-format {args.memory_format!r}: allowed contiguous, channels_last")
     if args.threads:
@@ -157,7 +177,7 @@ def main() -> None:
     for f in formats:
         net.to(memory_format=layout[f])
         for c in modes + ["none"]:
-            steps_of[(c, f)] = step_fns(params, compiling.for_step(net, c))
+            steps_of[(c, f)] = step_fns(params, for_step(net, c))
     xs = {f: x.contiguous(memory_format=layout[f]) for f in formats + ["contiguous"]}
 
     def step(cell):
@@ -165,53 +185,79 @@ def main() -> None:
         net.to(memory_format=layout[f])
         return steps_of[(c, f)][n], xs[f], p
 
-    gen = torch.Generator().manual_seed(0)
-    peak_gib, compile_s = {}, {}
-    for cell in cells:
+    gen = generator(x.device, args.draws)
+    peak_gib, compile_s, failed = {}, {}, {}
+
+    def warm_up(cell) -> None:
         fn, xf, p = step(cell)
         if x.is_cuda:
             torch.cuda.reset_peak_memory_stats()
-        # warm-up: forward-mode AD loads its decompositions once, cuDNN picks kernels, torch.compile
-        # compiles (the JVP once per padded batch size it meets, so a compiled cell warms up longer)
-        compile_s[cell] = timed(fn, opt, xf, 10 if cell[1] == "none" else 40, gen, p)
+        # forward-mode AD loads its decompositions once, cuDNN picks kernels, torch.compile compiles
+        # (the JVP once per padded batch size it meets, so a compiled cell warms up longer)
+        start = time.perf_counter()
+        try:
+            timed(fn, opt, xf, 10 if cell[1] == "none" else 40, gen, p)
+        except Exception as e:  # one cell's failure (a compiler's, say) is a result, not the end of the run
+            if cell == base:
+                raise
+            failed[cell] = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"[:300]
+            print(f"{' '.join(cell)}: failed: {failed[cell]}", flush=True)
+            return
+        compile_s[cell] = time.perf_counter() - start
+        print(f"{' '.join(cell)}: warmed up in {compile_s[cell]:.1f} s", flush=True)
         if x.is_cuda:
             peak_gib[cell] = torch.cuda.max_memory_allocated() / 2**30
-    seconds = {cell: [] for cell in cells}
-    for rep in range(args.reps):
-        for cell in rotated(cells, rep):
-            fn, xf, p = step(cell)
-            seconds[cell].append(timed(fn, opt, xf, args.steps, gen, p))
-    busy = {}
-    if x.is_cuda:  # kernel time per step over the (unprofiled) median wall time per step
-        for cell in cells:
-            fn, xf, p = step(cell)
-            busy[cell] = (kernel_seconds(fn, opt, xf, args.steps, gen, p) / args.steps) / (
-                statistics.median(seconds[cell]) / args.steps)
-    rows = [{"precision": p, "compile": c, "memory_format": f, "method": n,
-             "ms_per_step": 1000 * statistics.median(seconds[cell]) / args.steps,
-             "images_per_second": len(x) * args.steps / statistics.median(seconds[cell]),
-             "ratio_to_eager_fp32_flow_matching": statistics.median(a / b for a, b in zip(seconds[cell], seconds[base])),
-             "warmup_seconds": compile_s[cell],
-             **({"gpu_busy_fraction": busy[cell], "peak_memory_gib": peak_gib[cell]} if x.is_cuda else {})}
-            for cell in cells for p, c, f, n in [cell]]
-    result = {
-        "preset": args.preset, **{m: getattr(params.posttrain, m).model_dump() for m in methods.names()},
-        "rows": rows,
-        "net": params.net.model_dump(), "params_millions": sum(p.numel() for p in net.parameters()) / 1e6,
-        "shape": list(x.shape[1:]), "batch_size": len(x), "steps": args.steps, "reps": args.reps,
-        "device": ledger.device_name(x.device), "precisions": precisions, "compile_modes": modes,
-        "memory_formats": formats, **environment(),
-    }
+
+    def measure(cells: list) -> list[dict]:
+        """One row per cell, all timed in the same reps (order rotated each rep)."""
+        seconds = {cell: [] for cell in cells}
+        for rep in range(args.reps):
+            for cell in rotated(cells, rep):
+                fn, xf, p = step(cell)
+                seconds[cell].append(timed(fn, opt, xf, args.steps, gen, p))
+        busy = {}
+        if x.is_cuda:  # kernel time per step over the (unprofiled) median wall time per step
+            for cell in cells:
+                fn, xf, p = step(cell)
+                busy[cell] = (kernel_seconds(fn, opt, xf, args.steps, gen, p) / args.steps) / (
+                    statistics.median(seconds[cell]) / args.steps)
+        return [{"precision": p, "compile": c, "memory_format": f, "method": n,
+                 "ms_per_step": 1000 * statistics.median(seconds[cell]) / args.steps,
+                 "images_per_second": len(x) * args.steps / statistics.median(seconds[cell]),
+                 "ratio_to_eager_fp32_flow_matching": statistics.median(a / b for a, b in zip(seconds[cell], seconds[base])),
+                 "warmup_seconds": compile_s[cell],
+                 **({"gpu_busy_fraction": busy[cell], "peak_memory_gib": peak_gib[cell]} if x.is_cuda else {})}
+                for cell in cells for p, c, f, n in [cell]]
+
     suffix = "" if args.preset == "toy" else f"_{args.preset}"
     args.out = args.out or ROOT / "benchmarks" / "results" / (
         f"step_cost{suffix}.json" if args.device == "cpu" else f"step_cost_gpu{suffix}.json")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    for r in rows:
-        print(f"{r['precision']} {r['compile']} {r['memory_format']} {r['method']}: {r['ms_per_step']:.1f} ms, "
-              f"x{r['ratio_to_eager_fp32_flow_matching']:.2f}"
-              + (f", GPU busy {r['gpu_busy_fraction']:.0%}, {r['peak_memory_gib']:.2f} GiB" if x.is_cuda else ""))
-    print(args.out)
+    # the eager cells are measured and written first, then every cell again once the compiled ones
+    # have compiled: a run stopped while compiling (a time limit) still leaves the eager figures
+    eager = [cell for cell in cells if cell[1] == "none"]
+    for group in [eager, cells] if len(eager) < len(cells) else [cells]:
+        for cell in group:
+            if cell not in compile_s and cell not in failed:
+                warm_up(cell)
+        rows = measure([cell for cell in group if cell not in failed])
+        result = {
+            "preset": args.preset, **{m: getattr(params.posttrain, m).model_dump() for m in methods.names()},
+            "rows": rows, "failed": [{"precision": p, "compile": c, "memory_format": f, "method": n, "error": e}
+                                     for (p, c, f, n), e in failed.items()],
+            "complete": group is cells, "draws": args.draws,
+            "net": params.net.model_dump(), "params_millions": sum(p.numel() for p in net.parameters()) / 1e6,
+            "shape": list(x.shape[1:]), "batch_size": len(x), "steps": args.steps, "reps": args.reps,
+            "device": ledger.device_name(x.device), "precisions": precisions, "compile_modes": modes,
+            "memory_formats": formats, **environment(),
+        }
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        for r in rows:
+            print(f"{r['precision']} {r['compile']} {r['memory_format']} {r['method']}: {r['ms_per_step']:.1f} ms, "
+                  f"x{r['ratio_to_eager_fp32_flow_matching']:.2f}"
+                  + (f", GPU busy {r['gpu_busy_fraction']:.0%}, {r['peak_memory_gib']:.2f} GiB" if x.is_cuda else ""),
+                  flush=True)
+        print(args.out, flush=True)
 
 
 if __name__ == "__main__":
