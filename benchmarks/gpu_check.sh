@@ -10,8 +10,9 @@
 # On an H100 the digits stages up to mid-training took 215 s (reports/gpu/README.md), so 220 s stops
 # before post-training; give the pipeline about 600 s to run every stage.
 #
-# A machine without internet installs the packages it lacks from wheels in .whl/ first (see
-# reports/gpu/README.md for the list); each part has its own time limit so one hang costs little.
+# A machine without internet installs the packages it lacks from wheels in .whl/ first
+# (benchmarks/gpu_wheels.sh downloads them here; gpu_env.sh installs them there); each part
+# has its own time limit so one hang costs little.
 set -uo pipefail
 OUT=${OUT:-build/gpu_check} LOG=gpu_check.log
 source "$(dirname "$0")/gpu_env.sh"

@@ -11,8 +11,8 @@
 #   OUT=build/gpu_step bash benchmarks/gpu_step.sh
 #   DEVICE=cpu SHAPE=1,8,8 STEPS=2 REPS=1 bash benchmarks/gpu_step.sh   (a dry run of the script on a CPU)
 #
-# A machine without internet installs the packages it lacks from wheels in .whl/ first (gpu_env.sh;
-# reports/gpu/README.md lists them).
+# A machine without internet installs the packages it lacks from wheels in .whl/ first
+# (benchmarks/gpu_wheels.sh downloads them here; gpu_env.sh installs them there).
 set -uo pipefail
 OUT=${OUT:-build/gpu_step} LOG=gpu_step.log
 DEVICE=${DEVICE:-cuda}
