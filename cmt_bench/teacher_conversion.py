@@ -1,0 +1,175 @@
+"""A diffusion model trained under another convention, seen as a velocity on this package's path.
+
+Every stage here works on the linear path x_t = (1 - t) x0 + t eps (t = 1 is noise) with a network
+that predicts the velocity eps - x0. A pre-trained teacher from a file (EDM, a diffusers UNet, ...)
+was trained on its own path x = a(tau) x0 + b(tau) eps and predicts one of eps, x0, v, EDM's
+denoiser D(x; sigma) or its own path's velocity. Two facts make it one velocity field:
+
+- The two paths agree up to scale where their signal-to-noise ratios agree: at the tau with
+  a(tau) / b(tau) = (1 - t) / t, the point x = c z with c = a(tau) / (1 - t) is the teacher's noisy
+  sample of the same (x0, eps) as the linear path's z (so no retraining, only a change of variables).
+- Any prediction gives both x0 and eps through x = a x0 + b eps, and the linear velocity is
+  eps_hat - x0_hat.
+
+So `ForeignVelocity(net, schedule, prediction)(z, t)` is the linear-path velocity of the teacher,
+exact for an exact teacher (tests/test_teacher_conversion.py checks it against the closed form on
+Gaussian data for every schedule and prediction). A schedule has a finite noisiest level (EDM's
+sigma_max = 80, DDPM's last step): times beyond it are evaluated at it (`t_max`), and the samplers
+here start at t = 1, an error of order 1 / sigma_max that this module states rather than hides.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+PREDICTIONS = ("eps", "x0", "v", "edm", "velocity")
+
+
+class LinearSchedule:
+    """This package's own path (a = 1 - tau, b = tau); the network takes tau."""
+    name = "linear"
+
+    def __init__(self, t_min: float = 0.0, t_max: float = 1.0):
+        self.t_min, self.t_max = t_min, t_max
+
+    def coefficients(self, tau):
+        return 1 - tau, tau, -torch.ones_like(tau), torch.ones_like(tau)
+
+    def tau_at(self, t):
+        return t
+
+    def net_time(self, tau):
+        return tau
+
+
+class EdmSchedule:
+    """EDM's variance-exploding sigma path x = x0 + sigma eps (Karras et al. 2022); the network (the
+    preconditioned denoiser D(x; sigma)) takes sigma. Also the VP checkpoints EDM publishes, which it
+    wraps in the same sigma form."""
+    name = "edm"
+
+    def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0):
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max
+        self.t_min, self.t_max = sigma_min / (1 + sigma_min), sigma_max / (1 + sigma_max)
+
+    def coefficients(self, sigma):
+        return torch.ones_like(sigma), sigma, torch.zeros_like(sigma), torch.ones_like(sigma)
+
+    def tau_at(self, t):
+        return t / (1 - t)  # the noise-to-signal ratio of the linear path is EDM's sigma
+
+    def net_time(self, sigma):
+        return sigma
+
+
+class VpCosineSchedule:
+    """Variance-preserving cosine schedule (Nichol & Dhariwal 2021): abar(tau) = f(tau) / f(0),
+    f(tau) = cos^2((tau + s) / (1 + s) * pi / 2); the network takes tau * time_scale."""
+    name = "vp_cosine"
+
+    def __init__(self, s: float = 0.008, time_scale: float = 1.0, tau_max: float = 0.9999):
+        self.s, self.time_scale = s, time_scale
+        self.t_min, self.t_max = 0.0, self._t_of(tau_max)
+
+    def _angle(self, tau):
+        return (tau + self.s) / (1 + self.s) * math.pi / 2
+
+    def _abar(self, tau):
+        return torch.cos(self._angle(tau)) ** 2 / math.cos(self._angle(0.0)) ** 2
+
+    def _t_of(self, tau: float) -> float:
+        abar = float(self._abar(torch.tensor(tau, dtype=torch.float64)))
+        return math.sqrt(1 - abar) / (math.sqrt(abar) + math.sqrt(1 - abar))
+
+    def coefficients(self, tau):
+        abar = self._abar(tau)
+        a, b = abar.sqrt(), (1 - abar).sqrt()
+        dabar = -math.pi / (1 + self.s) * torch.sin(2 * self._angle(tau)) / (2 * math.cos(self._angle(0.0)) ** 2)
+        return a, b, dabar / (2 * a), -dabar / (2 * b)
+
+    def tau_at(self, t):
+        abar = (1 - t) ** 2 / ((1 - t) ** 2 + t**2)  # a^2 with a / b = (1 - t) / t and a^2 + b^2 = 1
+        return torch.acos((abar * math.cos(self._angle(0.0)) ** 2).sqrt()) * 2 / math.pi * (1 + self.s) - self.s
+
+    def net_time(self, tau):
+        return tau * self.time_scale
+
+
+class VpDdpmSchedule:
+    """DDPM's discrete variance-preserving schedule (Ho et al. 2020; diffusers' DDPMScheduler with
+    beta_schedule "linear"): abar_k = prod_{i <= k} (1 - beta_i), betas linear from beta_start to
+    beta_end over `steps`; the network takes the step k, fractional between steps (log-SNR linear in k
+    between neighbours, which the sinusoidal time embeddings of such networks accept)."""
+    name = "vp_ddpm"
+
+    def __init__(self, beta_start: float = 1e-4, beta_end: float = 0.02, steps: int = 1000):
+        betas = torch.linspace(beta_start, beta_end, steps, dtype=torch.float64)
+        abar = torch.cumprod(1 - betas, 0)
+        self.log_snr = torch.log(abar / (1 - abar))  # falling in k
+        self.t_min, self.t_max = (float(1 / (1 + math.exp(self.log_snr[i] / 2))) for i in (0, -1))
+
+    def _log_snr(self, k):
+        k = k.clamp(0, len(self.log_snr) - 1)
+        lo = k.floor().clamp(max=len(self.log_snr) - 2).long()
+        w = k - lo
+        table = self.log_snr.to(k.device, k.dtype)
+        return (1 - w) * table[lo] + w * table[lo + 1], table[lo + 1] - table[lo]
+
+    def coefficients(self, k):
+        lam, dlam = self._log_snr(k)  # log-SNR and its slope in k
+        a, b = torch.sigmoid(lam).sqrt(), torch.sigmoid(-lam).sqrt()
+        return a, b, a * (1 - a**2) * dlam / 2, -b * a**2 * dlam / 2
+
+    def tau_at(self, t):
+        lam = 2 * torch.log((1 - t) / t)
+        table = self.log_snr.to(t.device, t.dtype)
+        desc = -table  # rising in k, for searchsorted
+        hi = torch.searchsorted(desc, -lam).clamp(1, len(table) - 1)
+        return hi - 1 + (lam - table[hi - 1]) / (table[hi] - table[hi - 1])
+
+    def net_time(self, k):
+        return k
+
+
+SCHEDULES = {cls.name: cls for cls in (LinearSchedule, EdmSchedule, VpCosineSchedule, VpDdpmSchedule)}
+
+
+def x0_and_eps(out, x, prediction: str, a, b, da, db):
+    """(x0_hat, eps_hat) from a network output under `prediction`, at x = a x0 + b eps (da, db: the
+    coefficients' rates in the schedule's time, for a `velocity` model)."""
+    if prediction == "eps":
+        return (x - b * out) / a, out
+    if prediction in ("x0", "edm"):  # EDM's D(x; sigma) estimates x0 on x = x0 + sigma eps
+        return out, (x - a * out) / b
+    if prediction == "v":  # v = a eps - b x0 (Salimans & Ho 2022)
+        norm = a**2 + b**2
+        return (a * x - b * out) / norm, (b * x + a * out) / norm
+    if prediction == "velocity":  # dx/dtau = da x0 + db eps on the teacher's own path
+        det = a * db - da * b
+        return (db * x - b * out) / det, (a * out - da * x) / det
+    raise ValueError(f"prediction: {prediction!r}; allowed: {', '.join(PREDICTIONS)}")
+
+
+class ForeignVelocity(nn.Module):
+    """A foreign diffusion network net(x, time) as the linear path's velocity v(z, t) = eps - x0.
+
+    `schedule` says how the teacher noised its data and what time it takes, `prediction` what it
+    outputs. t is clamped to the schedule's range [t_min, t_max] (see the module's docstring)."""
+
+    def __init__(self, net: nn.Module, schedule, prediction: str):
+        super().__init__()
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction: {prediction!r}; allowed: {', '.join(PREDICTIONS)}")
+        self.net, self.schedule, self.prediction = net, schedule, prediction
+
+    def forward(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        t = torch.as_tensor(t, dtype=z.dtype, device=z.device).expand(z.shape[0])
+        t = t.clamp(max(self.schedule.t_min, 1e-12), min(self.schedule.t_max, 1 - 1e-12))
+        tau = self.schedule.tau_at(t)
+        col = (-1, *([1] * (z.ndim - 1)))
+        a, b, da, db = (c.reshape(col) for c in self.schedule.coefficients(tau))
+        x = a / (1 - t.reshape(col)) * z  # the teacher's noisy sample of the same (x0, eps)
+        x0, eps = x0_and_eps(self.net(x, self.schedule.net_time(tau)), x, self.prediction, a, b, da, db)
+        return eps - x0
