@@ -164,12 +164,17 @@ class ForeignVelocity(nn.Module):
             raise ValueError(f"prediction: {prediction!r}; allowed: {', '.join(PREDICTIONS)}")
         self.net, self.schedule, self.prediction = net, schedule, prediction
 
-    def forward(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, t: torch.Tensor, s: torch.Tensor | None = None) -> torch.Tensor:
+        """v(z, t); with a target time s (a flow map's u(z, s, t)), `net` also takes the gap t - s
+        (teacher_import.GapConditioned), the teacher's own time staying t's."""
         t = torch.as_tensor(t, dtype=z.dtype, device=z.device).expand(z.shape[0])
+        gap = None if s is None else t - torch.as_tensor(s, dtype=z.dtype, device=z.device).expand(z.shape[0])
         t = t.clamp(max(self.schedule.t_min, 1e-12), min(self.schedule.t_max, 1 - 1e-12))
         tau = self.schedule.tau_at(t)
         col = (-1, *([1] * (z.ndim - 1)))
         a, b, da, db = (c.reshape(col) for c in self.schedule.coefficients(tau))
         x = a / (1 - t.reshape(col)) * z  # the teacher's noisy sample of the same (x0, eps)
-        x0, eps = x0_and_eps(self.net(x, self.schedule.net_time(tau)), x, self.prediction, a, b, da, db)
+        time = self.schedule.net_time(tau)
+        out = self.net(x, time) if gap is None else self.net(x, time, gap)
+        x0, eps = x0_and_eps(out, x, self.prediction, a, b, da, db)
         return eps - x0

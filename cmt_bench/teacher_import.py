@@ -1,0 +1,115 @@
+"""A pre-trained teacher from a file, as the networks the stages train: its velocity on this
+package's path (pre-training skipped) and the two-time flow map started from it (mid- and
+post-training), through teacher_conversion's change of variables.
+
+Formats:
+- `diffusers`: a model folder as diffusers' `save_pretrained` writes it (config.json and
+  safetensors weights; pickled .bin weights are refused), loaded offline; a `UNet2DModel`'s
+  `.sample` is its prediction. diffusers is the library researchers keep such models in.
+- `entrypoint`: "module:function", called with the checkpoint's path, returns a torch module
+  net(x, time). This runs the user's code (an EDM pickle also runs code when it loads), so it is
+  refused unless `allow_code` is set.
+
+A flow map needs a second time. `GapConditioned` adds an embedding of the gap t - s to the output of
+the network's time-embedding module (diffusers' `time_embedding` by default; another name for
+other networks), its last layer zero-initialised, so at the start u(x, s, t) is the teacher's
+velocity for every s, as for the package's own networks (nets.TimeConditioning).
+"""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .nets import FourierTime
+from .teacher_conversion import ForeignVelocity
+
+FORMATS = ("diffusers", "entrypoint")
+
+
+class DiffusersNet(nn.Module):
+    """A diffusers UNet2DModel as net(x, time) -> its prediction."""
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
+        return self.unet(x, time).sample
+
+
+def load_network(path: str | Path, fmt: str, allow_code: bool = False) -> nn.Module:
+    """The teacher at `path` as net(x, time) in its own convention; bad input refused by name."""
+    if fmt == "diffusers":
+        return DiffusersNet(_diffusers_unet(Path(path)))
+    if fmt == "entrypoint":
+        return _from_entrypoint(str(path), allow_code)
+    raise ValueError(f"teacher format: {fmt!r}; allowed: {', '.join(FORMATS)}")
+
+
+def _diffusers_unet(folder: Path) -> nn.Module:
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"teacher path {folder}: no diffusers model folder there (config.json missing); "
+                                f"write one with UNet2DModel.save_pretrained(folder)")
+    if not any(folder.glob("*.safetensors")):
+        raise ValueError(f"teacher path {folder}: no safetensors weights (pickled weights run code; convert them "
+                         f"with UNet2DModel.from_pretrained(folder).save_pretrained(folder, safe_serialization=True))")
+    from diffusers import UNet2DModel  # only where a diffusers teacher is used
+    # low_cpu_mem_usage would need accelerate; the teacher is loaded once
+    return UNet2DModel.from_pretrained(folder, use_safetensors=True, local_files_only=True, low_cpu_mem_usage=False)
+
+
+def _from_entrypoint(spec: str, allow_code: bool) -> nn.Module:
+    """spec is "module:function" or "module:function@checkpoint path"."""
+    if not allow_code:
+        raise PermissionError(f"teacher entry point {spec!r} runs your code (and a pickle it loads runs code too): "
+                              f"set allow_code (pretrain.teacher.allow_code: true) to allow it")
+    target, _, checkpoint = spec.partition("@")
+    module_name, _, function = target.partition(":")
+    if not module_name or not function:
+        raise ValueError(f"teacher entry point {spec!r}: expected 'module:function' or 'module:function@path'")
+    net = getattr(importlib.import_module(module_name), function)(*([checkpoint] if checkpoint else []))
+    if not isinstance(net, nn.Module):
+        raise TypeError(f"teacher entry point {spec!r} returned {type(net).__name__}, not a torch.nn.Module")
+    return net
+
+
+class GapConditioned(nn.Module):
+    """net(x, time, gap): `net` with an embedding of the gap added to the output of its submodule
+    `embedding` (whose width its last Linear layer gives). `net` takes one time, so the gap reaches
+    the forward hook through this module, for the length of one call."""
+
+    def __init__(self, net: nn.Module, embedding: str = "unet.time_embedding", features: int = 64,
+                 max_freq: float = 100.0):
+        super().__init__()
+        self.net = net
+        try:
+            target = net.get_submodule(embedding)
+        except AttributeError:
+            names = [n for n, _ in net.named_modules() if "emb" in n.split(".")[-1]][:8]
+            raise ValueError(f"time embedding module {embedding!r} not found in the teacher; "
+                             f"candidates: {', '.join(names) or 'none named *emb*'}") from None
+        width = [m for m in target.modules() if isinstance(m, nn.Linear)][-1].out_features
+        self.gap_embedding = FourierTime(features, width, max_freq)
+        nn.init.zeros_(self.gap_embedding.mlp[-1].weight)
+        nn.init.zeros_(self.gap_embedding.mlp[-1].bias)
+        self._gap = None
+        target.register_forward_hook(self._add_gap)
+
+    def _add_gap(self, module, inputs, output):
+        return output + self.gap_embedding(self._gap).to(output.dtype)
+
+    def forward(self, x: torch.Tensor, time: torch.Tensor, gap: torch.Tensor | None = None) -> torch.Tensor:
+        # no gap is gap 0, as in nets.TimeConditioning: net(x, t) = net(x, t, t)
+        self._gap = gap if gap is not None else x.new_zeros(x.shape[0])
+        try:
+            return self.net(x, time)
+        finally:
+            self._gap = None
+
+
+def flow_map_network(net: nn.Module, schedule, prediction: str, embedding: str = "unet.time_embedding") -> nn.Module:
+    """The two-time flow-map network u(x, s, t), called net(x, t, s) as the stages call theirs."""
+    return ForeignVelocity(GapConditioned(net, embedding), schedule, prediction)

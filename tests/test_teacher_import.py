@@ -1,0 +1,122 @@
+"""A teacher from a file (cmt_bench/teacher_import.py): a diffusers model folder made here, loaded
+offline; an entry point only on opt-in; the flow map built on it starts as the teacher's velocity
+for every target time, and its JVP (what MeanFlow trains through) matches central differences."""
+import sys
+
+import diffusers
+import pytest
+import torch
+
+from cmt_bench import compiling
+from cmt_bench.teacher_conversion import SCHEDULES, ForeignVelocity
+from cmt_bench.teacher_import import GapConditioned, flow_map_network, load_network
+
+
+def _unet(dtype=torch.float32):
+    """A small UNet2DModel without attention (forward-mode AD through diffusers' attention fails on a
+    CPU: ../shared/README.md)."""
+    torch.manual_seed(0)
+    return diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                                 down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                                 layers_per_block=1, norm_num_groups=4, add_attention=False).to(dtype)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("teacher")
+    _unet().save_pretrained(path)
+    return path
+
+
+def _inputs(n=3, dtype=torch.float32):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, 1, 8, 8, generator=g, dtype=dtype), torch.tensor([0.2, 0.5, 0.9], dtype=dtype)[:n]
+
+
+def test_a_diffusers_folder_loads_offline_as_its_own_prediction(folder):
+    net = load_network(folder, "diffusers")
+    x, _ = _inputs()
+    time = torch.tensor([10.0, 500.0, 990.0])
+    with torch.no_grad():
+        torch.testing.assert_close(net(x, time), _unet()(x, time).sample, rtol=0, atol=0)
+    assert any(folder.glob("*.safetensors"))
+
+
+def test_bad_teacher_sources_are_refused_by_name(tmp_path, folder):
+    with pytest.raises(FileNotFoundError, match="config.json missing"):
+        load_network(tmp_path / "nowhere", "diffusers")
+    (tmp_path / "pickled").mkdir()
+    (tmp_path / "pickled" / "config.json").write_text((folder / "config.json").read_text())
+    with pytest.raises(ValueError, match="no safetensors weights"):
+        load_network(tmp_path / "pickled", "diffusers")
+    with pytest.raises(ValueError, match="teacher format: 'edm'; allowed: diffusers, entrypoint"):
+        load_network(folder, "edm")
+    with pytest.raises(PermissionError, match="allow_code"):
+        load_network("my_edm:load", "entrypoint")
+    with pytest.raises(ValueError, match="expected 'module:function'"):
+        load_network("my_edm", "entrypoint", allow_code=True)
+
+
+def test_an_entry_point_is_called_with_the_checkpoint_path_on_opt_in(tmp_path, monkeypatch):
+    (tmp_path / "user_teacher.py").write_text(
+        "import torch\n"
+        "class Net(torch.nn.Module):\n"
+        "    def __init__(self, path):\n"
+        "        super().__init__(); self.path = path; self.scale = torch.nn.Parameter(torch.tensor(2.0))\n"
+        "    def forward(self, x, time): return self.scale * x\n"
+        "def load(path): return Net(path)\n"
+        "def not_a_module(path): return 3\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    net = load_network("user_teacher:load@/data/edm.pkl", "entrypoint", allow_code=True)
+    assert net.path == "/data/edm.pkl" and torch.equal(net(torch.ones(2), None), 2 * torch.ones(2))
+    with pytest.raises(TypeError, match="returned int, not a torch.nn.Module"):
+        load_network("user_teacher:not_a_module@x", "entrypoint", allow_code=True)
+    sys.modules.pop("user_teacher", None)
+
+
+def test_the_flow_map_starts_as_the_teachers_velocity_for_every_target_time(folder):
+    """Zero-initialised gap embedding: u(x, s, t) = v(x, t) for any s at the start; one optimizer
+    step on a loss that depends on s makes u depend on s (the embedding is trained, not inert)."""
+    schedule = SCHEDULES["vp_ddpm"]()
+    velocity = ForeignVelocity(load_network(folder, "diffusers"), schedule, "eps")
+    flow = flow_map_network(load_network(folder, "diffusers"), schedule, "eps")
+    x, t = _inputs()
+    with torch.no_grad():
+        v = velocity(x, t)
+        for s in (t * 0, t / 2, t):
+            torch.testing.assert_close(flow(x, t, s), v, rtol=0, atol=0)
+    opt = torch.optim.SGD(flow.parameters(), lr=0.1)
+    loss = (flow(x, t, t * 0) - 1).pow(2).mean()
+    loss.backward()
+    gap_grad = flow.net.gap_embedding.mlp[-1].weight.grad
+    assert gap_grad is not None and gap_grad.abs().sum() > 0
+    opt.step()
+    with torch.no_grad():
+        assert (flow(x, t, t * 0) - flow(x, t, t)).abs().max() > 1e-4
+        torch.testing.assert_close(flow(x, t), flow(x, t, t), rtol=0, atol=0)  # no target time: s = t, gap 0
+
+
+def test_a_missing_time_embedding_is_refused_with_candidates(folder):
+    with pytest.raises(ValueError, match="time embedding module 'unet.time_emb' not found.*unet.time_embedding"):
+        GapConditioned(load_network(folder, "diffusers"), "unet.time_emb")
+
+
+def test_the_jvp_through_an_imported_unet_matches_central_differences(folder):
+    """MeanFlow's du/dt along (dz, dt, ds) = (v, 1, 0) through the converted diffusers UNet, in float64."""
+    net = load_network(folder, "diffusers").double()
+    # time_scale 1: diffusers embeds the time in float32, whose rounding at times near 1000 would
+    # swamp a central difference; the JVP itself does not depend on the scale
+    flow = flow_map_network(net, SCHEDULES["vp_cosine"](time_scale=1.0), "v").double()
+    torch.manual_seed(3)
+    for p in flow.net.gap_embedding.mlp[-1].parameters():  # a trained-looking gap embedding, not zero
+        p.data.normal_(0, 0.1)
+    z, t = _inputs(dtype=torch.float64)
+    r, v = t * 0.3, torch.randn_like(z)
+    jvp = compiling.total_derivative(flow, z, t, r, v)
+    errors = []
+    for h in (1e-3, 5e-4):
+        fd = (flow(z + h * v, t + h, r) - flow(z - h * v, t - h, r)) / (2 * h)
+        errors.append((fd - jvp).abs().max().item())
+    assert jvp.abs().mean() > 1
+    # second order: halving h quarters the error (measured 6.7e-3 -> 1.7e-3; a wrong JVP plateaus)
+    assert errors[1] < 1e-2 and 3 < errors[0] / errors[1] < 5
