@@ -1,6 +1,7 @@
 """A pre-trained teacher from a file, as the networks the stages train: its velocity on this
-package's path (pre-training skipped) and the two-time flow map started from it (mid- and
-post-training), through teacher_conversion's change of variables.
+package's path (in place of pre-training) and the two-time flow map started from it (mid- and
+post-training), through teacher_conversion's change of variables. No stage uses it yet: the
+`pretrain.source: import` parameter that will is still to come.
 
 Formats:
 - `diffusers`: a model folder as diffusers' `save_pretrained` writes it (config.json and
