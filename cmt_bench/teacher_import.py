@@ -112,5 +112,26 @@ class GapConditioned(nn.Module):
 
 
 def flow_map_network(net: nn.Module, schedule, prediction: str, embedding: str = "unet.time_embedding") -> nn.Module:
-    """The two-time flow-map network u(x, s, t), called net(x, t, s) as the stages call theirs."""
+    """The two-time flow-map network u(x, s, t), called net(x, t, s) as the stages call theirs.
+    MeanFlow-style methods train it through a forward-mode JVP, so diffusers attention in it gets a
+    processor forward-mode AD can run through (`_forward_ad_attention`)."""
+    _forward_ad_attention(net)
     return ForeignVelocity(GapConditioned(net, embedding), schedule, prediction)
+
+
+def _forward_ad_attention(net: nn.Module) -> None:
+    """Give every diffusers Attention in `net` the classic (matmul) processor with a contiguous output.
+    The default one (scaled_dot_product_attention) has no forward-mode AD on a CPU, and the classic
+    one returns a non-contiguous tangent on which the next GroupNorm's forward AD fails (measured:
+    ../shared/README.md); the same arithmetic, so the outputs agree to rounding."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor
+
+    class ContiguousAttnProcessor(AttnProcessor):
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                     *args, **kwargs):
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb,
+                                    *args, **kwargs).contiguous()
+
+    for module in net.modules():
+        if isinstance(module, Attention):
+            module.set_processor(ContiguousAttnProcessor())

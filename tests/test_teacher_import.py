@@ -12,13 +12,14 @@ from cmt_bench.teacher_conversion import SCHEDULES, ForeignVelocity
 from cmt_bench.teacher_import import GapConditioned, flow_map_network, load_network
 
 
-def _unet(dtype=torch.float32):
-    """A small UNet2DModel without attention (forward-mode AD through diffusers' attention fails on a
-    CPU: ../shared/README.md)."""
+def _unet(dtype=torch.float32, attention=False):
+    """A small UNet2DModel, with attention blocks (and a mid-block attention) or without."""
     torch.manual_seed(0)
+    blocks = dict(down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                  attention_head_dim=8) if attention else dict(
+        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"), add_attention=False)
     return diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
-                                 down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                                 layers_per_block=1, norm_num_groups=4, add_attention=False).to(dtype)
+                                 layers_per_block=1, norm_num_groups=4, **blocks).to(dtype)
 
 
 @pytest.fixture(scope="module")
@@ -120,3 +121,25 @@ def test_the_jvp_through_an_imported_unet_matches_central_differences(folder):
     assert jvp.abs().mean() > 1
     # second order: halving h quarters the error (measured 6.7e-3 -> 1.7e-3; a wrong JVP plateaus)
     assert errors[1] < 1e-2 and 3 < errors[0] / errors[1] < 5
+
+
+def test_the_jvp_runs_through_diffusers_attention(tmp_path):
+    """The default attention has no forward-mode AD on a CPU; the flow map's processor does, and it
+    changes nothing but rounding: at start it still equals the teacher's velocity (default attention),
+    and its JVP converges to central differences at second order."""
+    from diffusers.models.attention_processor import Attention
+    _unet(attention=True).save_pretrained(tmp_path)
+    schedule = SCHEDULES["vp_cosine"](time_scale=1.0)
+    velocity = ForeignVelocity(load_network(tmp_path, "diffusers").double(), schedule, "eps")
+    flow = flow_map_network(load_network(tmp_path, "diffusers"), schedule, "eps").double()
+    for m in flow.modules():  # diffusers computes the softmax in float32 unless told otherwise,
+        if isinstance(m, Attention):  # which would swamp the differences below with rounding
+            m.upcast_softmax = m.upcast_attention = False
+    z, t = _inputs(dtype=torch.float64)
+    r, v = t * 0.3, torch.randn(z.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(flow(z, t, r), velocity(z, t), rtol=1e-6, atol=1e-6)
+    jvp = compiling.total_derivative(flow, z, t, r, v)
+    errors = [((flow(z + h * v, t + h, r) - flow(z - h * v, t - h, r)) / (2 * h) - jvp).abs().max().item()
+              for h in (1e-3, 5e-4)]
+    assert jvp.abs().mean() > 1e-2 and errors[1] < 1e-2 and 3 < errors[0] / errors[1] < 5
