@@ -100,7 +100,8 @@ class GapConditioned(nn.Module):
         target.register_forward_hook(self._add_gap)
 
     def _add_gap(self, module, inputs, output):
-        return output + self.gap_embedding(self._gap).to(output.dtype)
+        # called outside forward (the bare teacher used on its own), the network is the teacher
+        return output if self._gap is None else output + self.gap_embedding(self._gap).to(output.dtype)
 
     def forward(self, x: torch.Tensor, time: torch.Tensor, gap: torch.Tensor | None = None) -> torch.Tensor:
         # no gap is gap 0, as in nets.TimeConditioning: net(x, t) = net(x, t, t)
@@ -122,8 +123,8 @@ def flow_map_network(net: nn.Module, schedule, prediction: str, embedding: str =
 def _forward_ad_attention(net: nn.Module) -> None:
     """Give every diffusers Attention in `net` the classic (matmul) processor with a contiguous output.
     The default one (scaled_dot_product_attention) has no forward-mode AD on a CPU, and the classic
-    one returns a non-contiguous tangent on which the next GroupNorm's forward AD fails (measured:
-    ../shared/README.md); the same arithmetic, so the outputs agree to rounding."""
+    one returns a non-contiguous tangent on which the next GroupNorm's forward AD fails (measured
+    with diffusers 0.42.1 and torch 2.13); the same arithmetic, so the outputs agree to rounding."""
     from diffusers.models.attention_processor import Attention, AttnProcessor
 
     class ContiguousAttnProcessor(AttnProcessor):

@@ -97,6 +97,18 @@ def test_the_flow_map_starts_as_the_teachers_velocity_for_every_target_time(fold
         torch.testing.assert_close(flow(x, t), flow(x, t, t), rtol=0, atol=0)  # no target time: s = t, gap 0
 
 
+def test_the_bare_teacher_stays_the_teacher_once_wrapped(folder):
+    """The gap hook sits on the teacher's own module: called directly, it must still be the teacher."""
+    net = load_network(folder, "diffusers")
+    x, _ = _inputs()
+    time = torch.tensor([10.0, 500.0, 990.0])
+    with torch.no_grad():
+        before = net(x, time)
+        flow = flow_map_network(net, SCHEDULES["vp_ddpm"](), "eps")
+        torch.nn.init.normal_(flow.net.gap_embedding.mlp[-1].weight)  # a gap embedding that adds something
+        torch.testing.assert_close(net(x, time), before, rtol=0, atol=0)
+
+
 def test_a_missing_time_embedding_is_refused_with_candidates(folder):
     with pytest.raises(ValueError, match="time embedding module 'unet.time_emb' not found.*unet.time_embedding"):
         GapConditioned(load_network(folder, "diffusers"), "unet.time_emb")
