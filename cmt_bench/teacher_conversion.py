@@ -20,19 +20,46 @@ here start at t = 1, an error of order 1 / sigma_max that this module states rat
 from __future__ import annotations
 
 import math
+from functools import cached_property
 
 import torch
 from torch import nn
 
+from .paths import LinearPath
+
 PREDICTIONS = ("eps", "x0", "v", "edm", "velocity")
 
 
-class LinearSchedule:
+def linear_log_snr(t):
+    """log(a^2 / b^2) of the linear path at t: what a teacher's time is matched by."""
+    return 2 * torch.log((1 - t) / t)
+
+
+class Schedule:
+    """A teacher's path x = a(tau) x0 + b(tau) eps over tau in [tau_min, tau_max]. A schedule gives
+    coefficients(tau) -> (a, b, da/dtau, db/dtau), tau_at(t) (the tau of the linear time t's
+    signal-to-noise ratio) and net_time(tau) (what its network takes); the linear times it covers
+    follow from its tau range."""
+    tau_min: float
+    tau_max: float
+
+    def linear_time(self, tau: float) -> float:
+        a, b, _, _ = self.coefficients(torch.tensor(float(tau), dtype=torch.float64))
+        return float(b / (a + b))  # (1 - t) / t = a / b
+
+    @cached_property
+    def t_min(self) -> float:
+        return self.linear_time(self.tau_min)
+
+    @cached_property
+    def t_max(self) -> float:
+        return self.linear_time(self.tau_max)
+
+
+class LinearSchedule(Schedule):
     """This package's own path (a = 1 - tau, b = tau); the network takes tau."""
     name = "linear"
-
-    def __init__(self, t_min: float = 0.0, t_max: float = 1.0):
-        self.t_min, self.t_max = t_min, t_max
+    tau_min, tau_max = 0.0, 1.0
 
     def coefficients(self, tau):
         return 1 - tau, tau, -torch.ones_like(tau), torch.ones_like(tau)
@@ -44,44 +71,39 @@ class LinearSchedule:
         return tau
 
 
-class EdmSchedule:
+class EdmSchedule(Schedule):
     """EDM's variance-exploding sigma path x = x0 + sigma eps (Karras et al. 2022); the network (the
     preconditioned denoiser D(x; sigma)) takes sigma. Also the VP checkpoints EDM publishes, which it
     wraps in the same sigma form."""
     name = "edm"
 
     def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0):
-        self.sigma_min, self.sigma_max = sigma_min, sigma_max
-        self.t_min, self.t_max = sigma_min / (1 + sigma_min), sigma_max / (1 + sigma_max)
+        self.tau_min, self.tau_max = sigma_min, sigma_max
 
     def coefficients(self, sigma):
         return torch.ones_like(sigma), sigma, torch.zeros_like(sigma), torch.ones_like(sigma)
 
     def tau_at(self, t):
-        return t / (1 - t)  # the noise-to-signal ratio of the linear path is EDM's sigma
+        return LinearPath.noise_to_signal(t)  # the linear path's noise-to-signal ratio is EDM's sigma
 
     def net_time(self, sigma):
         return sigma
 
 
-class VpCosineSchedule:
+class VpCosineSchedule(Schedule):
     """Variance-preserving cosine schedule (Nichol & Dhariwal 2021): abar(tau) = f(tau) / f(0),
     f(tau) = cos^2((tau + s) / (1 + s) * pi / 2); the network takes tau * time_scale."""
     name = "vp_cosine"
 
     def __init__(self, s: float = 0.008, time_scale: float = 1.0, tau_max: float = 0.9999):
         self.s, self.time_scale = s, time_scale
-        self.t_min, self.t_max = 0.0, self._t_of(tau_max)
+        self.tau_min, self.tau_max = 0.0, tau_max
 
     def _angle(self, tau):
         return (tau + self.s) / (1 + self.s) * math.pi / 2
 
     def _abar(self, tau):
         return torch.cos(self._angle(tau)) ** 2 / math.cos(self._angle(0.0)) ** 2
-
-    def _t_of(self, tau: float) -> float:
-        abar = float(self._abar(torch.tensor(tau, dtype=torch.float64)))
-        return math.sqrt(1 - abar) / (math.sqrt(abar) + math.sqrt(1 - abar))
 
     def coefficients(self, tau):
         abar = self._abar(tau)
@@ -90,14 +112,14 @@ class VpCosineSchedule:
         return a, b, dabar / (2 * a), -dabar / (2 * b)
 
     def tau_at(self, t):
-        abar = (1 - t) ** 2 / ((1 - t) ** 2 + t**2)  # a^2 with a / b = (1 - t) / t and a^2 + b^2 = 1
+        abar = torch.sigmoid(linear_log_snr(t))  # a^2, with a^2 + b^2 = 1
         return torch.acos((abar * math.cos(self._angle(0.0)) ** 2).sqrt()) * 2 / math.pi * (1 + self.s) - self.s
 
     def net_time(self, tau):
         return tau * self.time_scale
 
 
-class VpDdpmSchedule:
+class VpDdpmSchedule(Schedule):
     """DDPM's discrete variance-preserving schedule (Ho et al. 2020; diffusers' DDPMScheduler with
     beta_schedule "linear"): abar_k = prod_{i <= k} (1 - beta_i), betas linear from beta_start to
     beta_end over `steps`; the network takes the step k, fractional between steps (log-SNR linear in k
@@ -108,7 +130,7 @@ class VpDdpmSchedule:
         betas = torch.linspace(beta_start, beta_end, steps, dtype=torch.float64)
         abar = torch.cumprod(1 - betas, 0)
         self.log_snr = torch.log(abar / (1 - abar))  # falling in k
-        self.t_min, self.t_max = (float(1 / (1 + math.exp(self.log_snr[i] / 2))) for i in (0, -1))
+        self.tau_min, self.tau_max = 0.0, float(steps - 1)
 
     def _log_snr(self, k):
         k = k.clamp(0, len(self.log_snr) - 1)
@@ -123,7 +145,7 @@ class VpDdpmSchedule:
         return a, b, a * (1 - a**2) * dlam / 2, -b * a**2 * dlam / 2
 
     def tau_at(self, t):
-        lam = 2 * torch.log((1 - t) / t)
+        lam = linear_log_snr(t)
         table = self.log_snr.to(t.device, t.dtype)
         desc = -table  # rising in k, for searchsorted
         hi = torch.searchsorted(desc, -lam).clamp(1, len(table) - 1)
