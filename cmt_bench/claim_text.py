@@ -15,6 +15,7 @@ WORDS = {HOLDS: "holds at this scale", FAILS: "does not hold at this scale",
 TARGETS = {"diffusion": "the diffusion init's final value", "random": "the random init's final value"}
 ACCOUNTING_WORDS = {"total": "counting every stage", "given_teacher": "with the teacher given (its pre-training not counted)"}
 PAPERS = " (the paper's accounting)"
+MEASURE_WORDS = {"flops": "counted FLOPs", "device_hours": "wall time"}
 EFFECT_WORDS = {"improved": "improved", "worse": "**worse**", "unresolved": "no resolved change"}
 SOURCE = "Hu, Lai, Mitsufuji, Ermon 2025, Consistency Mid-Training (arXiv 2509.24526)"
 # claim 4 is about every method at once; the figures of claims 1-3 are in each method's module
@@ -73,14 +74,18 @@ def _bound(x: float) -> str:
     return "∞" if math.isinf(x) else "undefined" if math.isnan(x) else f"{x:.2f}"
 
 
+def _per_accounting(intervals: dict[str, dict], paper: str | None, confidence: float) -> str:
+    return "; ".join(f"{ACCOUNTING_WORDS[acc]}{PAPERS if acc == paper else ''} {_bound(iv['ratio'])}, "
+                     f"{confidence:.0%} interval {_bound(iv['low'])} to {_bound(iv['high'])}"
+                     for acc, iv in intervals.items())
+
+
 def ratios(claim: dict, rules: ReportConfig, what: str) -> str:
-    """`what` (e.g. "CMT / diffusion compute to target") under each accounting with its interval,
-    which accounting the verdict rests on, and the ratios this run could have resolved."""
+    """`what` (e.g. "CMT / diffusion compute to target") in the verdict's measure under each accounting
+    with its interval, which accounting the verdict rests on, the ratios this run could have resolved,
+    and the other measure beside it (with the verdict it alone would give, where that differs)."""
     facts = claim["facts"]
-    paper = facts["accounting"]
-    parts = [f"{ACCOUNTING_WORDS[acc]}{PAPERS if acc == paper else ''} {_bound(iv['ratio'])}, "
-             f"{facts['confidence']:.0%} interval {_bound(iv['low'])} to {_bound(iv['high'])}"
-             for acc, iv in facts["intervals"].items()]
+    paper, confidence = facts["accounting"], facts["confidence"]
     basis = facts["intervals"][paper or "total"]
     resolvable = (f"; at this seed spread the run resolves ratios below {basis['resolvable']:.2f} or above "
                   f"{1 / basis['resolvable']:.2f}" if basis["resolvable"] else "; the interval is unbounded")
@@ -91,7 +96,15 @@ def ratios(claim: dict, rules: ReportConfig, what: str) -> str:
         reason = "; the paper does not say which compute it counted, and the two accountings disagree"
     elif not paper:
         reason = "; the paper does not say which compute it counted: both accountings agree"
-    return f"{what}: " + "; ".join(parts) + resolvable + reason
+    beside = []
+    for measure, intervals in facts["beside"].items():
+        alone = intervals[paper]["verdict"] if paper else None
+        differs = (f" (on {MEASURE_WORDS[measure]} alone the verdict would be: {WORDS[alone]})"
+                   if alone and alone != claim["verdict"] and claim["reason"] is None
+                   and claim.get("cmt_final_not_worse", True) else "")
+        beside.append(f"; in {MEASURE_WORDS[measure]}: {_per_accounting(intervals, paper, confidence)}{differs}")
+    return (f"{what} in {MEASURE_WORDS[facts['measure']]} (the verdict's measure): "
+            + _per_accounting(facts["intervals"], paper, confidence) + resolvable + reason + "".join(beside))
 
 
 def measured(claim: dict, rules: ReportConfig) -> str:

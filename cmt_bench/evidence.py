@@ -15,6 +15,10 @@ but the teacher's pre-training (the teacher is a checkpoint someone else trained
 consistency-model runs). A claim is judged under the accounting of the paper's figure for it (the
 method's `accounting`), with the other beside it; where the paper does not say, under both.
 
+Compute is measured two ways (`MEASURES`): wall time of training steps x devices (device-hours, the
+headline figure) and counted floating-point work (FLOPs, ledger.py), which does not move with machine
+load; a verdict rests on `report.measure` (FLOPs by default), with the other measure beside it.
+
 Claims 1-3 compare compute to a target: the ratio CMT / baseline of where their seed-mean curves
 reach the baseline's final value, with a bootstrap interval over seeds (each init's seeds resampled,
 target and crossings recomputed in every resample). It holds when the interval lies below 1, does not
@@ -41,6 +45,9 @@ from .verdicts import ACCOUNTING_UNKNOWN, AT_FLOOR, FAILS, HOLDS, NEVER_REACHED,
 TARGET_INITS = ("diffusion", "random")  # whose final values are the targets the claims time the others to
 # the upstream stages each accounting leaves out of an init's compute (see the module docstring)
 ACCOUNTINGS = {"total": (), "given_teacher": ("pretrain",)}
+# the compute measures a verdict can rest on (report.measure), by the prefix of their curve columns
+# (hours_total, flops_given_teacher, ...)
+MEASURES = {"flops": "flops", "device_hours": "hours"}
 
 
 def client_for(params: Params):
@@ -121,7 +128,7 @@ class Evidence:
     mean: pd.DataFrame  # mean over seeds
     finals: pd.DataFrame  # one row per (method, init, seed): final in-loop and final-evaluation values
     stage_hours: dict
-    upstream: dict  # accounting -> (method, init) -> device-hours before post-training
+    upstream: dict  # measure -> accounting -> (method, init) -> compute before post-training
     floor: float | None
     floor_n: int | None
     features: dict
@@ -130,6 +137,7 @@ class Evidence:
     targets: dict = field(default_factory=dict)  # (method, target init) -> value
     to_target: pd.DataFrame | None = None
     rules: ReportConfig = field(default_factory=ReportConfig)  # the verdicts' thresholds (report: in params)
+    stage_flops: dict = field(default_factory=dict)  # as stage_hours, in counted FLOPs
 
     @property
     def key(self) -> str:  # the in-loop curve's metric key
@@ -154,27 +162,31 @@ def collect(params: Params) -> Evidence:
     runs = runs_by_id(client, params.tracking.experiment,
                       [*stage_ids.values(), *post_ids.values(), *eval_ids.values(), features_id])
 
-    hours = {name: runs[rid].data.metrics["device_hours"] for name, rid in stage_ids.items()}
-    stage_hours = {"pretrain": hours["pretrain"], "trajectories": hours["trajectories"],
-                   "midtrain": {m: hours["midtrain", m] for m in run_methods}}
-    upstream = {acc: {(m, i): sum(stage_hours["midtrain"][m] if s == "midtrain" else stage_hours[s]
-                                  for s in inits.get(i).upstream if s not in left_out)
-                      for m in run_methods for i in run_inits}
-                for acc, left_out in ACCOUNTINGS.items()}
+    per_stage = {}  # measure -> the upstream stages' compute
+    for measure in MEASURES:
+        spent = {name: runs[rid].data.metrics[measure] for name, rid in stage_ids.items()}
+        per_stage[measure] = {"pretrain": spent["pretrain"], "trajectories": spent["trajectories"],
+                              "midtrain": {m: spent["midtrain", m] for m in run_methods}}
+    upstream = {measure: {acc: {(m, i): sum(spent["midtrain"][m] if s == "midtrain" else spent[s]
+                                            for s in inits.get(i).upstream if s not in left_out)
+                                for m in run_methods for i in run_inits}
+                          for acc, left_out in ACCOUNTINGS.items()}
+                for measure, spent in per_stage.items()}
 
     inloop = [key(metric, ev.inloop_samples), key(metric_1step, ev.inloop_samples)]
-    curves = load_curves(client, post_ids, ["device_hours", "images_seen", *inloop])
+    curves = load_curves(client, post_ids, [*MEASURES, "images_seen", *inloop])
     curves = curves.rename(columns={inloop[0]: metric, inloop[1]: metric_1step})
-    for acc in ACCOUNTINGS:
-        curves[f"hours_{acc}"] = [upstream[acc][m, i] for m, i in zip(curves["method"], curves["init"])] \
-            + curves["device_hours"]
+    for measure, prefix in MEASURES.items():
+        for acc in ACCOUNTINGS:
+            curves[f"{prefix}_{acc}"] = [upstream[measure][acc][m, i]
+                                         for m, i in zip(curves["method"], curves["init"])] + curves[measure]
     curves["total_hours"] = curves["hours_total"]
 
     last = curves.sort_values("step").groupby(["method", "init", "seed"]).last()
     finals = pd.DataFrame([{
         "method": m, "init": i, "seed": s,
         "posttrain_hours": last.loc[(m, i, s), "device_hours"], "total_hours": last.loc[(m, i, s), "total_hours"],
-        "images_seen": last.loc[(m, i, s), "images_seen"],
+        "images_seen": last.loc[(m, i, s), "images_seen"], "posttrain_flops": last.loc[(m, i, s), "flops"],
         f"inloop_{metric}": last.loc[(m, i, s), metric], f"inloop_{metric_1step}": last.loc[(m, i, s), metric_1step],
         f"eval_{metric}": runs[eval_ids[m, i, s]].data.metrics[key(metric, ev.samples)],
         f"eval_{metric_1step}": runs[eval_ids[m, i, s]].data.metrics[key(metric_1step, ev.samples)],
@@ -187,12 +199,12 @@ def collect(params: Params) -> Evidence:
     first = post_ids[cells[0]]
     res = Evidence(metric=metric, metric_1step=metric_1step, inloop_n=ev.inloop_samples, final_n=ev.samples,
                    methods=run_methods, inits=run_inits, seeds=seeds, curves=curves,
-                   mean=mean_curves(curves, [metric, metric_1step]), finals=finals, stage_hours=stage_hours, upstream=upstream, floor=floor,
+                   mean=mean_curves(curves, [metric, metric_1step]), finals=finals, stage_hours=per_stage["device_hours"], upstream=upstream, floor=floor,
                    floor_n=floor_n if floor is not None else None,
                    features={"metric": params.fd_name, "kind": params.features,
                              "heldout_accuracy": features_run.data.metrics.get("heldout_accuracy")},
                    device=runs[first].data.tags.get("device", "an unknown device"), post_runs=post_ids,
-                   rules=params.report)
+                   rules=params.report, stage_flops=per_stage["flops"])
     res.targets, res.to_target = compute_to_target(res)
     return res
 
@@ -299,8 +311,21 @@ def _judged(res: Evidence, method: str, claim_id: int, intervals: dict[str, dict
     return (found.pop(), None) if len(found) == 1 else (NOT_RESOLVED, ACCOUNTING_UNKNOWN)
 
 
-def _intervals(res: Evidence, method: str, metric: str, base_init: str) -> dict[str, dict]:
-    return {acc: ratio_interval(res, method, metric, base_init, f"hours_{acc}") for acc in ACCOUNTINGS}
+def _intervals(res: Evidence, method: str, metric: str, base_init: str, measure: str) -> dict[str, dict]:
+    return {acc: ratio_interval(res, method, metric, base_init, f"{MEASURES[measure]}_{acc}") for acc in ACCOUNTINGS}
+
+
+def _weighed(res: Evidence, method: str, claim_id: int, metric: str, base_init: str) -> tuple[str, str | None, dict, dict]:
+    """(verdict, reason, facts, numbers) of a compute ratio CMT / `base_init`: the verdict rests on
+    report.measure's intervals; the other measure's are judged by the same rule and reported beside."""
+    measure = res.rules.measure
+    other = next(m for m in MEASURES if m != measure)
+    intervals, beside = (_intervals(res, method, metric, base_init, m) for m in (measure, other))
+    _judged(res, method, claim_id, beside)  # each of its intervals gets its own verdict, for the text
+    verdict, reason = _judged(res, method, claim_id, intervals)
+    facts = {"intervals": intervals, "measure": measure, "beside": {other: beside},
+             "accounting": _accounting(method, claim_id), "confidence": res.rules.confidence}
+    return verdict, reason, facts, {**_numbers(intervals), **_numbers(beside, f"_{other}")}
 
 
 def _claim(claim_id: int, method: str, metric: str, verdict: str, reason: str | None = None, **facts) -> dict:
@@ -309,9 +334,10 @@ def _claim(claim_id: int, method: str, metric: str, verdict: str, reason: str | 
     return {"id": claim_id, "method": method, "verdict": verdict, "reason": reason, "facts": {"metric": metric, **facts}}
 
 
-def _numbers(intervals: dict[str, dict]) -> dict:
-    """The intervals as flat numbers for claims.json (DVC metrics): ratio_total, low_total, ..."""
-    return {f"{k}_{acc}": v for acc, iv in intervals.items() for k, v in iv.items()
+def _numbers(intervals: dict[str, dict], suffix: str = "") -> dict:
+    """The intervals as flat numbers for claims.json (DVC metrics): ratio_total, low_total, ... (the
+    verdict's measure), ratio_total_device_hours, ... (`suffix`: the measure beside it)."""
+    return {f"{k}_{acc}{suffix}": v for acc, iv in intervals.items() for k, v in iv.items()
             if k in ("ratio", "low", "high", "resolvable")}
 
 
@@ -325,13 +351,11 @@ def claim_cmt_vs_diffusion(res: Evidence, method: str) -> dict:
     cmt, diff = (_row(res, res.metric, method, "diffusion", i) for i in ("cmt", "diffusion"))
     if undecided := _undecided(res, target, cmt):
         return _claim(1, method, res.metric, *undecided, target=target, floor=res.floor)
-    intervals = _intervals(res, method, res.metric, "diffusion")
-    verdict, reason = _judged(res, method, 1, intervals)
+    verdict, reason, facts, numbers = _weighed(res, method, 1, res.metric, "diffusion")
     post = _ratio(cmt["posttrain_hours"], diff["posttrain_hours"])
     return {**_claim(1, method, res.metric, verdict, reason, met_before_posttrain=bool(cmt["images"] == 0),
-                     seeds_reached=int(cmt["seeds_reached"]), seeds=int(cmt["seeds"]), intervals=intervals,
-                     accounting=_accounting(method, 1), confidence=res.rules.confidence),
-            **_numbers(intervals), "ratio_posttrain": post}
+                     seeds_reached=int(cmt["seeds_reached"]), seeds=int(cmt["seeds"]), **facts),
+            **numbers, "ratio_posttrain": post}
 
 
 def claim_cmt_vs_random(res: Evidence, method: str) -> dict:
@@ -341,13 +365,11 @@ def claim_cmt_vs_random(res: Evidence, method: str) -> dict:
     cmt, rnd = (_row(res, res.metric, method, "random", i) for i in ("cmt", "random"))
     if undecided := _undecided(res, target, cmt):
         return _claim(2, method, res.metric, *undecided, target=target, floor=res.floor)
-    intervals = _intervals(res, method, res.metric, "random")
-    verdict, reason = _judged(res, method, 2, intervals)
+    verdict, reason, facts, numbers = _weighed(res, method, 2, res.metric, "random")
     data = 1 - _ratio(cmt["images"], rnd["images"])
     post = 1 - _ratio(cmt["posttrain_hours"], rnd["posttrain_hours"])
-    return {**_claim(2, method, res.metric, verdict, reason, intervals=intervals, accounting=_accounting(method, 2),
-                     confidence=res.rules.confidence),
-            "saving_data": data, "saving_posttrain": post, **_numbers(intervals)}
+    return {**_claim(2, method, res.metric, verdict, reason, **facts),
+            "saving_data": data, "saving_posttrain": post, **numbers}
 
 
 def claim_from_scratch(res: Evidence, method: str) -> dict:
@@ -364,13 +386,11 @@ def claim_from_scratch(res: Evidence, method: str) -> dict:
              "final_random": float(finals["random"])}
     if undecided := _undecided(res, target, cmt):
         return _claim(3, method, metric, *undecided, target=target, floor=res.floor, **facts)
-    intervals = _intervals(res, method, metric, "random")
-    verdict, reason = _judged(res, method, 3, intervals)
+    verdict, reason, weighed, numbers = _weighed(res, method, 3, metric, "random")
     if verdict == HOLDS and not better:  # less time, but to a worse end: not the paper's claim
         verdict = FAILS
-    return {**_claim(3, method, metric, verdict, reason, intervals=intervals, accounting=_accounting(method, 3),
-                     confidence=res.rules.confidence, **facts),
-            **_numbers(intervals), "cmt_final_not_worse": bool(better)}
+    return {**_claim(3, method, metric, verdict, reason, **weighed, **facts),
+            **numbers, "cmt_final_not_worse": bool(better)}
 
 
 def posttrain_effect(res: Evidence) -> pd.DataFrame:

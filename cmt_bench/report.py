@@ -87,9 +87,10 @@ def plot_curves(res: Evidence, path: Path) -> None:
 ACCOUNTING_STYLE = {"total": ("o", "every stage counted"), "given_teacher": ("s", "teacher given")}
 
 
-def plot_intervals(verdicts: list[dict], confidence: float, path: Path) -> bool:
+def plot_intervals(verdicts: list[dict], confidence: float, measure: str, path: Path) -> bool:
     """Claims 1-3: each compute ratio CMT / baseline with its interval over seeds, per accounting, on a
-    log axis around 1 (left of it CMT needs less); the paper's accounting filled. False: nothing to draw."""
+    log axis around 1 (left of it CMT needs less), in the verdicts' `measure`; the paper's accounting
+    filled. False: nothing to draw."""
     rows = [(c, acc, iv) for c in verdicts if c["id"] in (1, 2, 3) and "intervals" in c["facts"]
             for acc, iv in c["facts"]["intervals"].items() if np.isfinite(iv["ratio"]) and iv["ratio"] > 0]
     if not rows:
@@ -107,7 +108,8 @@ def plot_intervals(verdicts: list[dict], confidence: float, path: Path) -> bool:
     ax.set_yticks(range(len(rows)), [f"claim {c['id']}, {label(c['method'])}: {ACCOUNTING_STYLE[a][1]}"
                                      for c, a, _ in rows], fontsize=8)
     ax.invert_yaxis()
-    ax.set(xscale="log", xlabel=f"compute to target, CMT / baseline: left of 1 CMT needs less\n"
+    ax.set(xscale="log", xlabel=f"compute to target ({claim_text.MEASURE_WORDS[measure]}), CMT / baseline: "
+                                f"left of 1 CMT needs less\n"
                                 f"({confidence:.0%} interval over seeds; filled marker: the paper's accounting)")
     ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
     ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
@@ -241,6 +243,17 @@ def _effect_table(res: Evidence, effect: pd.DataFrame) -> list[str]:
             *(claim_text.effect_line(row) for _, row in effect.iterrows()), ""]
 
 
+def _flops_line(res: Evidence) -> list[str]:
+    """The counted FLOPs of each upstream stage and of one post-training run (mean over its cells)."""
+    sf = res.stage_flops
+    if not sf:
+        return []
+    post = res.finals.groupby("method")["posttrain_flops"].mean()
+    return [f"Counted FLOPs: pre-training {sf['pretrain']:.3g}, trajectories {sf['trajectories']:.3g}, mid-training "
+            + ", ".join(f"{f:.3g} (for {label(m)})" for m, f in sf["midtrain"].items())
+            + "; one post-training run " + ", ".join(f"{post[m]:.3g} ({label(m)})" for m in res.methods) + ".", ""]
+
+
 def markdown(params: Params, res: Evidence, verdicts: list[dict], context: dict, studies: list[str] = (),
              effect: pd.DataFrame | None = None, intervals: bool = False) -> str:
     """`studies`: the sensitivity section's lines (study_report), after the per-method tables;
@@ -258,7 +271,11 @@ def markdown(params: Params, res: Evidence, verdicts: list[dict], context: dict,
         f"{len(res.seeds)} seed(s) each ({', '.join(map(str, res.seeds))}), equal images seen.", "",
         _metric_line(params, res), "",
         f"Compute is measured wall time of training steps x devices ({unit} on {res.device}), never estimated; "
-        "other load on a shared machine inflates it. The claims count it two ways: every stage an init needs, "
+        "other load on a shared machine inflates it. Beside it the same work is counted in floating-point "
+        "operations (matrix multiplies, convolutions, attention and JVPs, by torch.utils.flop_counter), "
+        "which do not move with load; the verdicts rest on "
+        f"{claim_text.MEASURE_WORDS[params.report.measure]} (`report.measure`), the other measure beside them. "
+        "The claims count compute two ways: every stage an init needs, "
         "and with the teacher given (its pre-training not counted, as in the paper's consistency-model runs "
         "from public EDM checkpoints); each verdict rests on the accounting of the paper's figure, or on both "
         f"where the paper does not say, and on a {res.rules.confidence:.0%} bootstrap interval over seeds of "
@@ -284,6 +301,7 @@ def markdown(params: Params, res: Evidence, verdicts: list[dict], context: dict,
         + f" {unit}. An init's total adds the stages it needs: "
         + "; ".join(f"{inits.get(i).label} = " + " + ".join([*(STAGE_LABEL[s] for s in inits.get(i).upstream),
                                                                "post-training"]) for i in res.inits) + ".", "",
+        *_flops_line(res),
     ]
     for method in res.methods:
         lines += [f"### {label(method)}", "", *_final_table(res, method, unit, scale),
@@ -334,7 +352,7 @@ def build(params: Params) -> Path:
     plot_curves(res, out / "metric_vs_compute.png")
     plot_samples(res, heldout, out / "samples.png")
     effect = posttrain_effect(res)
-    intervals = plot_intervals(verdicts, params.report.confidence, out / "ratio_intervals.png")
+    intervals = plot_intervals(verdicts, params.report.confidence, params.report.measure, out / "ratio_intervals.png")
     text = markdown(params, res, verdicts, context, sensitivity_lines, effect, intervals)
     (out / "report.md").write_text(text)
     (out / "report.html").write_text(html.render(text, out, f"CMT benchmark report: {params.preset}"))

@@ -21,7 +21,9 @@ from torch import nn
 from . import checkpoint, compiling, progress
 from .config import TrainConfig
 from .distributed import World, autocast, wrap
-from .ledger import Ledger
+from .ledger import Ledger, count_flops
+
+FLOP_PROBES = 4  # draws whose counted step FLOPs are averaged (a MeanFlow step's JVP rows vary per draw)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -72,6 +74,27 @@ def _crossed(before: int, after: int, every: int) -> bool:
     return after // every > before // every
 
 
+def step_flops(net: nn.Module, job: Job, data: torch.Tensor, rank_batch: int, seed: int, precision: str) -> float:
+    """One process's counted FLOPs per step (ledger.py): the loss's forward and backward on the bare
+    network, mean over FLOP_PROBES draws of their own. The probes leave no trace: the global random
+    state (dropout) is restored and the gradients are cleared, so training runs as if they never ran."""
+    device = next(net.parameters()).device
+    total = 0.0
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for probe in range(FLOP_PROBES):
+            gen = generator(seed, job.stage, "flops", probe, device=data.device)
+            batch = data[torch.randint(len(data), (rank_batch,), generator=gen, device=data.device)].to(device)
+
+            def step():
+                with autocast(precision, device):
+                    loss = job.loss(net, batch, gen, 0)
+                loss.backward()
+            total += count_flops(step)
+    for p in net.parameters():
+        p.grad = None
+    return total / FLOP_PROBES
+
+
 def train(net: nn.Module, job: Job, cfg: TrainConfig, *, seed: int, ckpt_path: Path, fingerprint: str,
           ledger: Ledger, open_tracker: Callable[[str | None], "object"],
           world: World = World(), precision: str = "fp32", compile: str = "none",
@@ -102,6 +125,7 @@ def train(net: nn.Module, job: Job, cfg: TrainConfig, *, seed: int, ckpt_path: P
     step, run_id = 0, None
     loss_sum, loss_n = 0.0, 0  # the running mean of the loss since the last logged point
 
+    flops_per_step = step_flops(net, job, data, rank_batch, seed, precision) * world.size  # not on the clock
     state = checkpoint.load(ckpt_path)
     if state is not None and state["fingerprint"] != fingerprint:
         print(f"[{job.stage}] {ckpt_path} belongs to other parameters or inputs; starting afresh", file=sys.stderr)
@@ -115,7 +139,8 @@ def train(net: nn.Module, job: Job, cfg: TrainConfig, *, seed: int, ckpt_path: P
             torch.cuda.set_rng_state(state["rng_cuda"], device)
         step, run_id = state["step"], state["run_id"]
         loss_sum, loss_n = state["loss_sum"], state["loss_n"]
-        ledger.seconds, ledger.images_seen = state["seconds"], state["images_seen"]
+        ledger.seconds, ledger.images_seen, ledger.flops = (state["seconds"], state["images_seen"],
+                                                        state.get("flops", flops_per_step * step))
         if world.main:
             print(f"[{job.stage}] resuming from {ckpt_path} at step {step} ({ledger.images_seen} images)", file=sys.stderr)
     tracker = open_tracker(run_id) if world.main else None
@@ -140,7 +165,7 @@ def train(net: nn.Module, job: Job, cfg: TrainConfig, *, seed: int, ckpt_path: P
             return
         checkpoint.save(ckpt_path, {
             "fingerprint": fingerprint, "step": step, "run_id": tracker.run_id, "seconds": ledger.seconds,
-            "images_seen": ledger.images_seen, "loss_sum": loss_sum, "loss_n": loss_n,
+            "images_seen": ledger.images_seen, "flops": ledger.flops, "loss_sum": loss_sum, "loss_n": loss_n,
             "net": net.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(), "rng_cpu": torch.get_rng_state(),
             **({"rng_cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})})
 
@@ -169,6 +194,7 @@ def train(net: nn.Module, job: Job, cfg: TrainConfig, *, seed: int, ckpt_path: P
                     torch.cuda.synchronize()  # the clock must include the queued GPU work
             step += 1
             ledger.images_seen += cfg.batch_size
+            ledger.flops += flops_per_step
             loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
             bar.update(cfg.batch_size)
             last = step == total_steps

@@ -42,6 +42,14 @@ def test_repro_logs_every_stage_and_init(repo):
         assert max(m.value for m in seen) == 8192 and max(m.value for m in hours) > 0
     traj = next(r for r in runs if r.data.tags.get("stage") == "trajectories")
     assert traj.data.metrics["teacher_nfe"] == 512 * 8 * 2  # Heun: 2 evaluations per step
+    assert traj.data.metrics["flops"] > 0 and traj.data.metrics["flops"] % 512 == 0  # one trajectory's count x 512
+    # counted FLOPs: logged beside wall time, and the same work counts the same whatever the init
+    final_flops = {}
+    for r in post:
+        flops = sorted((m.step, m.value) for m in client.get_metric_history(r.info.run_id, "flops"))
+        assert flops[0][1] == 0 and all(b > a for (_, a), (_, b) in zip(flops, flops[1:]))
+        final_flops.setdefault((r.data.tags["method"], r.data.tags["seed"]), set()).add(flops[-1][1])
+    assert all(len(counts) == 1 for counts in final_flops.values()), final_flops
     for r in post:  # each cell's output names its run, so the report reads the right curves
         tags = r.data.tags
         run_json = (repo / f"artifacts/posttrain/{tags['method']}/{tags['init']}/seed{tags['seed']}/run.json").read_text()

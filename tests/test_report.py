@@ -21,21 +21,28 @@ PRETRAIN = 10.0  # device-hours of the teacher
 MID = {"random": None, "diffusion": 0.0, "cmt": 4.0}  # beyond the teacher (None: no teacher either)
 
 
+GIGA = 1e9  # counted FLOPs per device-hour, unless a test makes the measures disagree
+
+
 def _evidence(values: dict[tuple[str, str], list[list[float]]], floor=None, methods=("ect",), mid=None,
-              rules=ReportConfig()) -> Evidence:
-    """Curves of 5 logged points (100 images and 1 device-hour apart) per (method, init), one list of
-    values per seed; the 1-step metric is the 2-step one times 2. Upstream: the teacher (PRETRAIN) for
-    diffusion and cmt, plus cmt's trajectories and mid-training (`mid`, default MID['cmt'])."""
+              rules=ReportConfig(), flops_mid=None) -> Evidence:
+    """Curves of 5 logged points (100 images, 1 device-hour and GIGA FLOPs apart) per (method, init),
+    one list of values per seed; the 1-step metric is the 2-step one times 2. Upstream: the teacher
+    (PRETRAIN) for diffusion and cmt, plus cmt's trajectories and mid-training (`mid`, default
+    MID['cmt']; in FLOPs `flops_mid` x GIGA, default the same as in hours)."""
     extra = {**MID, **({"cmt": mid} if mid is not None else {})}
+    flops_extra = {**extra, **({"cmt": flops_mid} if flops_mid is not None else {})}
     rows = []
     for (method, init), seeds in values.items():
-        given = extra[init] or 0.0
-        total = given + (0.0 if extra[init] is None else PRETRAIN)
+        given, flops_given = extra[init] or 0.0, flops_extra[init] or 0.0
+        teacher = 0.0 if extra[init] is None else PRETRAIN
         for seed, curve in enumerate(seeds):
             for step, v in enumerate(curve):
                 rows.append({"method": method, "init": init, "seed": seed, "step": step, "images_seen": 100.0 * step,
-                             "device_hours": float(step), "hours_total": total + step,
-                             "hours_given_teacher": given + step, "total_hours": total + step,
+                             "device_hours": float(step), "hours_total": given + teacher + step,
+                             "hours_given_teacher": given + step, "total_hours": given + teacher + step,
+                             "flops": GIGA * step, "flops_total": GIGA * (flops_given + teacher + step),
+                             "flops_given_teacher": GIGA * (flops_given + step),
                              "m_2step": v, "m_1step": 2 * v})
     curves = pd.DataFrame(rows)
     last = curves.sort_values("step").groupby(["method", "init", "seed"]).last().reset_index()
@@ -194,3 +201,22 @@ def test_did_posttraining_help():
     assert effect.at["cmt", "before"] == pytest.approx(np.mean([0.04, 0.04, 0.041]))
     line = claim_text.effect_line(evidence.posttrain_effect(res).iloc[2])
     assert line.startswith("| ECT | cmt |") and "**worse**" in line
+
+
+def test_the_verdict_rests_on_the_measure_report_measure_names():
+    """Mid-training took 0.5 device-hours but 4 GIGA of counted FLOPs (the machine was fast that
+    hour): with the teacher given, CMT needs 1.5 / 4 h of wall time but 5 / 4 of the FLOPs. The
+    verdict follows report.measure (FLOPs by default) and the text gives the other measure beside it."""
+    three = {("ect", "random"): [RANDOM] * 3, ("ect", "diffusion"): [DIFFUSION] * 3, ("ect", "cmt"): [CMT] * 3}
+    on_flops = evidence.claim_cmt_vs_diffusion(_evidence(three, mid=0.5, flops_mid=4.0), "ect")
+    assert on_flops["verdict"] == FAILS and on_flops["facts"]["measure"] == "flops"
+    assert on_flops["ratio_given_teacher"] == pytest.approx(5 / 4)
+    assert on_flops["ratio_given_teacher_device_hours"] == pytest.approx(1.5 / 4)
+    text = measured(on_flops)
+    assert "in counted FLOPs (the verdict's measure): " in text and "; in wall time: " in text
+    assert "on wall time alone the verdict would be: holds at this scale" in text
+    on_wall = evidence.claim_cmt_vs_diffusion(
+        _evidence(three, mid=0.5, flops_mid=4.0, rules=ReportConfig(measure="device_hours")), "ect")
+    assert on_wall["verdict"] == HOLDS and on_wall["ratio_given_teacher"] == pytest.approx(1.5 / 4)
+    assert on_wall["ratio_given_teacher_flops"] == pytest.approx(5 / 4)
+    assert "on counted FLOPs alone the verdict would be: does not hold at this scale" in measured(on_wall)

@@ -1,4 +1,5 @@
-"""Resume after SIGKILL equals an uninterrupted run; NaN stops loudly and keeps the last checkpoint."""
+"""Resume after SIGKILL equals an uninterrupted run; NaN stops loudly and keeps the last checkpoint;
+counted FLOPs match a hand count and their probes leave training untouched."""
 import os
 import shutil
 import signal
@@ -12,7 +13,7 @@ import yaml
 from conftest import ROOT
 from mlflow.tracking import MlflowClient
 
-from cmt_bench import checkpoint, config, nets
+from cmt_bench import checkpoint, config, nets, train as training
 from cmt_bench.ledger import Ledger
 from cmt_bench.tracking import Tracker
 from cmt_bench.train import Job, NonFiniteLoss, train
@@ -39,7 +40,7 @@ def _stage(cwd, stage):
 def _history(workdir):
     run_id = yaml.safe_load((workdir / "artifacts/pretrain/run.json").read_text())["run_id"]
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
-    keys = ("loss", "fd_raw_ode_n200", "sw_ode_n200", "images_seen", "step")
+    keys = ("loss", "fd_raw_ode_n200", "sw_ode_n200", "images_seen", "step", "flops")
     return run_id, client, {k: sorted((m.step, m.value) for m in client.get_metric_history(run_id, k)) for k in keys}
 
 
@@ -128,3 +129,38 @@ def test_checkpoint_of_other_params_is_not_resumed(tracked, tmp_path, capsys):
     assert again.history == [] and "resuming" in capsys.readouterr().err
     other, _ = _run(params, _toy_job(), ckpt, fp="b")
     assert len(other.history) == len(first.history) and "starting afresh" in capsys.readouterr().err
+
+
+def _linear_run(params, tmp_path, dropout: float):
+    """5 steps of batch 32 on Linear(2, 16) [-> dropout] -> Linear(16, 3), squared output as the loss."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.Dropout(dropout), torch.nn.Linear(16, 3))
+    job = Job("lin", data=torch.randn(256, 2), loss=lambda net, x, gen, seen: net(x).pow(2).mean())
+    cfg = config.TrainConfig(batch_size=32, budget_images=160, log_every_images=64, checkpoint_every_images=64)
+    result, tracker = train(net, job, cfg, seed=0, ckpt_path=tmp_path / f"ckpt{dropout}/last.pt", fingerprint="fp",
+                            ledger=Ledger(device="cpu"), open_tracker=lambda run_id: Tracker.open(params, "lin"))
+    tracker.finish()
+    return result
+
+
+def test_counted_flops_match_a_hand_count(tracked, tmp_path):
+    """Per step: forward 2 x B x (2 x 16 + 16 x 3) multiply-adds; backward the weight gradients of both
+    layers (the same count) and the hidden activation's gradient (2 x B x 16 x 3); the input needs none."""
+    params, client = tracked
+    result = _linear_run(params, tmp_path, dropout=0.0)
+    b = 32
+    per_step = 2 * b * (2 * 16 + 16 * 3) * 2 + 2 * b * 16 * 3
+    assert result.ledger.flops == 5 * per_step
+    logged = [h["flops"] for h in result.history]
+    assert logged[0] == 0 and logged[-1] == 5 * per_step
+
+
+def test_flop_probes_leave_training_untouched(tracked, tmp_path, monkeypatch):
+    """With dropout (the global random stream) the weights after training do not depend on how many
+    probe steps were counted before it."""
+    params, _ = tracked
+    weights = []
+    for probes in (1, 3):
+        monkeypatch.setattr(training, "FLOP_PROBES", probes)
+        weights.append(_linear_run(params, tmp_path / str(probes), dropout=0.5).net.state_dict())
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

@@ -12,9 +12,9 @@ from .. import distributed, nets, progress, sampling, scoring
 from ..config import Params, fingerprint
 from ..data import write_json
 from ..layout import checkpoint, out_dir
-from ..ledger import Ledger, device_name
+from ..ledger import FLOPS_MEASURES, Ledger, device_name
 from ..tracking import Tracker
-from ..train import Job, derive_seed, train
+from ..train import FLOP_PROBES, Job, derive_seed, train
 
 
 def seeded_net(seed: int, params: Params, shape: tuple[int, ...], two_times: bool, *tag) -> torch.nn.Module:
@@ -80,7 +80,8 @@ def train_stage(params: Params, stage: str, net, job: Job, train_cfg, inputs: li
             tracker.set_tags({"device": ledger.device, "world_size": ledger.world_size, "precision": precision,
                               "compile": compute.compile, "draws": compute.draws,
                               "device_hours_measures": "wall time of training steps x devices; "
-                                                       "excludes in-loop evaluation and checkpoint I/O"})
+                                                       "excludes in-loop evaluation and checkpoint I/O",
+                              "flops_measures": FLOPS_MEASURES + f"; mean of {FLOP_PROBES} probe steps, times steps"})
         return tracker
     return train(net, job, train_cfg, seed=params.seed if seed is None else seed, ckpt_path=ckpt, fingerprint=fp,
                  ledger=ledger, open_tracker=open_tracker, world=world, precision=precision,

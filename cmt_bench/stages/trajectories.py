@@ -11,7 +11,7 @@ from ..checkpoint import stage_weights
 from ..config import Params
 from ..data import write_json
 from ..layout import out_dir
-from ..ledger import Ledger, device_name
+from ..ledger import FLOPS_MEASURES, Ledger, count_flops, device_name
 from ..tracking import Tracker
 from ..train import generator
 
@@ -30,6 +30,9 @@ def run(params: Params) -> None:
                            stage_params={"trajectories": cfg.model_dump()})
     gen = generator(params.seed, "trajectories")
     chunks, nfe = [], 0
+    # the teacher's work per trajectory, counted once on a trajectory of its own (not on the clock)
+    flops_per_trajectory = count_flops(lambda: solvers.integrate(lambda x, t: teacher(x, t),
+                                                                 torch.zeros(1, *shape, device=dev), grid, cfg.solver))
     for start in progress.iterate(range(0, cfg.count, cfg.batch_size), "trajectories", "batch"):
         x1 = torch.randn(min(cfg.batch_size, cfg.count - start), *shape, generator=gen)
         with ledger.clock():
@@ -38,6 +41,7 @@ def run(params: Params) -> None:
         chunks.append(states.transpose(0, 1).contiguous())
         ledger.images_seen += len(x1)
         ledger.teacher_nfe += nfe * len(x1)
+        ledger.flops += flops_per_trajectory * len(x1)
     traj = torch.cat(chunks).numpy()
     out = out_dir("trajectories")
     shutil.rmtree(out, ignore_errors=True)
@@ -47,6 +51,7 @@ def run(params: Params) -> None:
                                        "nfe_per_trajectory": nfe, "traj": entry})
     tracker.log_metrics(0, {**ledger.metrics(), "nfe_per_trajectory": float(nfe)})
     tracker.set_tags({"device": ledger.device, "world_size": ledger.world_size,
-                      "device_hours_measures": "wall time of teacher ODE integration x devices"})
+                      "device_hours_measures": "wall time of teacher ODE integration x devices",
+                      "flops_measures": FLOPS_MEASURES + "; one trajectory counted, times trajectories"})
     tracker.finish()
     write_json(out / "run.json", {"run_id": tracker.run_id, "stage": "trajectories", "ledger": ledger.to_dict()})
