@@ -40,8 +40,11 @@ DVC_STAGE_LINES = re.compile(r"(Running stage '[^']+':|> .*|Updating lock file '
 
 def _repro(dvc_args: list[str]) -> int:
     """dvc repro with its per-stage lines left out (its other output, warnings and errors pass), its
-    stages run by a warm interpreter (warm.py)."""
-    from . import warm
+    stages run by a warm interpreter (warm.py); with $CMT_BENCH_BUDGET_HOURS set, only after the
+    projected cost (plan.py) fits it or a person confirms it."""
+    from . import plan, warm
+    if not plan.confirm_budget():
+        return 3
     with warm.server() as env:
         proc = subprocess.Popen(["dvc", "repro", *dvc_args], stdout=subprocess.PIPE, text=True, bufsize=1, env=env)
         try:
@@ -150,6 +153,11 @@ def _parser() -> argparse.ArgumentParser:
                                        "DVC's own lines; other arguments go to dvc repro")
     rep.add_argument("dvc_args", nargs="*", help="arguments of dvc repro (e.g. -f -s STAGE)")
     sub.add_parser("check", help="validate the parameter file and exit")
+    pl = sub.add_parser("plan", help="time a few steps of every stage on this machine and print each stage's "
+                                     "projected device-hours and wall time for params.yaml (a projection)")
+    pl.add_argument("--steps", type=int, default=None, help="training steps timed per stage (default 10)")
+    pl.add_argument("--budget-hours", type=float, default=None,
+                    help="exit with status 3 when the projected device-hours exceed this")
     dep = sub.add_parser("deps", help="the code each dvc.yaml stage runs (its import closure) against its deps")
     dep.add_argument("--write", action="store_true", help="rewrite dvc.yaml's code dependencies to match")
     sub.add_parser("summary", help="print the report's short summary")
@@ -188,6 +196,9 @@ def main(argv: list[str] | None = None, started: float | None = None) -> int:
     if args.command == "check":
         print(f"{args.params}: valid (preset {params.preset})")
         return 0
+    if args.command == "plan":
+        from . import plan
+        return plan.main(params, args.steps, args.budget_hours)
     if args.command in ("report", "summary"):
         from . import report
         if args.command == "report":

@@ -299,10 +299,11 @@ def ratio_interval(res: Evidence, method: str, metric: str, base_init: str, hour
 def _judged(res: Evidence, method: str, claim_id: int, intervals: dict[str, dict]) -> tuple[str, str | None]:
     """The verdict of each accounting's interval (written into it) and the claim's: the paper's
     accounting's, or where the paper does not say, the common one (not resolved if they differ)."""
+    too_few = len(res.seeds) < res.rules.min_seeds
     for iv in intervals.values():
-        iv["verdict"] = (NOT_RESOLVED if len(res.seeds) < res.rules.min_seeds or np.isnan(iv["low"]) else
+        iv["verdict"] = (NOT_RESOLVED if too_few or np.isnan(iv["low"]) else
                          HOLDS if iv["high"] < 1 else FAILS if iv["low"] > 1 else NOT_RESOLVED)
-    if len(res.seeds) < res.rules.min_seeds:
+    if too_few:
         return NOT_RESOLVED, TOO_FEW_SEEDS
     paper = _accounting(method, claim_id)
     found = {iv["verdict"] for iv in intervals.values()}

@@ -154,7 +154,9 @@ def _main(module: str, argv: list[str], started: float) -> int:
     import importlib  # by name: a stage runs (and depends on) its own entry point only
     try:
         return importlib.import_module(ENTRY[module]).main(argv, started=started)
-    except SystemExit as exc:
+    except SystemExit as exc:  # as a fresh interpreter: a message goes to stderr and exits 1
+        if exc.code is not None and not isinstance(exc.code, int):
+            print(exc.code, file=sys.stderr)
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except BaseException:  # what a fresh interpreter would print, and its exit code
         traceback.print_exc()

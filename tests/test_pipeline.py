@@ -358,7 +358,7 @@ def test_repro_runs_stages_in_a_warm_interpreter_with_the_same_results(repo):
     assert all(torch.equal(weights[k][n], again[k][n]) for k in ("net", "ema") for n in weights[k])
     assert (repo / "artifacts/evaluate/ect/cmt/seed0/metrics.json").read_text() == scores
     with warm.server(cwd=repo) as served:
-        stage = f"python -m cmt_bench.stages evaluate --init cmt --method ect --seed 0"
+        stage = "python -m cmt_bench.stages evaluate --init cmt --method ect --seed 0"
         ran_warm = []
         for edit in (False, True):
             if edit:  # a module "edited" while the server runs: the server's copy is stale
@@ -369,3 +369,59 @@ def test_repro_runs_stages_in_a_warm_interpreter_with_the_same_results(repo):
             assert (repo / "artifacts/evaluate/ect/cmt/seed0/metrics.json").read_text() == scores
     assert ran_warm == [True, False]
     sh("python -m cmt_bench repro", repo, env)  # the report reads the new runs: the pipeline is whole again
+
+
+def test_a_warm_command_that_exits_with_a_message_prints_it(tmp_path, monkeypatch, capsys):
+    """As in a fresh interpreter, SystemExit('...') in a command the warm server runs reaches stderr, exit 1."""
+    (tmp_path / "exits_with_message.py").write_text(
+        "def main(argv, started):\n    raise SystemExit('error: a clear message')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(warm.ENTRY, "exits", "exits_with_message")
+    assert warm._main("exits", [], 0.0) == 1
+    assert "error: a clear message" in capsys.readouterr().err
+
+
+def _plan_rows(text: str) -> dict[str, list[str]]:
+    """The plan's table: stage -> [runs, steps/run, s/step, device-hours, wall time, FLOPs]."""
+    rows = {}
+    for line in text.splitlines():
+        if m := re.match(r"(\S.*?)\s{2,}(\d+)\s+([\d,]+)\s+(\S+)\s+(\S+)\s+(\S+ (?:s|min|h))\s+(\S+)", line):
+            rows[m[1]] = list(m.groups()[1:])
+    return rows
+
+
+def test_plan_projects_every_stage_and_counts_the_flops_the_run_logged(repo):
+    """`cmt-bench plan` times every training stage and projects it; its FLOPs are counts, so they equal
+    what the real run logged for the same budgets (the teacher, and an ECT cell: fixed-shape steps)."""
+    repo, env, _ = repo
+    text = sh("python -m cmt_bench plan --steps 2", repo, env)
+    assert "a projection, not a measurement" in text
+    rows = _plan_rows(text)
+    assert set(rows) >= {"pretrain", "trajectories", "midtrain for ect (CMT-CM)", "midtrain for meanflow (CMT-MF)",
+                         "posttrain ect", "posttrain meanflow", "study smoke_ect (ect)"}, text
+    assert rows["posttrain ect"][0] == "6"  # 3 inits x 2 seeds
+    assert all(float(r[3]) > 0 for r in rows.values()), text
+    total = re.search(r"^in all\s+(\S+)\s+\S+ (?:s|min|h)\s+(\S+)$", text, re.M)
+    assert float(total[1]) == pytest.approx(sum(float(r[3]) for r in rows.values()), rel=0.05)
+    assert float(total[2]) == pytest.approx(sum(float(r[5]) for r in rows.values()), rel=0.01)
+    client, runs = _runs(repo)
+    logged = {(r.data.tags["stage"], r.data.tags.get("method")): r.data.metrics["flops"] for r in runs
+              if r.data.tags.get("stage") in ("pretrain", "posttrain")}
+    assert float(rows["pretrain"][5]) == pytest.approx(logged["pretrain", "flow_matching"], rel=1e-2)  # 3 digits shown
+    assert float(rows["posttrain ect"][5]) == pytest.approx(6 * logged["posttrain", "ect"], rel=1e-2)
+
+
+def test_a_projection_over_the_budget_stops_before_any_work(repo):
+    repo, env, _ = repo
+    plan = subprocess.run([sys.executable, "-m", "cmt_bench", "plan", "--steps", "1", "--budget-hours", "1e-12"],
+                          cwd=repo, env=env, capture_output=True, text=True)
+    assert plan.returncode == 3 and "over budget" in plan.stderr
+    pretrain_runs = sum(r.data.tags.get("stage") == "pretrain" for r in _runs(repo)[1])
+    run = subprocess.run([sys.executable, "-m", "cmt_bench", "repro", "-f", "-s", "pretrain"], cwd=repo,
+                         env={**env, "CMT_BENCH_BUDGET_HOURS": "1e-12"}, capture_output=True, text=True,
+                         stdin=subprocess.DEVNULL)
+    assert run.returncode == 3 and "exceed $CMT_BENCH_BUDGET_HOURS = 1e-12" in run.stderr and "not run" in run.stderr
+    assert sum(r.data.tags.get("stage") == "pretrain" for r in _runs(repo)[1]) == pretrain_runs  # nothing ran
+    bad = subprocess.run([sys.executable, "-m", "cmt_bench", "repro"], cwd=repo,
+                         env={**env, "CMT_BENCH_BUDGET_HOURS": "two"}, capture_output=True, text=True)
+    assert bad.returncode == 3 and "$CMT_BENCH_BUDGET_HOURS: a number of device-hours (got 'two')" in bad.stderr

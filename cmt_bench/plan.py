@@ -1,0 +1,219 @@
+"""`cmt-bench plan`: what a run of params.yaml will cost on this machine, before it runs.
+
+Every training stage is timed here for a few steps through the same loop it trains with (`train.train`,
+nothing logged), on the preset's real data: the data stage itself runs in memory, mid-training gets
+random trajectories of the configured shape (a step's cost does not depend on the values) and every
+network starts from random weights. The trajectories stage is timed on one batch of the teacher's
+ODE. A stage's projection is its measured seconds per step (the first step, which warms up, left out)
+times the steps its budget takes, times the cells that run it; so it is labelled a projection. The
+FLOPs beside it are counted (ledger.py), and exact for these budgets. Not projected: evaluation (in
+the loop and final), the features stage, the report, and each stage's start-up (about a second under
+`cmt-bench repro`).
+
+With a budget (`--budget-hours`, or $CMT_BENCH_BUDGET_HOURS for `cmt-bench repro`) a projection
+above it stops: `plan` exits with status 3, `repro` asks on a terminal and refuses elsewhere.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import data as datasets
+from . import distributed, losses, nets, solvers
+from .config import Params, load
+from .ledger import Ledger, count_flops, device_name
+from .paths import PATHS
+from .stages.midtrain import LOSS as MIDTRAIN_LOSS
+from .stages.posttrain import posttrain_loss
+from .train import Job, train
+
+BUDGET_ENV = "CMT_BENCH_BUDGET_HOURS"
+OVER_BUDGET = 3  # the exit status of a plan or run over its budget
+STEPS = 10  # training steps timed per stage
+
+
+@dataclass
+class Row:
+    stage: str
+    cells: int  # how many times the stage runs (matrix cells, study trials)
+    steps: int  # per cell
+    seconds_per_step: float  # measured
+    flops_per_step: float  # counted
+    what: str = ""  # what a step is where it is not a training step
+
+    @property
+    def device_hours(self) -> float:
+        return self.cells * self.steps * self.seconds_per_step / 3600
+
+    @property
+    def flops(self) -> float:
+        return self.cells * self.steps * self.flops_per_step
+
+
+class _Untracked:
+    """Where train() logs a timing run's points: nowhere (a plan records nothing)."""
+    run_id = None
+
+    def log_metrics(self, step, values) -> None:
+        pass
+
+    def set_tags(self, tags) -> None:
+        pass
+
+
+def _timed(params: Params, net, loss, data: torch.Tensor, train_cfg, steps: int) -> tuple[float, float]:
+    """(seconds, counted FLOPs) per step of `loss` through the training loop, at train_cfg's batch:
+    a run of 1 step and one of 1 + `steps`, so the first step's warm-up cancels."""
+    dev = distributed.device(params.compute.device)
+    precision = distributed.precision_used(params.compute.precision, dev)
+    start = {k: v.clone() for k, v in net.state_dict().items()}
+    seconds, flops = [], 0.0
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in (1, 1 + steps):
+            net.load_state_dict(start)
+            cfg = train_cfg.model_copy(update={"budget_images": n * train_cfg.batch_size,
+                                               "log_every_images": 10 ** 15, "checkpoint_every_images": 10 ** 15})
+            ledger = Ledger(device=device_name(dev))
+            train(net.to(dev), Job("plan", data=data, loss=loss), cfg, seed=0, ckpt_path=Path(tmp) / f"{n}.pt",
+                  fingerprint="plan", ledger=ledger, open_tracker=lambda _: _Untracked(), precision=precision,
+                  compile=params.compute.compile, draws=params.compute.draws)
+            seconds.append(ledger.seconds)
+            flops = ledger.flops / n
+    return max(seconds[1] - seconds[0], 0.0) / steps, flops
+
+
+def _steps(train_cfg) -> int:
+    return math.ceil(train_cfg.budget_images / train_cfg.batch_size)
+
+
+def project(params: Params, steps: int = STEPS) -> tuple[list[Row], float]:
+    """The rows of the plan and the measured seconds of the data stage (run here, in memory)."""
+    from .study_spec import load_spec  # studies: their trial counts and budgets
+    started = time.perf_counter()
+    train_x = datasets.as_float(datasets.make_splits(params.data, params.seed)[0])
+    data_seconds = time.perf_counter() - started
+    shape, path, rows = tuple(train_x.shape[1:]), PATHS["linear"](), []
+    torch.manual_seed(0)
+
+    pre = params.pretrain
+    teacher = nets.build(shape, params.net, False)
+    sec, flops = _timed(params, teacher, lambda n, x, g, seen: losses.flow_matching_loss(n, path, x, g, pre.t_sampling),
+                        train_x, pre.train, steps)
+    rows.append(Row("pretrain", 1, _steps(pre.train), sec, flops))
+
+    traj = params.trajectories
+    grid = solvers.time_grid(traj.steps, traj.grid, traj.rho)
+    dev = distributed.device(params.compute.device)
+    teacher = teacher.to(dev).eval()
+    x1 = torch.randn(traj.batch_size, *shape, device=dev)
+    solve = lambda x: solvers.integrate(lambda z, t: teacher(z, t), x, grid, traj.solver)[0].cpu()  # noqa: E731
+    solve(x1[:1])  # warm-up
+    started = time.perf_counter()
+    solve(x1)
+    sec = time.perf_counter() - started
+    flops = count_flops(lambda: solve(x1[:1])) * traj.batch_size
+    rows.append(Row("trajectories", 1, math.ceil(traj.count / traj.batch_size), sec, flops,
+                    f"the teacher's ODE on {traj.batch_size} trajectories"))
+
+    mid = params.midtrain
+    fake_traj = torch.randn(max(mid.train.batch_size, 2), traj.steps + 1, *shape)
+    times = grid.to(fake_traj.dtype)
+    for method in params.posttrain.methods:
+        variant = mid.variants[method]
+        loss = MIDTRAIN_LOSS[variant]
+        sec, flops = _timed(params, nets.build(shape, params.net, True),
+                            lambda n, x, g, seen: loss(n, x, times.to(x.device), g, mid.distance), fake_traj,
+                            mid.train, steps)
+        rows.append(Row(f"midtrain for {method} (CMT-{variant.upper()})", 1, _steps(mid.train), sec, flops))
+
+    post = params.posttrain
+    per_method = {}
+    for method in post.methods:
+        sec, flops = _timed(params, nets.build(shape, params.net, True), posttrain_loss(params, method, path), train_x,
+                            post.train, steps)
+        per_method[method] = (sec, flops)
+        rows.append(Row(f"posttrain {method}", len(post.inits) * len(post.seeds), _steps(post.train), sec, flops))
+    for name in params.studies.specs:
+        spec = load_spec(name, params)
+        sec, flops = per_method[spec.method]
+        rows.append(Row(f"study {name} ({spec.method})", spec.trials * len(spec.inits),
+                        math.ceil(spec.objective.budget_images / post.train.batch_size), sec, flops))
+    return rows, data_seconds
+
+
+def _duration(hours: float) -> str:
+    seconds = hours * 3600
+    return f"{seconds:.1f} s" if seconds < 100 else f"{seconds / 60:.1f} min" if seconds < 6000 else f"{hours:.2f} h"
+
+
+def table(params: Params, rows: list[Row], data_seconds: float, steps: int) -> list[str]:
+    dev = distributed.device(params.compute.device)
+    world = params.compute.processes
+    lines = [f"Projection for preset `{params.preset}` on {device_name(dev)}: seconds per step measured here over "
+             f"{steps} steps of each stage, times the steps its budget takes (a projection, not a measurement); "
+             "FLOPs counted (torch.utils.flop_counter), exact for these budgets.", "",
+             f"{'stage':<34} {'runs':>5} {'steps/run':>10} {'s/step':>9} {'device-hours':>13} {'wall time':>10} "
+             f"{'FLOPs':>9}"]
+    for r in rows:
+        # with `processes` > 1 the device-hours stay (each process does its share), the wall time divides
+        lines.append(f"{r.stage:<34} {r.cells:>5} {r.steps:>10,} {r.seconds_per_step:>9.3g} {r.device_hours:>13.3g} "
+                     f"{_duration(r.device_hours / world):>10} {r.flops:>9.3g}"
+                     + (f"  (a step: {r.what})" if r.what else ""))
+    hours = sum(r.device_hours for r in rows)
+    lines += [f"{'in all':<34} {'':>5} {'':>10} {'':>9} {hours:>13.3g} {_duration(hours / world):>10} "
+              f"{sum(r.flops for r in rows):>9.3g}",
+              "", f"The data stage took {data_seconds:.1f} s here. Not projected: evaluation (in-loop and final), "
+              "features, report and each stage's start-up."]
+    if world > 1:
+        lines.append(f"Wall time assumes compute.processes = {world} share every step evenly (measured here on one).")
+    return lines
+
+
+def over_budget(hours: float, budget: float | None) -> bool:
+    return budget is not None and hours > budget
+
+
+def main(params: Params, steps: int | None = None, budget_hours: float | None = None) -> int:
+    steps = STEPS if steps is None else steps
+    if steps < 1:
+        print(f"error: --steps: at least 1 (got {steps})", file=sys.stderr)
+        return 2
+    rows, data_seconds = project(params, steps)
+    print("\n".join(table(params, rows, data_seconds, steps)))
+    hours = sum(r.device_hours for r in rows)
+    if over_budget(hours, budget_hours):
+        print(f"over budget: {hours:.3g} projected device-hours > {budget_hours:g}", file=sys.stderr)
+        return OVER_BUDGET
+    return 0
+
+
+def confirm_budget(params_path: str = "params.yaml") -> bool:
+    """Before `cmt-bench repro`: True without $CMT_BENCH_BUDGET_HOURS; with it, project params.yaml and
+    go on if the projection fits, else ask on a terminal (refuse elsewhere)."""
+    raw = os.environ.get(BUDGET_ENV)
+    if not raw:
+        return True
+    try:
+        budget = float(raw)
+    except ValueError:
+        print(f"error: ${BUDGET_ENV}: a number of device-hours (got {raw!r})", file=sys.stderr)
+        return False
+    params = load(params_path)
+    rows, data_seconds = project(params)
+    hours = sum(r.device_hours for r in rows)
+    if not over_budget(hours, budget):
+        print(f"projected {hours:.3g} device-hours, within ${BUDGET_ENV} = {budget:g}", file=sys.stderr)
+        return True
+    print("\n".join(table(params, rows, data_seconds, STEPS)), file=sys.stderr)
+    question = f"projected {hours:.3g} device-hours exceed ${BUDGET_ENV} = {budget:g}"
+    if not sys.stdin.isatty():
+        print(f"{question}: not run (raise the budget, or run on a terminal to confirm)", file=sys.stderr)
+        return False
+    return input(f"{question}; run anyway? [y/N] ").strip().lower() in ("y", "yes")
