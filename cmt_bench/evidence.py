@@ -108,7 +108,7 @@ def load_curves(client, run_ids: dict[tuple, str], keys: list[str]) -> pd.DataFr
 def mean_curves(curves: pd.DataFrame, value_cols: list[str]) -> pd.DataFrame:
     """Per (method, init, step): the mean over seeds of compute and metric, and the metric's min/max."""
     grouped = curves.groupby(["method", "init", "step"])
-    out = grouped[["device_hours", "total_hours", "images_seen", *value_cols]].mean()
+    out = grouped[["device_hours", "total_hours", "flops_total", "images_seen", *value_cols]].mean()
     for col in value_cols:
         out[f"{col}_min"], out[f"{col}_max"] = grouped[col].min(), grouped[col].max()
     out["seeds"] = grouped.size()
@@ -220,7 +220,8 @@ def compute_to_target(res: Evidence) -> tuple[dict, pd.DataFrame]:
                 target = float(mean[mean.init == target_init][metric].iloc[-1])
                 targets[method, target_init, metric] = target
                 for init in res.inits:
-                    hit = reach(mean[mean.init == init], metric, target, ("device_hours", "total_hours", "images_seen"))
+                    hit = reach(mean[mean.init == init], metric, target,
+                                ("device_hours", "total_hours", "flops_total", "images_seen"))
                     per_seed = [reach(c.sort_values("step"), metric, target, ("total_hours",))
                                 for _, c in res.curves[(res.curves.method == method) & (res.curves.init == init)]
                                 .groupby("seed")]
@@ -228,7 +229,7 @@ def compute_to_target(res: Evidence) -> tuple[dict, pd.DataFrame]:
                     rows.append({"metric": metric, "method": method, "target_init": target_init, "target": target,
                                  "init": init,
                                  "posttrain_hours": hit and hit["device_hours"], "total_hours": hit and hit["total_hours"],
-                                 "images": hit and hit["images_seen"],
+                                 "total_flops": hit and hit["flops_total"], "images": hit and hit["images_seen"],
                                  "seeds_reached": len(reached), "seeds": len(per_seed),
                                  "total_hours_min": min(reached, default=None),
                                  "total_hours_max": max(reached, default=None)})

@@ -52,13 +52,13 @@ def _spread(values: pd.Series, spec=".4g") -> str:
 # --- figures ----------------------------------------------------------------------------------
 
 def plot_curves(res: Evidence, path: Path) -> None:
-    """Rows: method x step count; columns: post-training compute, total compute, images seen; one
-    line per init (mean over seeds), band = min to max over seeds."""
+    """Rows: method x step count; columns: post-training compute, total compute (wall time, then
+    counted FLOPs), images seen; one line per init (mean over seeds), band = min to max over seeds."""
     unit, scale = _unit(res.curves["total_hours"].max())
     axes_x = [("device_hours", f"post-training {unit}", scale), ("total_hours", f"total {unit} (incl. upstream)", scale),
-              ("images_seen", "post-training images seen", 1)]
+              ("flops_total", "total counted FLOPs (incl. upstream)", 1), ("images_seen", "post-training images seen", 1)]
     rows = [(m, metric) for m in res.methods for metric in (res.metric, res.metric_1step)]
-    fig, axes = plt.subplots(len(rows), 3, figsize=(15, 3.6 * len(rows) + 0.7), squeeze=False, sharey="row")
+    fig, axes = plt.subplots(len(rows), len(axes_x), figsize=(19, 3.6 * len(rows) + 0.7), squeeze=False, sharey="row")
     sns.set_style("whitegrid")
     for (method, metric), row in zip(rows, axes):
         data = res.mean[res.mean.method == method]
@@ -219,8 +219,8 @@ def _final_table(res: Evidence, method: str, unit: str, scale: float) -> list[st
 def _target_table(res: Evidence, method: str, unit: str, scale: float) -> list[str]:
     lines = [f"Compute to reach a target (where each init's mean curve of `{res.key}` first gets there; "
              "per-seed range of total compute beside it):", "",
-             f"| target | init | post-training {unit} | total {unit} | images | seeds reaching it | "
-             f"per-seed total {unit} |", "|---|---|---|---|---|---|---|"]
+             f"| target | init | post-training {unit} | total {unit} | total FLOPs | images | seeds reaching it | "
+             f"per-seed total {unit} |", "|---|---|---|---|---|---|---|---|"]
     t = res.to_target
     for target_init in TARGETS:
         rows = t[(t.metric == res.metric) & (t.method == method) & (t.target_init == target_init)]
@@ -229,7 +229,7 @@ def _target_table(res: Evidence, method: str, unit: str, scale: float) -> list[s
                       f"{row['total_hours_min'] * scale:.3g} to {row['total_hours_max'] * scale:.3g}")
             lines.append(f"| {target_init} final ({row['target']:.4g}) | {row['init']} | "
                          f"{_fmt(row['posttrain_hours'], scale)} | {_fmt(row['total_hours'], scale)} | "
-                         f"{_fmt(row['images'], spec=',.0f')} | {row['seeds_reached']}/{row['seeds']} | {spread} |")
+                         f"{_fmt(row['total_flops'])} | {_fmt(row['images'], spec=',.0f')} | {row['seeds_reached']}/{row['seeds']} | {spread} |")
     return lines + [""]
 
 
