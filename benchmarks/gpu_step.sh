@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # GPU step efficiency (issue "MeanFlow within 2x of flow matching") on one CUDA machine, in one go,
 # most needed first, each part under its own time limit (so one hang or a slow compile costs only
-# its part, and what finished is kept): the fashion UNet's bf16 step cost for flow matching and
-# MeanFlow, eager and under compute.compile jvp, with the GPU busy fraction (noise and times drawn
-# on the GPU, as training draws them); the same under CUDA graphs; the CUDA parametrisations of the
-# compile and CUDA tests; channels-last against contiguous; profiles of the eager steps. About 10
-# minutes at most (the T_* limits), 8 files (what the device tool brings back). reports/gpu/ takes
-# what it measured.
+# its part, and what finished is kept): the fashion UNet's bf16 eager step cost for flow matching,
+# MeanFlow and MeanFlow with one JVP shape every step, with the GPU busy fraction (noise and times
+# drawn on the GPU, as training draws them); a profile of the fixed-shape step; that step under CUDA
+# graphs; the CUDA parametrisations of the compile and CUDA tests; a profile of MeanFlow's eager step;
+# compute.compile jvp last. About 10 minutes at most (the T_* limits), 8 files at most (what the
+# device tool brings back). reports/gpu/ takes what it measured.
 #
 #   OUT=build/gpu_step bash benchmarks/gpu_step.sh
 #   DEVICE=cpu SHAPE=1,8,8 STEPS=2 REPS=1 bash benchmarks/gpu_step.sh   (a dry run of the script on a CPU)
@@ -38,14 +38,16 @@ prof() {  # prof METHOD COMPILE TIMEOUT: one profile into $OUT/profiles/
 }
 mkdir -p "$OUT/profiles"
 
-cost compile "${T_COST:-270}" --precision "$P" --compile none,jvp --methods meanflow
+# Session 19 measured eager MeanFlow at 3.90x flow matching with 365 us of CPU per convolution (50 in
+# FM) and compute.compile jvp never finishing; first: does one JVP shape every step close the gap?
+cost fixed_rows "${T_COST:-150}" --precision "$P" --compile none --methods meanflow,meanflow_fixed_rows
+prof meanflow_fixed_rows none "${T_PROFILE:-30}"
 if [ "$DEVICE" = cuda ]; then
-  cost graphs "${T_GRAPHS:-90}" --precision "$P" --compile graphs --methods meanflow
+  cost graphs "${T_GRAPHS:-120}" --precision "$P" --compile graphs --methods meanflow_fixed_rows
   log "tests (CUDA parametrisations)"
   timeout "${T_TESTS:-80}" $PY -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py tests/test_compile.py -k cuda \
     2>&1 | tail -25 | tee "$OUT/pytest.txt"
 fi
-cost memory_format "${T_FORMAT:-40}" --precision "$P" --memory-format contiguous,channels_last --methods meanflow
-prof flow_matching none "${T_PROFILE:-30}"
 prof meanflow none "${T_PROFILE:-30}"
+cost compile "${T_COMPILE:-150}" --precision "$P" --compile jvp --methods meanflow
 log "done"

@@ -7,7 +7,8 @@ passes; ECT costs a second (no-grad) forward; AlphaFlow is timed at each phase o
 A cell is (precision, compute.compile mode, memory format, method); the baseline is always timed.
 Noise, times and batch picks are drawn on the network's device, as training draws them
 (compute.draws device); `--draws host` draws them on the CPU and copies them over each step.
-`--compile graphs` (this benchmark only, not a compute.compile mode yet) is `step` under CUDA graphs
+`meanflow_fixed_rows` (this benchmark only) is MeanFlow with one JVP shape every step (#20's
+hypothesis about per-shape cuDNN plans). `--compile graphs` (this benchmark only, not a compute.compile mode yet) is `step` under CUDA graphs
 (torch.compile mode reduce-overhead): what is left of the launch overhead. A cell that fails to
 compile or run is reported with its error instead of stopping the others.
 
@@ -52,7 +53,27 @@ def step_fns(params: config.Params, net) -> dict:
                                                                 params.pretrain.t_sampling),
         **{label: (lambda x, g, m=m, n=images: m.loss(net, path, x, g, n, getattr(post, m.name), post.distance))
            for m in methods.REGISTRY.values() for label, images in phases(m, post)},  # every registered method
+        FIXED_ROWS: lambda x, g: meanflow_fixed_rows(net, path, x, g, post.meanflow),
     }
+
+
+FIXED_ROWS = "meanflow_fixed_rows"  # a benchmark cell, not a method: see meanflow_fixed_rows
+
+
+def meanflow_fixed_rows(net, path, x0, generator, cfg):
+    """MeanFlow whose JVP runs on exactly round(r_neq_t x batch) rows every step (MeanFlow draws the
+    count, so the JVP's batch changes from step to step). Tests #20's hypothesis that the new shape
+    each step makes cuDNN plan again (365 us of CPU per convolution in the H200 profile, 50 in FM)."""
+    from cmt_bench.losses.average_velocity import adaptive_weighted, meanflow_target, sample_times
+    from cmt_bench.losses.flow_matching import gaussian_noise
+    n = x0.shape[0]
+    k = round(cfg.r_neq_t * n)
+    eps = gaussian_noise(x0, generator)
+    t, r = (s.to(x0.device) for s in sample_times(n, cfg.t_sampling, 1.0, generator))  # every row r < t
+    r = torch.cat([r[:k], t[k:]])  # rows are exchangeable: the first k are a random subset
+    z, v = path.sample(x0, eps, t), path.velocity_target(x0, eps)
+    target = torch.cat([meanflow_target(net, z[:k], t[:k], r[:k], v[:k]), v[k:]])
+    return adaptive_weighted(net(z, t, r) - target, cfg.adaptive_p, cfg.adaptive_c)
 
 
 def phases(method, post) -> list[tuple[str, int]]:

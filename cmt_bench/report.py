@@ -244,14 +244,22 @@ def _effect_table(res: Evidence, effect: pd.DataFrame) -> list[str]:
 
 
 def _flops_line(res: Evidence) -> list[str]:
-    """The counted FLOPs of each upstream stage and of one post-training run (mean over its cells)."""
-    sf = res.stage_flops
+    """The counted FLOPs of each upstream stage and of one post-training run (mean over its cells), and
+    each one's FLOPs per device-second: where those differ, the two measures weigh the stages differently."""
+    sf, sh = res.stage_flops, res.stage_hours
     if not sf:
         return []
-    post = res.finals.groupby("method")["posttrain_flops"].mean()
-    return [f"Counted FLOPs: pre-training {sf['pretrain']:.3g}, trajectories {sf['trajectories']:.3g}, mid-training "
-            + ", ".join(f"{f:.3g} (for {label(m)})" for m, f in sf["midtrain"].items())
-            + "; one post-training run " + ", ".join(f"{post[m]:.3g} ({label(m)})" for m in res.methods) + ".", ""]
+    means = res.finals.groupby("method")[["posttrain_flops", "posttrain_hours"]].mean()
+    stages = [("pre-training", sf["pretrain"], sh["pretrain"]), ("trajectories", sf["trajectories"], sh["trajectories"]),
+              *((f"mid-training for {label(m)}", f, sh["midtrain"][m]) for m, f in sf["midtrain"].items()),
+              *((f"one post-training run of {label(m)}", means.loc[m, "posttrain_flops"],
+                 means.loc[m, "posttrain_hours"]) for m in res.methods)]
+    rate = lambda flops, hours: f"{flops / (hours * 3600):.2g}" if hours > 0 else "–"  # noqa: E731
+    return ["Counted FLOPs (and FLOPs per device-second): "
+            + "; ".join(f"{name} {flops:.3g} ({rate(flops, hours)})" for name, flops, hours in stages)
+            + ". FLOPs weigh all arithmetic alike; a stage that runs slower per FLOP (forward-mode JVPs, small "
+            "batches) costs more wall time than its FLOPs say, so where these rates differ a verdict on one "
+            "measure can differ from the other: the claim rows give both.", ""]
 
 
 def markdown(params: Params, res: Evidence, verdicts: list[dict], context: dict, studies: list[str] = (),
