@@ -20,12 +20,15 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
 ROW = re.compile(r"(\S.*?)\s{2,}(\d+)\s+([\d,]+)\s+(\S+)\s+(\S+)\s+(\S+ (?:s|min|h))\s+(\S+)")
 
 
 def planned(work: Path, steps: int) -> tuple[dict[str, dict], float]:
     started = time.perf_counter()
-    out = subprocess.run([sys.executable, "-m", "cmt_bench", "plan", "--steps", str(steps)], cwd=work,
+    # this checkout's plan (not the run folder's copy of the package, which `-m` would import there)
+    code = f"import sys; sys.path.insert(0, {str(ROOT)!r}); from cmt_bench.cli import main; sys.exit(main(sys.argv[1:]))"
+    out = subprocess.run([sys.executable, "-c", code, "plan", "--steps", str(steps)], cwd=work,
                          capture_output=True, text=True, check=True).stdout
     seconds = time.perf_counter() - started
     rows = {}

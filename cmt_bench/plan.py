@@ -4,8 +4,9 @@ Every training stage is timed here for a few steps through the same loop it trai
 nothing logged), on the preset's real data: the data stage itself runs in memory, mid-training gets
 random trajectories of the configured shape (a step's cost does not depend on the values) and every
 network starts from random weights. The trajectories stage is timed on one batch of the teacher's
-ODE. A stage's projection is its measured seconds per step (the first step, which warms up, left out)
-times the steps its budget takes, times the cells that run it; so it is labelled a projection. The
+ODE. Each is timed over 10 steps, or more where those take under 2 s (up to 500). A stage's projection is its measured seconds per step (the first step, which warms up, left out)
+times the steps its budget takes, times the cells that run it (a study's trials timed on the threads
+each trial gets, `studies.workers` at a time); so it is labelled a projection. The
 FLOPs beside it are counted (ledger.py), and exact for these budgets. Not projected: evaluation (in
 the loop and final), the features stage, the report, and each stage's start-up (about a second under
 `cmt-bench repro`).
@@ -36,7 +37,9 @@ from .train import Job, train
 
 BUDGET_ENV = "CMT_BENCH_BUDGET_HOURS"
 OVER_BUDGET = 3  # the exit status of a plan or run over its budget
-STEPS = 10  # training steps timed per stage
+STEPS = 10  # training steps timed per stage, at least
+MIN_SECONDS = 2.0  # ... and at least this long (up to MAX_STEPS): shorter windows are mostly timer and scheduler noise
+MAX_STEPS = 500
 
 
 @dataclass
@@ -47,6 +50,7 @@ class Row:
     seconds_per_step: float  # measured
     flops_per_step: float  # counted
     what: str = ""  # what a step is where it is not a training step
+    at_once: int = 1  # runs side by side (a study's workers): the wall time divides by it
 
     @property
     def device_hours(self) -> float:
@@ -69,8 +73,17 @@ class _Untracked:
 
 
 def _timed(params: Params, net, loss, data: torch.Tensor, train_cfg, steps: int) -> tuple[float, float]:
-    """(seconds, counted FLOPs) per step of `loss` through the training loop, at train_cfg's batch:
-    a run of 1 step and one of 1 + `steps`, so the first step's warm-up cancels."""
+    """(seconds, counted FLOPs) per step of `loss` through the training loop, at train_cfg's batch,
+    over `steps` steps, or more where those took under MIN_SECONDS."""
+    seconds, flops = _timed_over(params, net, loss, data, train_cfg, steps)
+    if seconds * steps < MIN_SECONDS and steps < MAX_STEPS:
+        more = min(MAX_STEPS, math.ceil(MIN_SECONDS / max(seconds, 1e-6)))
+        seconds, flops = _timed_over(params, net, loss, data, train_cfg, more)
+    return seconds, flops
+
+
+def _timed_over(params: Params, net, loss, data: torch.Tensor, train_cfg, steps: int) -> tuple[float, float]:
+    """A run of 1 step and one of 1 + `steps`, so the first step's warm-up cancels."""
     dev = distributed.device(params.compute.device)
     precision = distributed.precision_used(params.compute.precision, dev)
     start = {k: v.clone() for k, v in net.state_dict().items()}
@@ -134,23 +147,34 @@ def project(params: Params, steps: int = STEPS) -> tuple[list[Row], float]:
         rows.append(Row(f"midtrain for {method} (CMT-{variant.upper()})", 1, _steps(mid.train), sec, flops))
 
     post = params.posttrain
-    per_method = {}
     for method in post.methods:
         sec, flops = _timed(params, nets.build(shape, params.net, True), posttrain_loss(params, method, path), train_x,
                             post.train, steps)
-        per_method[method] = (sec, flops)
         rows.append(Row(f"posttrain {method}", len(post.inits) * len(post.seeds), _steps(post.train), sec, flops))
-    for name in params.studies.specs:
-        spec = load_spec(name, params)
-        sec, flops = per_method[spec.method]
-        rows.append(Row(f"study {name} ({spec.method})", spec.trials * len(spec.inits),
-                        math.ceil(spec.objective.budget_images / post.train.batch_size), sec, flops))
+    # a study's trials run `workers` at a time on studies.threads threads each: timed on those threads
+    studies, threads = params.studies, torch.get_num_threads()
+    torch.set_num_threads(studies.threads)
+    try:
+        for name in studies.specs:
+            spec = load_spec(name, params)
+            sec, flops = _timed(params, nets.build(shape, params.net, True), posttrain_loss(params, spec.method, path),
+                                train_x, post.train, steps)
+            rows.append(Row(f"study {name} ({spec.method})", spec.trials * len(spec.inits),
+                            math.ceil(spec.objective.budget_images / post.train.batch_size), sec, flops,
+                            at_once=min(studies.workers, spec.trials * len(spec.inits))))
+    finally:
+        torch.set_num_threads(threads)
     return rows, data_seconds
 
 
 def _duration(hours: float) -> str:
     seconds = hours * 3600
     return f"{seconds:.1f} s" if seconds < 100 else f"{seconds / 60:.1f} min" if seconds < 6000 else f"{hours:.2f} h"
+
+
+def _wall(row: Row, world: int) -> float:
+    """Projected wall hours: a study's workers share the runs; `processes` share every pipeline step."""
+    return row.device_hours / (row.at_once if row.at_once > 1 else world)
 
 
 def table(params: Params, rows: list[Row], data_seconds: float, steps: int) -> list[str]:
@@ -164,10 +188,11 @@ def table(params: Params, rows: list[Row], data_seconds: float, steps: int) -> l
     for r in rows:
         # with `processes` > 1 the device-hours stay (each process does its share), the wall time divides
         lines.append(f"{r.stage:<34} {r.cells:>5} {r.steps:>10,} {r.seconds_per_step:>9.3g} {r.device_hours:>13.3g} "
-                     f"{_duration(r.device_hours / world):>10} {r.flops:>9.3g}"
-                     + (f"  (a step: {r.what})" if r.what else ""))
+                     f"{_duration(_wall(r, world)):>10} {r.flops:>9.3g}"
+                     + (f"  (a step: {r.what})" if r.what else "")
+                     + (f"  ({r.at_once} at a time, {params.studies.threads} thread(s) each)" if r.at_once > 1 else ""))
     hours = sum(r.device_hours for r in rows)
-    lines += [f"{'in all':<34} {'':>5} {'':>10} {'':>9} {hours:>13.3g} {_duration(hours / world):>10} "
+    lines += [f"{'in all':<34} {'':>5} {'':>10} {'':>9} {hours:>13.3g} {_duration(sum(_wall(r, world) for r in rows)):>10} "
               f"{sum(r.flops for r in rows):>9.3g}",
               "", f"The data stage took {data_seconds:.1f} s here. Not projected: evaluation (in-loop and final), "
               "features, report and each stage's start-up."]
