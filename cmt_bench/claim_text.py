@@ -98,10 +98,9 @@ def ratios(claim: dict, rules: ReportConfig, what: str) -> str:
         reason = "; the paper does not say which compute it counted: both accountings agree"
     beside = []
     for measure, intervals in facts["beside"].items():
-        alone = intervals[paper]["verdict"] if paper else None
+        alone = facts["alone"][measure]
         differs = (f" (on {MEASURE_WORDS[measure]} alone the verdict would be: {WORDS[alone]})"
-                   if alone and alone != claim["verdict"] and claim["reason"] is None
-                   and claim.get("cmt_final_not_worse", True) else "")
+                   if alone != claim["verdict"] and claim["reason"] is None else "")
         beside.append(f"; in {MEASURE_WORDS[measure]}: {_per_accounting(intervals, paper, confidence)}{differs}")
     return (f"{what} in {MEASURE_WORDS[facts['measure']]} (the verdict's measure): "
             + _per_accounting(facts["intervals"], paper, confidence) + resolvable + reason + "".join(beside))

@@ -323,11 +323,11 @@ def _weighed(res: Evidence, method: str, claim_id: int, metric: str, base_init: 
     measure = res.rules.measure
     other = next(m for m in MEASURES if m != measure)
     intervals, beside = (_intervals(res, method, metric, base_init, m) for m in (measure, other))
-    _judged(res, method, claim_id, beside)  # each of its intervals gets its own verdict, for the text
+    alone, _ = _judged(res, method, claim_id, beside)  # the verdict the other measure alone would give
     verdict, reason = _judged(res, method, claim_id, intervals)
-    facts = {"intervals": intervals, "measure": measure, "beside": {other: beside},
+    facts = {"intervals": intervals, "measure": measure, "beside": {other: beside}, "alone": {other: alone},
              "accounting": _accounting(method, claim_id), "confidence": res.rules.confidence}
-    return verdict, reason, facts, {**_numbers(intervals), **_numbers(beside, f"_{other}")}
+    return verdict, reason, facts, {**_numbers(intervals), **_numbers(beside, f"_{other}"), f"verdict_{other}": alone}
 
 
 def _claim(claim_id: int, method: str, metric: str, verdict: str, reason: str | None = None, **facts) -> dict:
@@ -389,8 +389,10 @@ def claim_from_scratch(res: Evidence, method: str) -> dict:
     if undecided := _undecided(res, target, cmt):
         return _claim(3, method, metric, *undecided, target=target, floor=res.floor, **facts)
     verdict, reason, weighed, numbers = _weighed(res, method, 3, metric, "random")
-    if verdict == HOLDS and not better:  # less time, but to a worse end: not the paper's claim
-        verdict = FAILS
+    if not better:  # less time, but to a worse end: not the paper's claim, on either measure
+        verdict = FAILS if verdict == HOLDS else verdict
+        weighed["alone"] = {m: FAILS if v == HOLDS else v for m, v in weighed["alone"].items()}
+        numbers.update({f"verdict_{m}": v for m, v in weighed["alone"].items()})
     return {**_claim(3, method, metric, verdict, reason, **weighed, **facts),
             **numbers, "cmt_final_not_worse": bool(better)}
 

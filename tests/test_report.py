@@ -220,3 +220,11 @@ def test_the_verdict_rests_on_the_measure_report_measure_names():
     assert on_wall["verdict"] == HOLDS and on_wall["ratio_given_teacher"] == pytest.approx(1.5 / 4)
     assert on_wall["ratio_given_teacher_flops"] == pytest.approx(5 / 4)
     assert "on counted FLOPs alone the verdict would be: does not hold at this scale" in measured(on_wall)
+    assert on_wall["verdict_flops"] == FAILS and on_flops["verdict_device_hours"] == HOLDS
+    # a method whose paper names no accounting: the verdict both accountings share, on each measure
+    # (FLOPs 15 / 14 and 5 / 4: both above 1; wall time 11.5 / 14 and 1.5 / 4: both below)
+    sct = evidence.claim_cmt_vs_diffusion(_evidence({("sct", i): v for (_, i), v in three.items()},
+                                                    methods=("sct",), mid=0.5, flops_mid=4.0), "sct")
+    assert sct["facts"]["accounting"] is None and (sct["verdict"], sct["reason"]) == (FAILS, None)
+    assert sct["verdict_device_hours"] == HOLDS
+    assert "on wall time alone the verdict would be: holds at this scale" in measured(sct)
