@@ -33,7 +33,10 @@ def upstream(tmp_path_factory):
     return repo, env
 
 
-def _trials(storage: str, name_prefix: str) -> dict[str, list]:
+def _trials(storage, name_prefix: str) -> dict[str, list]:
+    """`storage`: a URL, or for a polling loop one storage object: each URL opens a new connection
+    pool, and polling with URLs left 47 idle PostgreSQL connections in this process (one CI run under
+    load hit PostgreSQL's 100)."""
     return {s.study_name: optuna.load_study(study_name=s.study_name, storage=storage).get_trials()
             for s in optuna.get_all_study_summaries(storage) if s.study_name.startswith(name_prefix)}
 
@@ -46,16 +49,19 @@ def _values(storage) -> dict[tuple, float]:
 
 def _kill_a_worker_mid_trial(repo, storage: str, driver: subprocess.Popen) -> tuple[int, int]:
     """SIGKILL the worker of a RUNNING trial that has written its checkpoint; (pid, trial number)."""
-    deadline = time.time() + 180
-    while time.time() < deadline and driver.poll() is None:
-        for name, trials in _trials(storage, "kill-").items():
-            for t in trials:
-                ckpt = repo / "checkpoints/studies" / name / f"trial{t.number}" / "last.pt"
-                if t.state == TrialState.RUNNING and ckpt.exists() and "worker" in t.user_attrs:
-                    pid = int(t.user_attrs["worker"].rsplit(":", 1)[1])
-                    os.kill(pid, signal.SIGKILL)
-                    return pid, t.number
-        time.sleep(0.2)
+    deadline, polled = time.time() + 180, optuna.storages.RDBStorage(storage)
+    try:
+        while time.time() < deadline and driver.poll() is None:
+            for name, trials in _trials(polled, "kill-").items():
+                for t in trials:
+                    ckpt = repo / "checkpoints/studies" / name / f"trial{t.number}" / "last.pt"
+                    if t.state == TrialState.RUNNING and ckpt.exists() and "worker" in t.user_attrs:
+                        pid = int(t.user_attrs["worker"].rsplit(":", 1)[1])
+                        os.kill(pid, signal.SIGKILL)
+                        return pid, t.number
+            time.sleep(0.2)
+    finally:
+        polled.engine.dispose()
     raise AssertionError(f"no checkpointed running trial to kill:\n{driver.communicate()[1][-3000:]}")
 
 
