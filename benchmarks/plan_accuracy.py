@@ -2,7 +2,7 @@
 counted FLOPs per stage against what the run measured and logged.
 
 Give it the folder of a finished `dvc repro` (e.g. the clone `benchmarks/pipeline.py` made); it runs
-`cmt-bench plan` there (the run's own params.yaml, nothing else running, please) and reads the run's
+the plan's projection there (the run's own params.yaml, nothing else running, please) and reads the run's
 ledgers: artifacts/*/run.json for the pipeline stages, the MLflow store for the study trials (their
 steps ran at each trial's own batch size, which the plan projects at the preset's). Writes a JSON
 file with both sides and their ratios per stage, and prints a table.
@@ -13,29 +13,29 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
-import subprocess
+import os
 import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ROW = re.compile(r"(\S.*?)\s{2,}(\d+)\s+([\d,]+)\s+(\S+)\s+(\S+)\s+(\S+ (?:s|min|h))\s+(\S+)")
+sys.path.insert(0, str(ROOT))  # this checkout's plan, not the run folder's copy of the package
+
+from cmt_bench import config, plan  # noqa: E402
 
 
 def planned(work: Path, steps: int) -> tuple[dict[str, dict], float]:
-    started = time.perf_counter()
-    # this checkout's plan (not the run folder's copy of the package, which `-m` would import there)
-    code = f"import sys; sys.path.insert(0, {str(ROOT)!r}); from cmt_bench.cli import main; sys.exit(main(sys.argv[1:]))"
-    out = subprocess.run([sys.executable, "-c", code, "plan", "--steps", str(steps)], cwd=work,
-                         capture_output=True, text=True, check=True).stdout
-    seconds = time.perf_counter() - started
-    rows = {}
-    for line in out.splitlines():
-        if m := ROW.match(line):
-            rows[m[1]] = {"runs": int(m[2]), "device_s": float(m[5]) * 3600, "flops": float(m[7])}
-    return rows, seconds
+    """Per plan row: runs, projected training-step seconds and counted FLOPs (plan.project in the run's
+    folder: its params.yaml and study specs), and the seconds the plan took."""
+    started, here = time.perf_counter(), os.getcwd()
+    os.chdir(work)
+    try:
+        rows, _ = plan.project(config.load("params.yaml"), steps)
+    finally:
+        os.chdir(here)
+    return ({r.stage: {"runs": r.cells, "device_s": r.device_hours * 3600, "flops": r.flops} for r in rows},
+            time.perf_counter() - started)
 
 
 def measured(work: Path) -> dict[str, dict]:
