@@ -181,7 +181,8 @@ def table(params: Params, rows: list[Row], data_seconds: float, steps: int) -> l
     dev = distributed.device(params.compute.device)
     world = params.compute.processes
     lines = [f"Projection for preset `{params.preset}` on {device_name(dev)}: seconds per step measured here over "
-             f"{steps} steps of each stage, times the steps its budget takes (a projection, not a measurement); "
+             f"at least {steps} steps and {MIN_SECONDS:g} s of each stage, times the steps its budget takes "
+             "(a projection, not a measurement); "
              "FLOPs counted (torch.utils.flop_counter), exact for these budgets.", "",
              f"{'stage':<34} {'runs':>5} {'steps/run':>10} {'s/step':>9} {'device-hours':>13} {'wall time':>10} "
              f"{'FLOPs':>9}"]
@@ -191,7 +192,7 @@ def table(params: Params, rows: list[Row], data_seconds: float, steps: int) -> l
                      f"{_duration(_wall(r, world)):>10} {r.flops:>9.3g}"
                      + (f"  (a step: {r.what})" if r.what else "")
                      + (f"  ({r.at_once} at a time, {params.studies.threads} thread(s) each)" if r.at_once > 1 else ""))
-    hours = sum(r.device_hours for r in rows)
+    hours = total_hours(rows)
     lines += [f"{'in all':<34} {'':>5} {'':>10} {'':>9} {hours:>13.3g} {_duration(sum(_wall(r, world) for r in rows)):>10} "
               f"{sum(r.flops for r in rows):>9.3g}",
               "", f"The data stage took {data_seconds:.1f} s here. Not projected: evaluation (in-loop and final), "
@@ -201,8 +202,8 @@ def table(params: Params, rows: list[Row], data_seconds: float, steps: int) -> l
     return lines
 
 
-def over_budget(hours: float, budget: float | None) -> bool:
-    return budget is not None and hours > budget
+def total_hours(rows: list[Row]) -> float:
+    return sum(r.device_hours for r in rows)
 
 
 def main(params: Params, steps: int | None = None, budget_hours: float | None = None) -> int:
@@ -212,8 +213,8 @@ def main(params: Params, steps: int | None = None, budget_hours: float | None = 
         return 2
     rows, data_seconds = project(params, steps)
     print("\n".join(table(params, rows, data_seconds, steps)))
-    hours = sum(r.device_hours for r in rows)
-    if over_budget(hours, budget_hours):
+    hours = total_hours(rows)
+    if budget_hours is not None and hours > budget_hours:
         print(f"over budget: {hours:.3g} projected device-hours > {budget_hours:g}", file=sys.stderr)
         return OVER_BUDGET
     return 0
@@ -232,8 +233,8 @@ def confirm_budget(params_path: str = "params.yaml") -> bool:
         return False
     params = load(params_path)
     rows, data_seconds = project(params)
-    hours = sum(r.device_hours for r in rows)
-    if not over_budget(hours, budget):
+    hours = total_hours(rows)
+    if hours <= budget:
         print(f"projected {hours:.3g} device-hours, within ${BUDGET_ENV} = {budget:g}", file=sys.stderr)
         return True
     print("\n".join(table(params, rows, data_seconds, STEPS)), file=sys.stderr)
