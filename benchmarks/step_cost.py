@@ -54,16 +54,22 @@ def step_fns(params: config.Params, net) -> dict:
         **{label: (lambda x, g, m=m, n=images: m.loss(net, path, x, g, n, getattr(post, m.name), post.distance))
            for m in methods.REGISTRY.values() for label, images in phases(m, post)},  # every registered method
         FIXED_ROWS: lambda x, g: meanflow_fixed_rows(net, path, x, g, post.meanflow),
+        FIXED_PLAIN: lambda x, g: meanflow_fixed_rows(net, path, x, g, post.meanflow, plain_norms=True),
     }
 
 
 FIXED_ROWS = "meanflow_fixed_rows"  # a benchmark cell, not a method: see meanflow_fixed_rows
+FIXED_PLAIN = "meanflow_fixed_plain"  # the same with the JVP's norms as elementary ops
 
 
-def meanflow_fixed_rows(net, path, x0, generator, cfg):
+def meanflow_fixed_rows(net, path, x0, generator, cfg, plain_norms: bool = False):
     """MeanFlow whose JVP runs on exactly round(r_neq_t x batch) rows every step (MeanFlow draws the
     count, so the JVP's batch changes from step to step). Tests #20's hypothesis that the new shape
-    each step makes cuDNN plan again (365 us of CPU per convolution in the H200 profile, 50 in FM)."""
+    each step makes cuDNN plan again (365 us of CPU per convolution in the H200 profile, 50 in FM).
+    `plain_norms`: the JVP's group norms as mean/var arithmetic (compiling.PlainNorms), whose forward-mode
+    rules are elementwise, instead of torch's decomposed native_group_norm (686 us of CPU per call)."""
+    import contextlib
+    from cmt_bench.compiling import PlainNorms
     from cmt_bench.losses.average_velocity import adaptive_weighted, meanflow_target, sample_times
     from cmt_bench.losses.flow_matching import gaussian_noise
     n = x0.shape[0]
@@ -72,7 +78,9 @@ def meanflow_fixed_rows(net, path, x0, generator, cfg):
     t, r = (s.to(x0.device) for s in sample_times(n, cfg.t_sampling, 1.0, generator))  # every row r < t
     r = torch.cat([r[:k], t[k:]])  # rows are exchangeable: the first k are a random subset
     z, v = path.sample(x0, eps, t), path.velocity_target(x0, eps)
-    target = torch.cat([meanflow_target(net, z[:k], t[:k], r[:k], v[:k]), v[k:]])
+    with PlainNorms() if plain_norms else contextlib.nullcontext():
+        jvp_target = meanflow_target(net, z[:k], t[:k], r[:k], v[:k])
+    target = torch.cat([jvp_target, v[k:]])
     return adaptive_weighted(net(z, t, r) - target, cfg.adaptive_p, cfg.adaptive_c)
 
 
