@@ -3,7 +3,7 @@ sources (`ast`), top-level and function-level imports alike, transitively.
 
 `dvc.yaml` lists them as each stage's code dependencies, so editing any module a stage runs makes
 DVC rerun it, and editing one it does not (a report-only module, say) leaves it alone.
-`cmt-bench deps --check` compares dvc.yaml with this, `cmt-bench deps --write` rewrites dvc.yaml's
+`cmt-bench deps` compares dvc.yaml with this, `cmt-bench deps --write` rewrites dvc.yaml's
 code lines, and a test keeps them equal.
 
 Two rules beyond plain imports:

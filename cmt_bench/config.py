@@ -16,7 +16,8 @@ from pydantic import BaseModel, Field, ValidationError, ValidationInfo, create_m
 from . import inits as init_registry
 from . import methods as method_registry
 from .layout import EXPERIMENTS
-from .schema import Distance, NetConfig, PositiveFloat, PositiveInt, Probability, Section, TimeSampling  # noqa: F401
+from .schema import (Distance, NetConfig, PositiveFloat, PositiveInt, Probability, Section, TeacherFile,  # noqa: F401
+                     TimeSampling)
 
 # what the registries hold (cmt_bench/inits/, cmt_bench/methods/): one module each
 INITS = init_registry.names()
@@ -100,9 +101,17 @@ class TeacherOde(Section):
 
 
 class PretrainConfig(Section):
+    source: Literal["train", "import"] = "train"  # train the teacher here, or import one (pretrain.teacher)
+    teacher: TeacherFile = TeacherFile()
     train: TrainConfig = TrainConfig()
     t_sampling: TimeSampling = TimeSampling()
     ode_eval: TeacherOde = TeacherOde()
+
+    @model_validator(mode="after")
+    def _teacher_given(self) -> "PretrainConfig":
+        if self.source == "import" and not self.teacher.path:
+            raise ValueError("teacher.path: source 'import' needs the teacher's model folder or entry point")
+        return self
 
 
 class TrajectoriesConfig(Section):
@@ -279,7 +288,7 @@ class Params(Section):
         if missing:
             raise ValueError(f"midtrain.variants: give a CMT variant (cm or mf) for post-training method(s) "
                              f"{', '.join(missing)}")
-        if self.data.is_image != (self.net.kind == "unet"):
+        if self.data.is_image != (self.net.kind == "unet") and self.pretrain.source == "train":
             raise ValueError(f"net.kind: {self.net.kind!r} does not fit data.dataset={self.data.dataset!r}; "
                              f"use unet for images ({', '.join(IMAGE_DATASETS)}), mlp for points")
         features, dataset = self.evaluate.features, self.data.dataset

@@ -138,6 +138,10 @@ class Evidence:
     to_target: pd.DataFrame | None = None
     rules: ReportConfig = field(default_factory=ReportConfig)  # the verdicts' thresholds (report: in params)
     stage_flops: dict = field(default_factory=dict)  # as stage_hours, in counted FLOPs
+    # pretrain.source import: the teacher was not trained here (its measured compute is 0); the
+    # device-hours its user declares for it, if any (None: not declared)
+    teacher_imported: bool = False
+    declared_teacher_hours: float | None = None
 
     @property
     def key(self) -> str:  # the in-loop curve's metric key
@@ -205,6 +209,10 @@ def collect(params: Params) -> Evidence:
                              "heldout_accuracy": features_run.data.metrics.get("heldout_accuracy")},
                    device=runs[first].data.tags.get("device", "an unknown device"), post_runs=post_ids,
                    rules=params.report, stage_flops=per_stage["flops"])
+    teacher_tags = runs[stage_ids["pretrain"]].data.tags
+    res.teacher_imported = teacher_tags.get("teacher_source") == "import"
+    if "declared_device_hours" in teacher_tags:
+        res.declared_teacher_hours = float(teacher_tags["declared_device_hours"])
     res.targets, res.to_target = compute_to_target(res)
     return res
 

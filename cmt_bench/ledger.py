@@ -15,8 +15,8 @@ from __future__ import annotations
 import platform
 import time
 from contextlib import contextmanager
-from typing import Callable
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import torch
 

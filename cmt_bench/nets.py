@@ -98,11 +98,12 @@ def build(shape: tuple[int, ...], cfg: NetConfig, two_times: bool = True) -> nn.
 
 
 def load_teacher_into(flow_net: nn.Module, teacher_state: dict) -> None:
-    """Copy a one-time teacher's weights into a two-time flow-map net; only emb_gap may be missing."""
+    """Copy a one-time teacher's weights into a two-time flow-map net; only a gap embedding (a module
+    named emb_gap, here or in teacher_import.GapConditioned) may be missing."""
     try:
         missing, unexpected = flow_net.load_state_dict(teacher_state, strict=False)
     except RuntimeError as err:  # shapes differ: the nets were built with different `net` params
         raise ValueError(f"teacher weights do not fit the flow-map network: {err}") from None
-    bad = [k for k in missing if not k.startswith("time.emb_gap.")] + list(unexpected)
+    bad = [k for k in missing if "emb_gap" not in k.split(".")] + list(unexpected)
     if bad:
         raise ValueError(f"teacher weights do not fit the flow-map network: {bad[:5]}")

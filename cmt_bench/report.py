@@ -243,6 +243,19 @@ def _effect_table(res: Evidence, effect: pd.DataFrame) -> list[str]:
             *(claim_text.effect_line(row) for _, row in effect.iterrows()), ""]
 
 
+def _imported_teacher_line(res: Evidence, unit: str, scale: float) -> list[str]:
+    """What an imported teacher's pre-training cost is not measured here; only declared, if at all."""
+    if not res.teacher_imported:
+        return []
+    declared = ("its user declares " + _fmt(res.declared_teacher_hours, scale) + f" {unit} "
+                "(declared, not measured; pretrain.teacher.declared_device_hours), not added to any total"
+                if res.declared_teacher_hours is not None else "nobody declared what it cost "
+                "(pretrain.teacher.declared_device_hours)")
+    return [f"The teacher was imported from a file (pretrain.source: import), not trained here: its pre-training "
+            f"is counted as 0 in every total above, so the accounting with every stage counted is here the "
+            f"accounting with the teacher given; {declared}.", ""]
+
+
 def _flops_line(res: Evidence) -> list[str]:
     """The counted FLOPs of each upstream stage and of one post-training run (mean over its cells), and
     each one's FLOPs per device-second: where those differ, the two measures weigh the stages differently."""
@@ -310,6 +323,7 @@ def markdown(params: Params, res: Evidence, verdicts: list[dict], context: dict,
         + "; ".join(f"{inits.get(i).label} = " + " + ".join([*(STAGE_LABEL[s] for s in inits.get(i).upstream),
                                                                "post-training"]) for i in res.inits) + ".", "",
         *_flops_line(res),
+        *_imported_teacher_line(res, unit, scale),
     ]
     for method in res.methods:
         lines += [f"### {label(method)}", "", *_final_table(res, method, unit, scale),

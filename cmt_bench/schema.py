@@ -7,12 +7,19 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # strict: a YAML `true` must not pass for the integer 1
 PositiveInt = Annotated[int, Field(gt=0, strict=True)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 Probability = Annotated[float, Field(gt=0, lt=1)]
+
+# an imported teacher (teacher_import, teacher_conversion): its file formats, what it predicts, and
+# each noise schedule with the constants it takes (teacher_conversion checks its classes agree)
+TEACHER_FORMATS = ("diffusers", "entrypoint")
+TEACHER_PREDICTIONS = ("eps", "x0", "v", "edm", "velocity")
+TEACHER_SCHEDULES = {"linear": (), "edm": ("sigma_min", "sigma_max"), "vp_cosine": ("s", "time_scale", "tau_max"),
+                     "vp_ddpm": ("beta_start", "beta_end", "steps")}
 
 
 class Section(BaseModel):
@@ -55,3 +62,26 @@ class NetConfig(Section):
 class Distance(Section):
     kind: Literal["l2", "pseudo_huber"] = "l2"
     huber_c: PositiveFloat = 0.01  # pseudo-Huber sqrt(|d|^2 + c^2) - c
+
+
+class TeacherFile(Section):
+    """pretrain.source=import: a pre-trained teacher from a file instead of pre-training (see
+    cmt_bench/teacher_import.py for the formats and teacher_conversion.py for the conventions)."""
+    path: str | None = None  # a diffusers model folder, or "module:function[@checkpoint]" for an entry point
+    format: Literal[TEACHER_FORMATS] = "diffusers"  # type: ignore[valid-type]
+    prediction: Literal[TEACHER_PREDICTIONS] = "eps"  # type: ignore[valid-type]  # what the network outputs
+    schedule: Literal[tuple(TEACHER_SCHEDULES)] = "vp_ddpm"  # type: ignore[valid-type]  # how it noised its data
+    schedule_args: dict[str, float] = {}  # the schedule's constants, e.g. {sigma_max: 80} (its defaults otherwise)
+    time_embedding: str = "unet.time_embedding"  # the module the gap embedding is added to (two-time nets)
+    allow_code: bool = False  # an entry point (and a pickle it loads) runs code: only on this opt-in
+    # what training it cost, as the user declares it (never measured here): the report labels it declared
+    declared_device_hours: PositiveFloat | None = None
+
+    @model_validator(mode="after")
+    def _known_schedule_args(self) -> "TeacherFile":
+        allowed = TEACHER_SCHEDULES[self.schedule]
+        unknown = sorted(set(self.schedule_args) - set(allowed))
+        if unknown:
+            raise ValueError(f"schedule_args: {', '.join(unknown)} not a constant of schedule {self.schedule!r}; "
+                             f"allowed: {', '.join(allowed) or 'none'}")
+        return self

@@ -19,6 +19,7 @@ here start at t = 1, an error of order 1 / sigma_max that this module states rat
 """
 from __future__ import annotations
 
+import inspect
 import math
 from functools import cached_property
 
@@ -26,8 +27,9 @@ import torch
 from torch import nn
 
 from .paths import LinearPath
+from .schema import TEACHER_PREDICTIONS as PREDICTIONS
+from .schema import TEACHER_SCHEDULES
 
-PREDICTIONS = ("eps", "x0", "v", "edm", "velocity")
 
 
 def linear_log_snr(t):
@@ -156,6 +158,10 @@ class VpDdpmSchedule(Schedule):
 
 
 SCHEDULES = {cls.name: cls for cls in (LinearSchedule, EdmSchedule, VpCosineSchedule, VpDdpmSchedule)}
+# the parameter file names these schedules and their constants (schema.TEACHER_SCHEDULES): the same ones
+if {name: () if cls.__init__ is object.__init__ else tuple(inspect.signature(cls.__init__).parameters)[1:]
+        for name, cls in SCHEDULES.items()} != TEACHER_SCHEDULES:
+    raise ImportError("schema.TEACHER_SCHEDULES differs from teacher_conversion's schedule classes")
 
 
 def x0_and_eps(out, x, prediction: str, a, b, da, db):

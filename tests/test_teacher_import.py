@@ -66,10 +66,19 @@ def test_an_entry_point_is_called_with_the_checkpoint_path_on_opt_in(tmp_path, m
         "        super().__init__(); self.path = path; self.scale = torch.nn.Parameter(torch.tensor(2.0))\n"
         "    def forward(self, x, time): return self.scale * x\n"
         "def load(path): return Net(path)\n"
-        "def not_a_module(path): return 3\n")
+        "def not_a_module(path): return 3\n"
+        "def fitted(path):\n"
+        "    m = torch.nn.Module(); m.lin = torch.nn.Linear(2, 2)\n"
+        "    torch.nn.init.constant_(m.lin.weight, 5.0); torch.nn.init.constant_(m.lin.bias, 5.0); return m\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     net = load_network("user_teacher:load@/data/edm.pkl", "entrypoint", allow_code=True)
     assert net.path == "/data/edm.pkl" and torch.equal(net(torch.ones(2), None), 2 * torch.ones(2))
+    # a random init redraws every weight through reset_parameters(), and refuses what it cannot redraw
+    torch.manual_seed(0)
+    fresh = load_network("user_teacher:fitted@x", "entrypoint", allow_code=True, weights=False)
+    assert not torch.equal(fresh.lin.weight, torch.full((2, 2), 5.0)) and torch.all(fresh.lin.bias.abs() <= 1)
+    with pytest.raises(ValueError, match=r"parameters scale belong to modules without reset_parameters"):
+        load_network("user_teacher:load@x", "entrypoint", allow_code=True, weights=False)
     with pytest.raises(TypeError, match="returned int, not a torch.nn.Module"):
         load_network("user_teacher:not_a_module@x", "entrypoint", allow_code=True)
     sys.modules.pop("user_teacher", None)
@@ -89,7 +98,7 @@ def test_the_flow_map_starts_as_the_teachers_velocity_for_every_target_time(fold
     opt = torch.optim.SGD(flow.parameters(), lr=0.1)
     loss = (flow(x, t, t * 0) - 1).pow(2).mean()
     loss.backward()
-    gap_grad = flow.net.gap_embedding.mlp[-1].weight.grad
+    gap_grad = flow.net.emb_gap.mlp[-1].weight.grad
     assert gap_grad is not None and gap_grad.abs().sum() > 0
     opt.step()
     with torch.no_grad():
@@ -105,7 +114,7 @@ def test_the_bare_teacher_stays_the_teacher_once_wrapped(folder):
     with torch.no_grad():
         before = net(x, time)
         flow = flow_map_network(net, SCHEDULES["vp_ddpm"](), "eps")
-        torch.nn.init.normal_(flow.net.gap_embedding.mlp[-1].weight)  # a gap embedding that adds something
+        torch.nn.init.normal_(flow.net.emb_gap.mlp[-1].weight)  # a gap embedding that adds something
         torch.testing.assert_close(net(x, time), before, rtol=0, atol=0)
 
 
@@ -121,7 +130,7 @@ def test_the_jvp_through_an_imported_unet_matches_central_differences(folder):
     # swamp a central difference; the JVP itself does not depend on the scale
     flow = flow_map_network(net, SCHEDULES["vp_cosine"](time_scale=1.0), "v").double()
     torch.manual_seed(3)
-    for p in flow.net.gap_embedding.mlp[-1].parameters():  # a trained-looking gap embedding, not zero
+    for p in flow.net.emb_gap.mlp[-1].parameters():  # a trained-looking gap embedding, not zero
         p.data.normal_(0, 0.1)
     z, t = _inputs(dtype=torch.float64)
     r, v = t * 0.3, torch.randn_like(z)

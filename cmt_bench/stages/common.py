@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from .. import data as datasets
-from .. import distributed, nets, progress, sampling, scoring
+from .. import distributed, nets, progress, sampling, scoring, teacher_import
 from ..config import Params, fingerprint
 from ..data import write_json
 from ..layout import checkpoint, out_dir
@@ -17,9 +17,17 @@ from ..tracking import Tracker
 from ..train import FLOP_PROBES, Job, derive_seed, train
 
 
+def build_net(params: Params, shape: tuple[int, ...], two_times: bool) -> torch.nn.Module:
+    """The network of this run, with torch's current random weights: the `net` section's, or the
+    imported teacher's architecture (pretrain.source import)."""
+    if params.pretrain.source == "import":
+        return teacher_import.network(params.pretrain.teacher, shape, two_times)
+    return nets.build(shape, params.net, two_times)
+
+
 def seeded_net(seed: int, params: Params, shape: tuple[int, ...], two_times: bool, *tag) -> torch.nn.Module:
     torch.manual_seed(derive_seed(seed, "init", *tag))
-    return nets.build(shape, params.net, two_times)
+    return build_net(params, shape, two_times)
 
 
 def heldout_eval(params: Params, path, heldout: torch.Tensor, shape: tuple[int, ...]):

@@ -8,12 +8,13 @@ import numpy as np
 import torch
 
 from .. import data as datasets
-from .. import distributed, nets, progress, sampling, scoring
+from .. import distributed, progress, sampling, scoring
 from ..config import Params
 from ..data import read_json, write_json
 from ..layout import out_dir
 from ..paths import PATHS
 from ..tracking import Tracker
+from .common import build_net
 
 
 def final_scores(params: Params, ema) -> tuple[dict[str, float], dict[str, np.ndarray], float]:
@@ -31,7 +32,7 @@ def final_scores(params: Params, ema) -> tuple[dict[str, float], dict[str, np.nd
 def run(params: Params, init: str, method: str, seed: int) -> None:
     """Final 1- and 2-step scores of one post-trained cell with `evaluate.samples` samples."""
     cfg = params.evaluate
-    net = nets.build(datasets.data_shape(out_dir("data")), params.net, two_times=True)
+    net = build_net(params, datasets.data_shape(out_dir("data")), two_times=True)
     trained = out_dir("posttrain", init, method, seed)
     net.load_state_dict(torch.load(trained / "model.pt", map_location="cpu", weights_only=True)["ema"])
     net.to(distributed.device(params.compute.device)).eval()

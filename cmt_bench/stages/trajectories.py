@@ -6,7 +6,7 @@ import shutil
 import torch
 
 from .. import data as datasets
-from .. import distributed, nets, progress, solvers
+from .. import distributed, progress, solvers
 from ..checkpoint import stage_weights
 from ..config import Params
 from ..data import write_json
@@ -14,6 +14,7 @@ from ..layout import out_dir
 from ..ledger import FLOPS_MEASURES, Ledger, count_flops, device_name
 from ..tracking import Tracker
 from ..train import generator
+from .common import build_net
 
 
 def run(params: Params) -> None:
@@ -21,7 +22,7 @@ def run(params: Params) -> None:
     teacher_weights = stage_weights("pretrain")
     shape = datasets.data_shape(out_dir("data"))
     dev = distributed.device(params.compute.device)
-    teacher = nets.build(shape, params.net, two_times=False)
+    teacher = build_net(params, shape, two_times=False)
     teacher.load_state_dict(teacher_weights)
     teacher.to(dev).eval()
     grid = solvers.time_grid(cfg.steps, cfg.grid, cfg.rho)
