@@ -115,6 +115,10 @@ class PretrainConfig(Section):
 
 
 class TrajectoriesConfig(Section):
+    # stored: `count` trajectories drawn once and kept as shards (small runs); on_the_fly: mid-training
+    # draws each batch's trajectories from the teacher from fresh noise, as sony/cmt does (no storage;
+    # the teacher's work is then mid-training's compute)
+    mode: Literal["stored", "on_the_fly"] = "stored"
     count: PositiveInt = 8192
     steps: PositiveInt = 16
     solver: Solver = "heun"

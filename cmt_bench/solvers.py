@@ -106,3 +106,10 @@ def integrate(v: Velocity, x1: torch.Tensor, grid: torch.Tensor, solver: str = "
         raise ValueError(f"unknown solver {solver!r}; allowed: {', '.join(SOLVERS)}")
     states, nfe = SOLVERS[solver](v, x1, grid.to(device=x1.device, dtype=x1.dtype))
     return torch.stack(states), nfe
+
+
+def trajectories(v: Velocity, x1: torch.Tensor, grid: torch.Tensor, solver: str = "heun") -> tuple[torch.Tensor, int]:
+    """Whole trajectories from noise x1, one per sample: [B, len(grid), ...] (as the trajectories stage
+    stores them and mid-training reads them), and the NFE per trajectory."""
+    states, nfe = integrate(v, x1, grid, solver)
+    return states.transpose(0, 1).contiguous(), nfe

@@ -45,15 +45,25 @@ def generator(*parts, device: torch.device | str = "cpu") -> torch.Generator:
 @dataclass
 class Job:
     """One training stage: the examples batches are drawn from (uniformly, with replacement), the
-    loss, and an optional in-loop evaluation."""
+    loss, and an optional in-loop evaluation. A job whose examples are made per batch (trajectories
+    drawn on the fly) gives `draw` instead of data."""
     stage: str
-    data: torch.Tensor
+    data: torch.Tensor | None
     loss: Callable[[nn.Module, torch.Tensor, torch.Generator, int], torch.Tensor]
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None
     label: str = ""  # shown on the progress bar
     # called with (images seen, logged values) after each logged point; may raise to stop the run
     # (a study's pruner does); the checkpoint and the MLflow run stay as they were
     on_point: Callable[[int, dict[str, float]], None] | None = None
+    # draw(n, generator, device) -> n examples made on `device` (on the clock), from the generator only
+    draw: Callable[[int, torch.Generator, torch.device], torch.Tensor] | None = None
+    teacher_nfe_per_example: int = 0  # teacher evaluations `draw` spends per example (the ledger counts them)
+
+    def batch(self, data: torch.Tensor | None, n: int, gen: torch.Generator, device: torch.device) -> torch.Tensor:
+        """n examples on `device`: drawn from `data` (on the generator's device) or made by `draw`."""
+        if self.draw is not None:
+            return self.draw(n, gen, device)
+        return data[torch.randint(len(data), (n,), generator=gen, device=data.device)].to(device, non_blocking=True)
 
 
 @dataclass
@@ -74,7 +84,8 @@ def _crossed(before: int, after: int, every: int) -> bool:
     return after // every > before // every
 
 
-def step_flops(net: nn.Module, job: Job, data: torch.Tensor, rank_batch: int, seed: int, precision: str) -> float:
+def step_flops(net: nn.Module, job: Job, data: torch.Tensor | None, rank_batch: int, seed: int, precision: str,
+               draw_device: torch.device) -> float:
     """One process's counted FLOPs per step (ledger.py): the loss's forward and backward on the bare
     network, mean over FLOP_PROBES draws of their own. The probes leave no trace: the global random
     state (dropout) is restored and the gradients are cleared, so training runs as if they never ran."""
@@ -82,8 +93,8 @@ def step_flops(net: nn.Module, job: Job, data: torch.Tensor, rank_batch: int, se
     total = 0.0
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         for probe in range(FLOP_PROBES):
-            gen = generator(seed, job.stage, "flops", probe, device=data.device)
-            batch = data[torch.randint(len(data), (rank_batch,), generator=gen, device=data.device)].to(device)
+            gen = generator(seed, job.stage, "flops", probe, device=draw_device)
+            batch = job.batch(data, rank_batch, gen, device)  # a draw's teacher work counts too
 
             def step():
                 with autocast(precision, device):
@@ -116,7 +127,7 @@ def train(net: nn.Module, job: Job, cfg: TrainConfig, *, seed: int, ckpt_path: P
     ledger.world_size = world.size
     device = next(net.parameters()).device
     draw_device = device if draws == "device" else torch.device("cpu")
-    data = job.data.to(draw_device)  # once, not per step
+    data = None if job.data is None else job.data.to(draw_device)  # once, not per step
     ema = copy.deepcopy(net).requires_grad_(False)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, foreach=True)  # one kernel per op, not per tensor
     # listed once: walking the module tree every step cost 3% of a small MLP's step time
@@ -125,7 +136,7 @@ def train(net: nn.Module, job: Job, cfg: TrainConfig, *, seed: int, ckpt_path: P
     step, run_id = 0, None
     loss_sum, loss_n = 0.0, 0  # the running mean of the loss since the last logged point
 
-    flops_per_step = step_flops(net, job, data, rank_batch, seed, precision) * world.size  # not on the clock
+    flops_per_step = step_flops(net, job, data, rank_batch, seed, precision, draw_device) * world.size  # off the clock
     state = checkpoint.load(ckpt_path)
     if state is not None and state["fingerprint"] != fingerprint:
         print(f"[{job.stage}] {ckpt_path} belongs to other parameters or inputs; starting afresh", file=sys.stderr)
@@ -141,6 +152,7 @@ def train(net: nn.Module, job: Job, cfg: TrainConfig, *, seed: int, ckpt_path: P
         loss_sum, loss_n = state["loss_sum"], state["loss_n"]
         ledger.seconds, ledger.images_seen, ledger.flops = (state["seconds"], state["images_seen"],
                                                         state.get("flops", flops_per_step * step))
+        ledger.teacher_nfe = state.get("teacher_nfe", 0)
         if world.main:
             print(f"[{job.stage}] resuming from {ckpt_path} at step {step} ({ledger.images_seen} images)", file=sys.stderr)
     tracker = open_tracker(run_id) if world.main else None
@@ -165,7 +177,8 @@ def train(net: nn.Module, job: Job, cfg: TrainConfig, *, seed: int, ckpt_path: P
             return
         checkpoint.save(ckpt_path, {
             "fingerprint": fingerprint, "step": step, "run_id": tracker.run_id, "seconds": ledger.seconds,
-            "images_seen": ledger.images_seen, "flops": ledger.flops, "loss_sum": loss_sum, "loss_n": loss_n,
+            "images_seen": ledger.images_seen, "flops": ledger.flops, "teacher_nfe": ledger.teacher_nfe,
+            "loss_sum": loss_sum, "loss_n": loss_n,
             "net": net.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(), "rng_cpu": torch.get_rng_state(),
             **({"rng_cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})})
 
@@ -179,9 +192,9 @@ def train(net: nn.Module, job: Job, cfg: TrainConfig, *, seed: int, ckpt_path: P
             before = ledger.images_seen
             with ledger.clock():
                 gen = generator(seed, job.stage, before, *rank_tag, device=draw_device)
-                batch = data[torch.randint(len(data), (rank_batch,), generator=gen, device=draw_device)]
+                batch = job.batch(data, rank_batch, gen, device)
                 with autocast(precision, device):
-                    loss = job.loss(model, batch.to(device, non_blocking=True), gen, before)
+                    loss = job.loss(model, batch, gen, before)
                 if world.any(not torch.isfinite(loss)):
                     raise NonFiniteLoss(
                         f"{job.stage}: loss became {loss.item()} at step {step + 1} (images_seen={before}); stopped. "
@@ -195,6 +208,7 @@ def train(net: nn.Module, job: Job, cfg: TrainConfig, *, seed: int, ckpt_path: P
             step += 1
             ledger.images_seen += cfg.batch_size
             ledger.flops += flops_per_step
+            ledger.teacher_nfe += job.teacher_nfe_per_example * cfg.batch_size
             loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
             bar.update(cfg.batch_size)
             last = step == total_steps

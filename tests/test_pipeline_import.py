@@ -9,6 +9,10 @@ import torch
 from conftest import make_repo, mlflow_runs, sh
 
 from cmt_bench import config
+from cmt_bench import data as datasets
+from cmt_bench.stages.midtrain import on_the_fly
+from cmt_bench.stages.trajectories import teacher_velocity
+from cmt_bench.train import generator
 from cmt_bench.nets import load_teacher_into
 from cmt_bench.stages.common import seeded_net
 from cmt_bench.teacher_import import network
@@ -36,7 +40,7 @@ def _teacher_params(folder, **extra) -> dict:
     return {"source": "import", "teacher": {"path": str(folder), "prediction": "eps", "schedule": "vp_ddpm", **extra}}
 
 
-def test_an_imported_teacher_runs_every_stage_for_three_inits_and_two_methods(tmp_path):
+def test_an_imported_teacher_runs_every_stage_for_three_inits_and_two_methods(tmp_path, monkeypatch):
     folder = _teacher(tmp_path / "teacher")
     repo, env = make_repo(tmp_path / "repo", "digits", {
         "pretrain": _teacher_params(folder, declared_device_hours=7.0), "midtrain": _train(64),
@@ -63,6 +67,23 @@ def test_an_imported_teacher_runs_every_stage_for_three_inits_and_two_methods(tm
     assert traj["teacher_nfe"] == 32 * 8  # the imported teacher drew them: Heun, 4 steps of 2 evaluations
     report = (repo / "reports/digits/report.md").read_text()
     assert "The teacher was imported from a file" in report and "declared, not measured" in report
+
+    # trajectories on the fly: the draw mid-training makes from the stored stage's noise gives its
+    # stored trajectories, bit for bit (one chunk: count <= trajectories.batch_size)
+    monkeypatch.chdir(repo)
+    params = config.load("params.yaml")
+    manifest = json.loads((repo / "artifacts/trajectories/manifest.json").read_text())
+    stored = datasets.read_shards(repo / "artifacts/trajectories", "traj", manifest["traj"])
+    teacher = teacher_velocity(params, (1, 8, 8), torch.device("cpu"))
+    draw = on_the_fly(teacher, (1, 8, 8), torch.tensor(manifest["times"]), manifest["solver"])
+    assert torch.equal(draw(32, generator(params.seed, "trajectories"), torch.device("cpu")), stored)
+    # and mid-training in that mode: the teacher's evaluations are in its ledger, nothing is stored
+    sh("""python -c "import yaml; p = yaml.safe_load(open('params.yaml')); p['trajectories']['mode'] = 'on_the_fly'; \
+yaml.safe_dump(p, open('params.yaml', 'w'), sort_keys=False)" && dvc repro midtrain@ect midtrain@meanflow""", repo, env)
+    assert not list((repo / "artifacts/trajectories").glob("*.tar"))
+    _, runs = mlflow_runs(repo)
+    mid = [r for r in runs if r.data.tags.get("stage") == "midtrain" and r.data.params.get("trajectories_mode") == "on_the_fly"]
+    assert len(mid) == 2 and all(r.data.metrics["teacher_nfe"] == 8 * 64 for r in mid)
 
 
 def test_the_random_init_redraws_every_weight_and_the_diffusion_init_is_the_teacher(tmp_path):

@@ -164,3 +164,33 @@ def test_flop_probes_leave_training_untouched(tracked, tmp_path, monkeypatch):
         monkeypatch.setattr(training, "FLOP_PROBES", probes)
         weights.append(_linear_run(params, tmp_path / str(probes), dropout=0.5).net.state_dict())
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_a_job_drawing_on_the_fly_resumes_exactly_and_counts_its_teacher(tracked, tmp_path):
+    """Trajectories drawn per batch (trajectories.mode on_the_fly): stopped after 4 of 10 steps and
+    rerun, the weights and the teacher-evaluation count equal an uninterrupted run's."""
+    from cmt_bench import losses
+    from cmt_bench.solvers import time_grid
+    from cmt_bench.stages.midtrain import on_the_fly
+    params, _ = tracked
+    torch.manual_seed(1)
+    teacher = nets.build((2,), config.NetConfig(hidden=16, depth=1, time_features=8), two_times=False)
+    times = time_grid(4, "uniform")
+    job = Job("mid", data=None, loss=lambda n, x, g, seen: losses.cmt_mf_loss(n, x, times, g, config.Distance()),
+              draw=on_the_fly(teacher, (2,), times, "heun"), teacher_nfe_per_example=8)
+
+    def run(ckpt, budget):
+        cfg = config.TrainConfig(batch_size=32, budget_images=budget, log_every_images=64, checkpoint_every_images=64)
+        torch.manual_seed(0)
+        net = nets.build((2,), config.NetConfig(hidden=16, depth=1, time_features=8), two_times=True)
+        result, tracker = train(net, job, cfg, seed=0, ckpt_path=ckpt, fingerprint="fp", ledger=Ledger(device="cpu"),
+                                open_tracker=lambda run_id: Tracker.open(params, "mid", run_id=run_id))
+        tracker.finish()
+        return result
+    whole = run(tmp_path / "a/last.pt", 320)
+    run(tmp_path / "b/last.pt", 128)
+    resumed = run(tmp_path / "b/last.pt", 320)
+    assert all(torch.equal(whole.net.state_dict()[k], v) for k, v in resumed.net.state_dict().items())
+    assert whole.ledger.teacher_nfe == resumed.ledger.teacher_nfe == 8 * 320
+    assert whole.history[-1]["teacher_nfe"] == 8 * 320
+    assert whole.ledger.flops > 0
