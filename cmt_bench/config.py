@@ -193,6 +193,9 @@ class ClassifierConfig(Section):
 class EvaluateConfig(Section):
     samples: PositiveInt = 4000  # final evaluation; metric keys carry the count, e.g. fd_digits_2step_n4000
     inloop_samples: PositiveInt = 1000  # during training, at every logged point
+    # a paper-grade Frechet distance over this many samples (50000 for FID), streamed in blocks and
+    # split over compute.processes (fid_stream.py), beside the in-memory scores of `samples`
+    fid_samples: PositiveInt | None = None
     seed: int = 1234
     sw_projections: PositiveInt = 256
     # Feature space of the Frechet distance: raw coordinates (fd_raw), a classifier trained in the
@@ -304,6 +307,9 @@ class Params(Section):
         if features == "inception" and not self.evaluate.inception_weights:
             raise ValueError("evaluate.inception_weights: give the local path of the Inception weights file "
                              "(it is never downloaded), or choose evaluate.features 'raw' or 'classifier'")
+        if self.evaluate.fid_samples == self.evaluate.samples:
+            raise ValueError(f"evaluate.fid_samples: {self.evaluate.fid_samples} is evaluate.samples too, and both "
+                             f"would write the key {self.fd_name}_2step_n{self.evaluate.samples}; change one of them")
         if self.compute.channels_last and self.net.kind != "unet":
             raise ValueError("compute.channels_last: true is a memory format for the UNet's images; "
                              f"net.kind is {self.net.kind!r}: set it to false")

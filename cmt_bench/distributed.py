@@ -38,6 +38,14 @@ class World:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
 
+    def sum(self, values: torch.Tensor) -> torch.Tensor:
+        """The float64 sum of `values` over the ranks, on the CPU (itself on one process)."""
+        if self.size == 1:
+            return values.double().cpu()
+        t = values.double().to(self._tensor([0.0]).device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t.cpu()
+
     def same_everywhere(self, params: list[torch.Tensor]) -> bool:
         """Whether every rank holds bit-identical `params` (compared through a float64 checksum)."""
         if self.size == 1:

@@ -20,6 +20,7 @@ import sys
 import types
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -234,3 +235,39 @@ def frechet_distance(samples_uint8: torch.Tensor, *, extractor: str, weights_pat
     if kid:
         out.update(kd=metrics[torch_fidelity.KEY_METRIC_KID_MEAN], kd_std=metrics[torch_fidelity.KEY_METRIC_KID_STD])
     return out
+
+
+def feature_function(extractor: str, weights_path, device: torch.device):
+    """features(x): the FID layer's features of images x in [-1, 1] (any device), as the bytes an image
+    file would hold, from torch-fidelity's extractor on `device` (fid_stream streams them)."""
+    from torch_fidelity.utils import create_feature_extractor
+    weights, name = _weights(extractor, weights_path), EXTRACTORS[extractor]
+    net = create_feature_extractor(name, [FEATURE[name]], cuda=device.type == "cuda",
+                                   feature_extractor_weights_path=str(weights), verbose=False)
+    batch = BATCH_SIZE[name]
+
+    @torch.no_grad()
+    def features(x: torch.Tensor) -> torch.Tensor:
+        images = to_uint8(x)
+        if extractor == "inception":  # Inception takes RGB, as frechet_distance gives it
+            images = images.expand(-1, 3, -1, -1)
+        return torch.cat([net(images[i:i + batch].to(device))[0].cpu() for i in range(0, len(images), batch)])
+    return features
+
+
+def frechet_of_statistics(stats: dict, reference: dict) -> float:
+    """FID's formula as torch-fidelity computes it (what frechet_distance returns), between two sets
+    of statistics {"mu", "sigma"}, in float64."""
+    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
+    as64 = lambda s: {k: np.asarray(s[k], dtype=np.float64) for k in ("mu", "sigma")}  # noqa: E731
+    return fid_statistics_to_metric(as64(stats), as64(reference), verbose=False)[KEY_METRIC_FID]
+
+
+def reference_statistics(reference_cache, reference_name: str, extractor: str, weights_path) -> dict:
+    """mu and sigma of the reference's cached features (frechet_distance cached them), as
+    torch-fidelity computes its own reference statistics from them."""
+    from torch_fidelity.metric_fid import fid_features_to_statistics
+    files = reference_files(reference_cache, reference_name, extractor, _weights(extractor, weights_path))
+    if not files["features"].exists():
+        raise FileNotFoundError(f"no cached reference features ({files['features']}): the features stage caches them")
+    return fid_features_to_statistics(torch.load(files["features"], map_location="cpu", weights_only=True))

@@ -30,13 +30,26 @@ def final_scores(params: Params, ema) -> tuple[dict[str, float], dict[str, np.nd
 
 
 def run(params: Params, init: str, method: str, seed: int) -> None:
-    """Final 1- and 2-step scores of one post-trained cell with `evaluate.samples` samples."""
+    """Final 1- and 2-step scores of one post-trained cell with `evaluate.samples` samples, and with
+    evaluate.fid_samples the streamed Frechet distance, its blocks shared by every process."""
     cfg = params.evaluate
-    net = build_net(params, datasets.data_shape(out_dir("data")), two_times=True)
+    world = distributed.init()
+    dev = distributed.device(params.compute.device, world)
+    shape = datasets.data_shape(out_dir("data"))
+    net = build_net(params, shape, two_times=True)
     trained = out_dir("posttrain", init, method, seed)
     net.load_state_dict(torch.load(trained / "model.pt", map_location="cpu", weights_only=True)["ema"])
-    net.to(distributed.device(params.compute.device)).eval()
+    net.to(dev).eval()
+    streamed, stream_seconds = {}, {}
+    if cfg.fid_samples:
+        start = time.perf_counter()
+        heldout = datasets.load_split(out_dir("data"), "heldout").numpy()
+        streamed = scoring.Scorer(params, heldout).streamed(net, PATHS["linear"](), cfg.fid_samples, shape, world, dev)
+        stream_seconds = {"fid_stream_seconds": time.perf_counter() - start}
+    if not world.main:
+        return
     scores, samples, seconds = final_scores(params, net)
+    scores.update(streamed)
     out = out_dir("evaluate", init, method, seed)
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
@@ -44,8 +57,9 @@ def run(params: Params, init: str, method: str, seed: int) -> None:
     posttrain_run = read_json(trained / "run.json")["run_id"]
     tracker = Tracker.open(params, "evaluate", init=init, method=method, seed=seed,
                            stage_params={"evaluate": cfg.model_dump(), "sampling": params.sampling.model_dump()})
-    tracker.set_tags({"posttrain_run_id": posttrain_run, "samples": str(cfg.samples)})
-    tracker.log_metrics(0, {**scores, "sampling_seconds": seconds})
+    tracker.set_tags({"posttrain_run_id": posttrain_run, "samples": str(cfg.samples),
+                      **({"fid_samples": str(cfg.fid_samples), "fid_processes": str(world.size)} if cfg.fid_samples else {})})
+    tracker.log_metrics(0, {**scores, "sampling_seconds": seconds, **stream_seconds})
     tracker.log_artifact(out / "samples.npz")
     tracker.finish()
     write_json(out / "run.json", {"run_id": tracker.run_id, "stage": "evaluate", "init": init, "method": method,

@@ -48,7 +48,9 @@ def main(argv: list[str] | None = None, started: float | None = None) -> int:
     except config.ParamsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if args.command in TRAINING and params.compute.processes > 1 and "WORLD_SIZE" not in os.environ:
+    # training, and a streamed evaluation (evaluate.fid_samples), share their work across processes
+    shared = args.command in TRAINING or (args.command == "evaluate" and params.evaluate.fid_samples)
+    if shared and params.compute.processes > 1 and "WORLD_SIZE" not in os.environ:
         return _relaunch_under_torchrun(params.compute.processes, argv)
     from .. import distributed
     run = importlib.import_module(f"{__package__}.{args.command}").run

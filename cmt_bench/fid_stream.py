@@ -1,0 +1,78 @@
+"""The Frechet distance over as many samples as papers use (50,000), streamed and split across
+processes: evaluate.fid_samples.
+
+Samples are made in blocks of BLOCK whose noise is seeded by (evaluate.seed, block), so the sample
+set is the same for any number of processes: rank r of W takes blocks r, r + W, ... Each block is
+sampled (1 and 2 steps), turned into the bytes an image file would hold, and its features are
+added to running moments (count, sum, sum of outer products, in float64, about the reference's
+mean so nothing cancels); no image and no feature outlives its block. One all_reduce adds the
+ranks' moments, and torch-fidelity's own formula compares the result with the reference
+statistics the features stage cached (the held-out split's features): scoring.Scorer.streamed."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import sampling
+from .distributed import World
+from .paths import noise
+from .train import derive_seed
+
+BLOCK = 1000  # samples per block: the unit the sample seeds and the ranks' shares are counted in
+
+
+def blocks(n: int, world: World) -> list[tuple[int, int]]:
+    """(block index, size) of the blocks this rank makes: every world.size-th, from its rank."""
+    return [(b, min(BLOCK, n - b * BLOCK)) for b in range(world.rank, -(-n // BLOCK), world.size)]
+
+
+def block_noise(block: int, size: int, shape: tuple[int, ...], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The noise of one block (and its 2-step re-noising draw), on the CPU: a function of (seed, block) only."""
+    return noise(size, shape, derive_seed(seed, "fid_block", block))
+
+
+class Moments:
+    """Running count, sum and sum of outer products of feature vectors minus `shift`, in float64."""
+
+    def __init__(self, shift: np.ndarray):
+        self.shift = torch.as_tensor(shift, dtype=torch.float64)
+        self.n = 0
+        self.sum = torch.zeros_like(self.shift)
+        self.outer = torch.zeros(len(self.shift), len(self.shift), dtype=torch.float64)
+
+    def add(self, features: torch.Tensor) -> None:
+        f = features.detach().double().cpu() - self.shift
+        self.n += len(f)
+        self.sum += f.sum(0)
+        self.outer += f.T @ f
+
+    def reduced(self, world: World) -> "Moments":
+        """The moments of every rank's features together (the same on every rank)."""
+        if world.size > 1:
+            flat = world.sum(torch.cat([torch.tensor([float(self.n)], dtype=torch.float64), self.sum,
+                                        self.outer.flatten()]))
+            d = len(self.shift)
+            self.n, self.sum, self.outer = int(flat[0].item()), flat[1:d + 1], flat[d + 1:].reshape(d, d)
+        return self
+
+    def statistics(self) -> dict[str, np.ndarray]:
+        """mu and the unbiased covariance sigma, as torch-fidelity's fid_features_to_statistics gives them."""
+        centred = self.sum / self.n
+        sigma = (self.outer - self.n * torch.outer(centred, centred)) / (self.n - 1)
+        return {"mu": (centred + self.shift).numpy(), "sigma": sigma.numpy()}
+
+
+def streamed_moments(net, path, n: int, shape: tuple[int, ...], seed: int, t_mid: float, features, shift: np.ndarray,
+                     world: World = World(), batch_size: int = 1024) -> dict[str, Moments]:
+    """{"1step": Moments, "2step": Moments} of `features(samples)` over n samples made in blocks,
+    this rank's blocks here, every rank's after the all_reduce."""
+    device = next(net.parameters(), torch.empty(0)).device
+    moments = {"1step": Moments(shift), "2step": Moments(shift)}
+    for block, size in blocks(n, world):
+        eps, eps_mid = block_noise(block, size, shape, seed)
+        for i in range(0, size, batch_size):
+            e, m = eps[i:i + batch_size].to(device), eps_mid[i:i + batch_size].to(device)
+            moments["1step"].add(features(sampling.one_step(net, e)))
+            moments["2step"].add(features(sampling.two_step(net, path, e, m, t_mid)))
+    return {name: m.reduced(world) for name, m in moments.items()}
+
