@@ -74,6 +74,8 @@ class TrainConfig(Section):
     batch_size: PositiveInt = 512
     budget_images: PositiveInt = 1_000_000
     lr: PositiveFloat = 1e-3
+    optimizer: Literal["adam", "radam"] = "adam"  # radam: sony/cmt's CIFAR-10 recipe
+    lr_decay: Literal["none", "linear"] = "none"  # linear: from lr at the first step to 0 at the last
     ema_decay: Annotated[float, Field(ge=0, lt=1)] = 0.999
     log_every_images: PositiveInt = 50_000
     checkpoint_every_images: PositiveInt = 100_000
@@ -107,11 +109,6 @@ class PretrainConfig(Section):
     t_sampling: TimeSampling = TimeSampling()
     ode_eval: TeacherOde = TeacherOde()
 
-    @model_validator(mode="after")
-    def _teacher_given(self) -> "PretrainConfig":
-        if self.source == "import" and not self.teacher.path:
-            raise ValueError("teacher.path: source 'import' needs the teacher's model folder or entry point")
-        return self
 
 
 class TrajectoriesConfig(Section):

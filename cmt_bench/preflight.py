@@ -1,5 +1,5 @@
 """Checks of the machine against params.yaml that every command runs before any work: a device
-this machine lacks, too many CUDA processes, a missing Inception weights file."""
+this machine lacks, too many CUDA processes, a missing Inception weights file or imported teacher."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -34,6 +34,25 @@ def check_inception_weights(params: config.Params, source: str) -> None:
                                  f"file there, or set evaluate.features to 'classifier' or 'raw'")
 
 
+def check_teacher(params: config.Params, source: str) -> None:
+    """An imported teacher (pretrain.source import) must be where pretrain.teacher.path says."""
+    pre = params.pretrain
+    if pre.source != "import":
+        return
+    path = pre.teacher.path
+    if not path:
+        raise config.ParamsError(f"{source}: pretrain.teacher.path: pretrain.source 'import' needs the teacher's "
+                                 f"diffusers model folder or its entry point 'module:function[@checkpoint]'")
+    if pre.teacher.format == "diffusers" and not (Path(path).expanduser() / "config.json").is_file():
+        raise config.ParamsError(f"{source}: pretrain.teacher.path: no diffusers model folder at {path!r} "
+                                 f"(config.json missing); nothing is downloaded")
+    checkpoint = path.partition("@")[2] if pre.teacher.format == "entrypoint" else ""
+    if checkpoint and not Path(checkpoint).expanduser().exists():
+        raise config.ParamsError(f"{source}: pretrain.teacher.path: the entry point's checkpoint {checkpoint!r} "
+                                 f"does not exist")
+
+
 def check(params: config.Params, source: str) -> None:
     check_device(params, source)
     check_inception_weights(params, source)
+    check_teacher(params, source)

@@ -129,7 +129,8 @@ def train(net: nn.Module, job: Job, cfg: TrainConfig, *, seed: int, ckpt_path: P
     draw_device = device if draws == "device" else torch.device("cpu")
     data = None if job.data is None else job.data.to(draw_device)  # once, not per step
     ema = copy.deepcopy(net).requires_grad_(False)
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, foreach=True)  # one kernel per op, not per tensor
+    optimizer = {"adam": torch.optim.Adam, "radam": torch.optim.RAdam}[cfg.optimizer]
+    opt = optimizer(net.parameters(), lr=cfg.lr, foreach=True)  # one kernel per op, not per tensor
     # listed once: walking the module tree every step cost 3% of a small MLP's step time
     ema_params, net_params = list(ema.parameters()), list(net.parameters())
     total_steps = math.ceil(cfg.budget_images / cfg.batch_size)
@@ -201,6 +202,9 @@ def train(net: nn.Module, job: Job, cfg: TrainConfig, *, seed: int, ckpt_path: P
                         f"The last good checkpoint is kept at {ckpt_path}. Try a lower learning rate.")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                if cfg.lr_decay == "linear":  # a function of the step alone, so a resumed run decays alike
+                    for group in opt.param_groups:
+                        group["lr"] = cfg.lr * (1 - step / total_steps)
                 opt.step()
                 _ema_update(ema_params, net_params, cfg.ema_decay)
                 if device.type == "cuda":

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import make_repo, mlflow_runs, sh
 
-from cmt_bench import config
+from cmt_bench import config, preflight
 from cmt_bench import data as datasets
 from cmt_bench.stages.midtrain import on_the_fly
 from cmt_bench.stages.trajectories import teacher_velocity
@@ -108,8 +108,12 @@ def test_an_imported_teacher_that_does_not_fit_is_refused_by_name(tmp_path):
     teacher = config.PretrainConfig(**_teacher_params(folder)).teacher
     with pytest.raises(ValueError, match=r"takes 1x8x8 images .* the data are 3x8x8"):
         network(teacher, (3, 8, 8), two_times=True)
-    with pytest.raises(ValueError, match="teacher.path: source 'import' needs"):
-        config.PretrainConfig(source="import")
+    params = config.validate({**config.Params().model_dump(), "pretrain": {"source": "import"}})
+    with pytest.raises(config.ParamsError, match="pretrain.teacher.path: pretrain.source 'import' needs"):
+        preflight.check(params, "params.yaml")
+    params = config.validate({**config.Params().model_dump(), "pretrain": _teacher_params(tmp_path / "nowhere")})
+    with pytest.raises(config.ParamsError, match="no diffusers model folder at .*nowhere"):
+        preflight.check(params, "params.yaml")
     with pytest.raises(ValueError, match="schedule_args: beta_max not a constant of schedule 'vp_ddpm'; "
                                          "allowed: beta_start, beta_end, steps"):
         config.PretrainConfig(**_teacher_params(folder, schedule_args={"beta_max": 0.02}))

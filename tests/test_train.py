@@ -194,3 +194,37 @@ def test_a_job_drawing_on_the_fly_resumes_exactly_and_counts_its_teacher(tracked
     assert whole.ledger.teacher_nfe == resumed.ledger.teacher_nfe == 8 * 320
     assert whole.history[-1]["teacher_nfe"] == 8 * 320
     assert whole.ledger.flops > 0
+
+
+def test_radam_with_linear_decay_resumes_exactly_and_ends_near_zero(tracked, tmp_path):
+    """sony/cmt's optimizer (RAdam, lr decaying linearly to 0): the rate is a function of the step, so a
+    run stopped at its second logged point (its last checkpoint at step 2 of 10) and rerun ends with an
+    uninterrupted run's weights."""
+    params, _ = tracked
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_128(seen, values):
+        if seen == 128:
+            raise Stop
+
+    def run(ckpt, on_point=None):
+        cfg = config.TrainConfig(batch_size=32, budget_images=320, log_every_images=64, checkpoint_every_images=64,
+                                 optimizer="radam", lr_decay="linear", lr=0.01)
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.Linear(16, 3))
+        job = Job("lin", data=torch.randn(256, 2, generator=torch.Generator().manual_seed(0)),
+                  loss=lambda net, x, gen, seen: (net(x) - 1).pow(2).mean(), on_point=on_point)
+        result, tracker = train(net, job, cfg, seed=0, ckpt_path=ckpt, fingerprint="fp", ledger=Ledger(device="cpu"),
+                                open_tracker=lambda run_id: Tracker.open(params, "lin", run_id=run_id))
+        tracker.finish()
+        return result
+    whole = run(tmp_path / "a/last.pt")
+    with pytest.raises(Stop):
+        run(tmp_path / "b/last.pt", stop_at_128)
+    assert checkpoint.load(tmp_path / "b/last.pt")["step"] == 2
+    resumed = run(tmp_path / "b/last.pt")
+    assert all(torch.equal(whole.net.state_dict()[k], v) for k, v in resumed.net.state_dict().items())
+    state = checkpoint.load(tmp_path / "a/last.pt")
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.01 * (1 - 9 / 10))  # the last step's
