@@ -74,12 +74,12 @@ def _diffusers_unet(folder: Path, weights: bool = True) -> nn.Module:
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"teacher path {folder}: no diffusers model folder there (config.json missing); "
                                 f"write one with UNet2DModel.save_pretrained(folder)")
+    from diffusers import UNet2DModel  # only where a diffusers teacher is used
+    if not weights:  # the architecture alone (a random init, a plan): config.json suffices
+        return UNet2DModel.from_config(UNet2DModel.load_config(folder, local_files_only=True))
     if not any(folder.glob("*.safetensors")):
         raise ValueError(f"teacher path {folder}: no safetensors weights (pickled weights run code; convert them "
                          f"with UNet2DModel.from_pretrained(folder).save_pretrained(folder, safe_serialization=True))")
-    from diffusers import UNet2DModel  # only where a diffusers teacher is used
-    if not weights:
-        return UNet2DModel.from_config(UNet2DModel.load_config(folder, local_files_only=True))
     # low_cpu_mem_usage would need accelerate; the teacher is loaded once
     return UNet2DModel.from_pretrained(folder, use_safetensors=True, local_files_only=True, low_cpu_mem_usage=False)
 
