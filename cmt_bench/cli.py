@@ -158,6 +158,11 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--steps", type=int, default=None, help="training steps timed per stage (default 10)")
     pl.add_argument("--budget-hours", type=float, default=None,
                     help="exit with status 3 when the projected device-hours exceed this")
+    pl.add_argument("--shape", default=None, help="C,H,W (or D): time random samples of this shape instead of the "
+                                                  "data (for data not on this machine)")
+    pl.add_argument("--stand-in-teacher", default=None, metavar="FOLDER",
+                    help="a diffusers model folder (config.json suffices) whose architecture is timed in place of "
+                         "an imported teacher that is not on this machine")
     dep = sub.add_parser("deps", help="the code each dvc.yaml stage runs (its import closure) against its deps")
     dep.add_argument("--write", action="store_true", help="rewrite dvc.yaml's code dependencies to match")
     sub.add_parser("summary", help="print the report's short summary")
@@ -182,7 +187,9 @@ def main(argv: list[str] | None = None, started: float | None = None) -> int:
             print(f"wrote {args.params} from experiments/{args.name}.yaml")
             return 0
         params = config.load(args.params)
-        if args.command not in ("report", "summary"):
+        if args.command == "plan":  # a plan may time stand-ins for data and teacher not on this machine
+            preflight.check_device(params, args.params)
+        elif args.command not in ("report", "summary"):
             preflight.check(params, args.params)
         specs = _study_specs(params, args)
         if args.command == "ablation":
@@ -198,7 +205,7 @@ def main(argv: list[str] | None = None, started: float | None = None) -> int:
         return 0
     if args.command == "plan":
         from . import plan
-        return plan.main(params, args.steps, args.budget_hours)
+        return plan.main(params, args.steps, args.budget_hours, args.shape, args.stand_in_teacher)
     if args.command in ("report", "summary"):
         from . import report
         if args.command == "report":

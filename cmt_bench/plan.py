@@ -1,10 +1,14 @@
 """`cmt-bench plan`: what a run of params.yaml will cost on this machine, before it runs.
 
 Every training stage is timed here for a few steps through the same loop it trains with (`train.train`,
-nothing logged), on the preset's real data: the data stage itself runs in memory, mid-training gets
-random trajectories of the configured shape (a step's cost does not depend on the values) and every
-network starts from random weights. The trajectories stage is timed on one batch of the teacher's
-ODE. Each is timed over 10 steps, or more where those take under 2 s (up to 500). A stage's projection is its measured seconds per step (the first step, which warms up, left out)
+nothing logged), on the preset's real data (the data stage itself runs in memory; `--shape` times
+random samples of that shape instead, for data not on this machine), mid-training on random
+trajectories of the configured shape (a step's cost does not depend on the values) or, with
+trajectories.mode on_the_fly, on the teacher's trajectories drawn per batch, and every network
+starts from random weights: the preset's own, or an imported teacher's architecture
+(`--stand-in-teacher` names a diffusers folder whose architecture is timed in its place when the
+teacher is not on this machine). The trajectories stage is timed on one batch of the teacher's
+ODE; an imported teacher is not trained, so it has no pre-training row. Each is timed over 10 steps, or more where those take under 2 s (up to 500). A stage's projection is its measured seconds per step (the first step, which warms up, left out)
 times the steps its budget takes, times the cells that run it (a study's trials timed on the threads
 each trial gets, `studies.workers` at a time); so it is labelled a projection. The
 FLOPs beside it are counted (ledger.py), and exact for these budgets. Not projected: evaluation (in
@@ -27,11 +31,13 @@ from pathlib import Path
 import torch
 
 from . import data as datasets
-from . import distributed, losses, nets, solvers
+from . import distributed, losses, solvers
 from .config import Params, load
 from .ledger import Ledger, count_flops, device_name
 from .paths import PATHS
+from .stages.common import build_net
 from .stages.midtrain import LOSS as MIDTRAIN_LOSS
+from .stages.midtrain import on_the_fly
 from .stages.posttrain import posttrain_loss
 from .train import Job, train
 
@@ -72,17 +78,18 @@ class _Untracked:
         pass
 
 
-def _timed(params: Params, net, loss, data: torch.Tensor, train_cfg, steps: int) -> tuple[float, float]:
+def _timed(params: Params, net, loss, data: torch.Tensor | None, train_cfg, steps: int, **job) -> tuple[float, float]:
     """(seconds, counted FLOPs) per step of `loss` through the training loop, at train_cfg's batch,
-    over `steps` steps, or more where those took under MIN_SECONDS."""
-    seconds, flops = _timed_over(params, net, loss, data, train_cfg, steps)
+    over `steps` steps, or more where those took under MIN_SECONDS; `job`: Job's other fields (a draw)."""
+    seconds, flops = _timed_over(params, net, loss, data, train_cfg, steps, job)
     if seconds * steps < MIN_SECONDS and steps < MAX_STEPS:
         more = min(MAX_STEPS, math.ceil(MIN_SECONDS / max(seconds, 1e-6)))
-        seconds, flops = _timed_over(params, net, loss, data, train_cfg, more)
+        seconds, flops = _timed_over(params, net, loss, data, train_cfg, more, job)
     return seconds, flops
 
 
-def _timed_over(params: Params, net, loss, data: torch.Tensor, train_cfg, steps: int) -> tuple[float, float]:
+def _timed_over(params: Params, net, loss, data: torch.Tensor | None, train_cfg, steps: int,
+                job: dict) -> tuple[float, float]:
     """A run of 1 step and one of 1 + `steps`, so the first step's warm-up cancels."""
     dev = distributed.device(params.compute.device)
     precision = distributed.precision_used(params.compute.precision, dev)
@@ -94,7 +101,7 @@ def _timed_over(params: Params, net, loss, data: torch.Tensor, train_cfg, steps:
             cfg = train_cfg.model_copy(update={"budget_images": n * train_cfg.batch_size,
                                                "log_every_images": 10 ** 15, "checkpoint_every_images": 10 ** 15})
             ledger = Ledger(device=device_name(dev))
-            train(net.to(dev), Job("plan", data=data, loss=loss), cfg, seed=0, ckpt_path=Path(tmp) / f"{n}.pt",
+            train(net.to(dev), Job("plan", data=data, loss=loss, **job), cfg, seed=0, ckpt_path=Path(tmp) / f"{n}.pt",
                   fingerprint="plan", ledger=ledger, open_tracker=lambda _: _Untracked(), precision=precision,
                   compile=params.compute.compile, draws=params.compute.draws)
             seconds.append(ledger.seconds)
@@ -106,50 +113,67 @@ def _steps(train_cfg) -> int:
     return math.ceil(train_cfg.budget_images / train_cfg.batch_size)
 
 
-def project(params: Params, steps: int = STEPS) -> tuple[list[Row], float]:
-    """The rows of the plan and the measured seconds of the data stage (run here, in memory)."""
+def project(params: Params, steps: int = STEPS, shape: tuple[int, ...] | None = None,
+            stand_in_teacher: str | None = None) -> tuple[list[Row], float]:
+    """The rows of the plan and the measured seconds of the data stage (run here, in memory; 0 with
+    `shape`, random samples of that shape). `stand_in_teacher`: a diffusers folder whose architecture
+    is timed for an imported teacher that is not on this machine."""
     from .study_spec import load_spec  # studies: their trial counts and budgets
+    if stand_in_teacher is not None:
+        teacher_cfg = params.pretrain.teacher.model_copy(update={"path": stand_in_teacher, "format": "diffusers"})
+        params = params.model_copy(update={"pretrain": params.pretrain.model_copy(update={"teacher": teacher_cfg})})
     started = time.perf_counter()
-    train_x = datasets.as_float(datasets.make_splits(params.data, params.seed)[0])
-    data_seconds = time.perf_counter() - started
+    if shape is None:
+        train_x = datasets.as_float(datasets.make_splits(params.data, params.seed)[0])
+    else:  # enough random samples for the largest batch
+        batch = max(params.pretrain.train.batch_size, params.posttrain.train.batch_size, 2)
+        train_x = torch.rand(batch, *shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    data_seconds = time.perf_counter() - started if shape is None else 0.0
     shape, path, rows = tuple(train_x.shape[1:]), PATHS["linear"](), []
     torch.manual_seed(0)
+    net = lambda two_times: build_net(params, shape, two_times)  # noqa: E731  # random weights
 
     pre = params.pretrain
-    teacher = nets.build(shape, params.net, False)
-    sec, flops = _timed(params, teacher, lambda n, x, g, seen: losses.flow_matching_loss(n, path, x, g, pre.t_sampling),
-                        train_x, pre.train, steps)
-    rows.append(Row("pretrain", 1, _steps(pre.train), sec, flops))
+    teacher = net(False)
+    if pre.source == "import":
+        rows.append(Row("pretrain (imported teacher)", 0, 0, 0.0, 0.0, "not trained here"))
+    else:
+        sec, flops = _timed(params, teacher, lambda n, x, g, seen: losses.flow_matching_loss(n, path, x, g, pre.t_sampling),
+                            train_x, pre.train, steps)
+        rows.append(Row("pretrain", 1, _steps(pre.train), sec, flops))
 
     traj = params.trajectories
     grid = solvers.time_grid(traj.steps, traj.grid, traj.rho)
     dev = distributed.device(params.compute.device)
-    teacher = teacher.to(dev).eval()
-    x1 = torch.randn(traj.batch_size, *shape, device=dev)
-    solve = lambda x: solvers.integrate(lambda z, t: teacher(z, t), x, grid, traj.solver)[0].cpu()  # noqa: E731
-    solve(x1[:1])  # warm-up
-    started = time.perf_counter()
-    solve(x1)
-    sec = time.perf_counter() - started
-    flops = count_flops(lambda: solve(x1[:1])) * traj.batch_size
-    rows.append(Row("trajectories", 1, math.ceil(traj.count / traj.batch_size), sec, flops,
-                    f"the teacher's ODE on {traj.batch_size} trajectories"))
+    teacher = teacher.to(dev).eval().requires_grad_(False)
+    if traj.mode == "stored":
+        x1 = torch.randn(traj.batch_size, *shape, device=dev)
+        solve = lambda x: solvers.integrate(lambda z, t: teacher(z, t), x, grid, traj.solver)[0].cpu()  # noqa: E731
+        solve(x1[:1])  # warm-up
+        started = time.perf_counter()
+        solve(x1)
+        sec = time.perf_counter() - started
+        flops = count_flops(lambda: solve(x1[:1])) * traj.batch_size
+        rows.append(Row("trajectories", 1, math.ceil(traj.count / traj.batch_size), sec, flops,
+                        f"the teacher's ODE on {traj.batch_size} trajectories"))
 
     mid = params.midtrain
-    fake_traj = torch.randn(max(mid.train.batch_size, 2), traj.steps + 1, *shape)
-    times = grid.to(fake_traj.dtype)
+    times = grid.to(train_x.dtype)
+    if traj.mode == "stored":
+        source = dict(data=torch.randn(max(mid.train.batch_size, 2), traj.steps + 1, *shape))
+    else:  # each batch's trajectories drawn from the teacher: part of the mid-training step
+        source = dict(data=None, draw=on_the_fly(teacher, shape, times, traj.solver))
     for method in params.posttrain.methods:
         variant = mid.variants[method]
         loss = MIDTRAIN_LOSS[variant]
-        sec, flops = _timed(params, nets.build(shape, params.net, True),
-                            lambda n, x, g, seen: loss(n, x, times.to(x.device), g, mid.distance), fake_traj,
-                            mid.train, steps)
-        rows.append(Row(f"midtrain for {method} (CMT-{variant.upper()})", 1, _steps(mid.train), sec, flops))
+        sec, flops = _timed(params, net(True), lambda n, x, g, seen: loss(n, x, times.to(x.device), g, mid.distance),
+                            train_cfg=mid.train, steps=steps, **source)
+        rows.append(Row(f"midtrain for {method} (CMT-{variant.upper()})", 1, _steps(mid.train), sec, flops,
+                        "with the teacher's trajectories for its batch" if traj.mode == "on_the_fly" else ""))
 
     post = params.posttrain
     for method in post.methods:
-        sec, flops = _timed(params, nets.build(shape, params.net, True), posttrain_loss(params, method, path), train_x,
-                            post.train, steps)
+        sec, flops = _timed(params, net(True), posttrain_loss(params, method, path), train_x, post.train, steps)
         rows.append(Row(f"posttrain {method}", len(post.inits) * len(post.seeds), _steps(post.train), sec, flops))
     # a study's trials run `workers` at a time on studies.threads threads each: timed on those threads
     studies, threads = params.studies, torch.get_num_threads()
@@ -157,7 +181,7 @@ def project(params: Params, steps: int = STEPS) -> tuple[list[Row], float]:
     try:
         for name in studies.specs:
             spec = load_spec(name, params)
-            sec, flops = _timed(params, nets.build(shape, params.net, True), posttrain_loss(params, spec.method, path),
+            sec, flops = _timed(params, net(True), posttrain_loss(params, spec.method, path),
                                 train_x, post.train, steps)
             rows.append(Row(f"study {name} ({spec.method})", spec.trials * len(spec.inits),
                             math.ceil(spec.objective.budget_images / post.train.batch_size), sec, flops,
@@ -206,13 +230,30 @@ def total_hours(rows: list[Row]) -> float:
     return sum(r.device_hours for r in rows)
 
 
-def main(params: Params, steps: int | None = None, budget_hours: float | None = None) -> int:
+def main(params: Params, steps: int | None = None, budget_hours: float | None = None, shape: str | None = None,
+         stand_in_teacher: str | None = None) -> int:
     steps = STEPS if steps is None else steps
     if steps < 1:
         print(f"error: --steps: at least 1 (got {steps})", file=sys.stderr)
         return 2
-    rows, data_seconds = project(params, steps)
+    try:
+        dims = None if shape is None else tuple(int(d) for d in shape.split(","))
+    except ValueError:
+        dims = ()
+    if dims is not None and (not dims or min(dims) < 1):
+        print(f"error: --shape: positive integers C,H,W or D (got {shape!r})", file=sys.stderr)
+        return 2
+    if stand_in_teacher is not None and not (Path(stand_in_teacher) / "config.json").is_file():
+        print(f"error: --stand-in-teacher: no diffusers model folder (config.json) at {stand_in_teacher!r}",
+              file=sys.stderr)
+        return 2
+    rows, data_seconds = project(params, steps, dims, stand_in_teacher)
     print("\n".join(table(params, rows, data_seconds, steps)))
+    if dims is not None or stand_in_teacher is not None:
+        print("Timed on stand-ins: " + "; ".join(
+            ([f"random samples of shape {shape} for the data"] if dims is not None else [])
+            + ([f"the architecture of {stand_in_teacher} (random weights) for the imported teacher"]
+               if stand_in_teacher is not None else [])) + ".")
     hours = total_hours(rows)
     if budget_hours is not None and hours > budget_hours:
         print(f"over budget: {hours:.3g} projected device-hours > {budget_hours:g}", file=sys.stderr)
