@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -34,27 +32,37 @@ def _study_specs(params: config.Params, args) -> list:
     return specs
 
 
-# what `dvc repro` prints per stage; each stage prints its own closing line (progress.py)
-DVC_STAGE_LINES = re.compile(r"(Running stage '[^']+':|> .*|Updating lock file '[^']+'|)")
-
-
-def _repro(dvc_args: list[str]) -> int:
+def _repro(argv: list[str]) -> int:
     """dvc repro with its per-stage lines left out (its other output, warnings and errors pass), its
-    stages run by a warm interpreter (warm.py); with $CMT_BENCH_BUDGET_HOURS set, only after the
-    projected cost (plan.py) fits it or a person confirms it."""
-    from . import plan, warm
+    stages run by a warm interpreter (warm.py) and, for the whole pipeline, its matrix cells `--jobs`
+    at a time (schedule.py); with $CMT_BENCH_BUDGET_HOURS set, only after the projected cost
+    (plan.py) fits it or a person confirms it."""
+    from . import plan, schedule, warm
+    jobs, dvc_args = None, []
+    it = iter(argv)
+    for arg in it:
+        if arg in ("-j", "--jobs") or arg.startswith("--jobs="):
+            value = arg.partition("=")[2] if "=" in arg else next(it, "")
+            if not value.isdigit() or int(value) < 1:
+                print(f"error: --jobs: a whole number >= 1 (got {value!r})", file=sys.stderr)
+                return 2
+            jobs = int(value)
+        else:
+            dvc_args.append(arg)
+    if jobs is not None and jobs > 1 and dvc_args:
+        print(f"error: --jobs {jobs} runs the whole pipeline with its cells side by side; with dvc repro's own "
+              f"arguments ({' '.join(dvc_args)}) use --jobs 1", file=sys.stderr)
+        return 2
+    if jobs is None:
+        try:
+            jobs = 1 if dvc_args else schedule.default_jobs(config.load("params.yaml"))
+        except config.ParamsError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     if not plan.confirm_budget():
         return 3
     with warm.server() as env:
-        proc = subprocess.Popen(["dvc", "repro", *dvc_args], stdout=subprocess.PIPE, text=True, bufsize=1, env=env)
-        try:
-            for line in proc.stdout:
-                if not DVC_STAGE_LINES.fullmatch(line.rstrip("\n")):
-                    sys.stdout.write(line)
-                    sys.stdout.flush()
-            return proc.wait()
-        except KeyboardInterrupt:  # DVC got the same SIGINT: let it stop its stage
-            return proc.wait()
+        return schedule.run(jobs, env) if jobs > 1 else schedule.repro(dvc_args, env)
 
 
 def _study_plan(params: config.Params, args) -> tuple[int, str]:
@@ -151,6 +159,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="rerun levels that have an experiment already, every stage afresh (no run-cache)")
     rep = sub.add_parser("repro", help="`dvc repro` showing one line per stage (and bars on a terminal) instead of "
                                        "DVC's own lines; other arguments go to dvc repro")
+    rep.add_argument("-j", "--jobs", type=int, default=None,
+                     help="matrix cells at once (default: the cores over compute.threads when it is set, else 1); "
+                          "above 1 the whole pipeline, without other arguments")
     rep.add_argument("dvc_args", nargs="*", help="arguments of dvc repro (e.g. -f -s STAGE)")
     sub.add_parser("check", help="validate the parameter file and exit")
     pl = sub.add_parser("plan", help="time a few steps of every stage on this machine and print each stage's "

@@ -221,6 +221,10 @@ class ComputeConfig(Section):
     # any device). On a CPU both are the same numbers.
     draws: Literal["device", "host"] = "device"
     channels_last: bool = False  # channels-last memory format for the UNet (images only)
+    # torch CPU threads of every stage (None: torch's default, one per core). Part of a result: the
+    # count changes the order of float sums. With a count set, `cmt-bench repro` runs the matrix
+    # cells (mid-training, post-training, evaluation) cores / threads at a time (schedule.py)
+    threads: PositiveInt | None = None
 
 
 class ReportConfig(Section):

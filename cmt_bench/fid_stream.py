@@ -7,15 +7,19 @@ sampled (1 and 2 steps), turned into the bytes an image file would hold, and its
 added to running moments (count, sum, sum of outer products, in float64, about the reference's
 mean so nothing cancels); no image and no feature outlives its block. One all_reduce adds the
 ranks' moments, and torch-fidelity's own formula compares the result with the reference
-statistics the features stage cached (the held-out split's features): scoring.Scorer.streamed."""
+statistics the features stage cached (the held-out split's features): score()."""
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from . import sampling
+from pathlib import Path
+
+from . import metrics, sampling
 from .distributed import World
+from .layout import CLASSIFIER, REFERENCE_CACHE
 from .paths import noise
+from .scoring import REFERENCE_NAME, Scorer, key
 from .train import derive_seed
 
 BLOCK = 1000  # samples per block: the unit the sample seeds and the ranks' shares are counted in
@@ -76,3 +80,22 @@ def streamed_moments(net, path, n: int, shape: tuple[int, ...], seed: int, t_mid
             moments["2step"].add(features(sampling.two_step(net, path, e, m, t_mid)))
     return {name: m.reduced(world) for name, m in moments.items()}
 
+
+
+def score(scorer: Scorer, net, path, n: int, shape: tuple[int, ...], world: World, device) -> dict[str, float]:
+    """The Frechet distance of n 1- and 2-step samples made in blocks across the ranks and streamed,
+    under the same keys as the scorer's in-memory scores: e.g. fid_inception_2step_n50000."""
+    params, ev = scorer.params, scorer.params.evaluate
+    if params.features == "raw":
+        features = lambda x: x.reshape(len(x), -1)  # noqa: E731
+        flat = scorer.reference.reshape(len(scorer.reference), -1)
+        reference = {"mu": flat.mean(0), "sigma": np.cov(flat, rowvar=False)}
+        frechet = lambda s, r: metrics.frechet_of_statistics(s["mu"], s["sigma"], r["mu"], r["sigma"])  # noqa: E731
+    else:
+        from . import fidelity  # torch-fidelity only where images are scored
+        weights = CLASSIFIER if params.features == "classifier" else Path(ev.inception_weights)
+        features = fidelity.feature_function(params.features, weights, device)
+        reference = fidelity.reference_statistics(REFERENCE_CACHE, REFERENCE_NAME, params.features, weights)
+        frechet = fidelity.frechet_of_statistics
+    moments = streamed_moments(net, path, n, shape, ev.seed, params.sampling.t_mid, features, reference["mu"], world)
+    return {key(f"{params.fd_name}_{name}", n): frechet(m.statistics(), reference) for name, m in moments.items()}

@@ -26,12 +26,13 @@ def in_ci() -> bool:
     return os.environ.get("CI", "").lower() == "true"
 
 
+NO_BARS = "CMT_BENCH_NO_BARS"  # set where stages run side by side: two bars cannot share a terminal line
 _bars = True  # off in a study worker: the study shows one bar for all its trials
 
 
 def live() -> bool:
     """Bars: on a terminal, outside CI, unless turned off for this process."""
-    return _bars and not in_ci() and sys.stderr.isatty()
+    return _bars and not in_ci() and not os.environ.get(NO_BARS) and sys.stderr.isatty()
 
 
 def no_bars() -> None:

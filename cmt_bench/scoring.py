@@ -109,27 +109,6 @@ class Scorer:
                                            reference_images=self.reference_uint8)
         return scores["fd"]
 
-    def streamed(self, net, path, n: int, shape: tuple[int, ...], world, device) -> dict[str, float]:
-        """The Frechet distance of n 1- and 2-step samples made in blocks across the ranks and streamed
-        (fid_stream), under the same keys as in-memory scores: e.g. fid_inception_2step_n50000."""
-        from . import fid_stream
-        ev = self.params.evaluate
-        if self.params.features == "raw":
-            features = lambda x: x.reshape(len(x), -1)  # noqa: E731
-            flat = self.reference.reshape(len(self.reference), -1)
-            reference = {"mu": flat.mean(0), "sigma": np.cov(flat, rowvar=False)}
-            frechet = lambda s, r: metrics.frechet_of_statistics(s["mu"], s["sigma"], r["mu"], r["sigma"])  # noqa: E731
-        else:
-            from . import fidelity
-            weights = CLASSIFIER if self.params.features == "classifier" else Path(ev.inception_weights)
-            features = fidelity.feature_function(self.params.features, weights, device)
-            reference = fidelity.reference_statistics(REFERENCE_CACHE, REFERENCE_NAME, self.params.features, weights)
-            frechet = fidelity.frechet_of_statistics
-        moments = fid_stream.streamed_moments(net, path, n, shape, ev.seed, self.params.sampling.t_mid, features,
-                                              reference["mu"], world)
-        return {key(f"{self.params.fd_name}_{name}", n): frechet(m.statistics(), reference)
-                for name, m in moments.items()}
-
     def __call__(self, samples: dict[str, np.ndarray]) -> dict[str, float]:
         """Scores of each sampler's samples ({'1step': x, '2step': y}) under counted keys."""
         out = {}

@@ -2,11 +2,14 @@
 and saved here stands in for a pre-trained checkpoint; every later stage trains and samples its
 architecture through teacher_conversion, and no teacher is trained."""
 import json
+import os
+import subprocess
+import sys
 
 import diffusers
 import pytest
 import torch
-from conftest import make_repo, mlflow_runs, sh
+from conftest import ROOT, make_repo, mlflow_runs, sh
 
 from cmt_bench import config, preflight
 from cmt_bench import data as datasets
@@ -117,3 +120,32 @@ def test_an_imported_teacher_that_does_not_fit_is_refused_by_name(tmp_path):
     with pytest.raises(ValueError, match="schedule_args: beta_max not a constant of schedule 'vp_ddpm'; "
                                          "allowed: beta_start, beta_end, steps"):
         config.PretrainConfig(**_teacher_params(folder, schedule_args={"beta_max": 0.02}))
+
+
+def test_plan_times_stand_ins_for_a_teacher_and_data_not_on_this_machine(tmp_path):
+    """`cmt-bench plan --shape --stand-in-teacher`: the imported teacher's architecture from a folder
+    with only config.json, random samples for the data; no pre-training or stored-trajectory cost
+    (imported teacher, trajectories on the fly), mid-training timed with its per-batch trajectories."""
+    folder = _teacher(tmp_path / "teacher")
+    (tmp_path / "architecture").mkdir()
+    (tmp_path / "architecture/config.json").write_text((folder / "config.json").read_text())
+    raw = config.preset("digits").model_dump()
+    raw = config.deep_merge(raw, {"pretrain": {"source": "import", "teacher": {"path": None, "format": "entrypoint"}},
+                                  "trajectories": {"mode": "on_the_fly", "steps": 2, "solver": "euler"},
+                                  "midtrain": _train(64), "posttrain": {**_train(64), "seeds": [0]},
+                                  "data": {"path": "/nowhere"}, "studies": {"specs": []}})
+    (tmp_path / "params.yaml").write_text(config.to_yaml(config.validate(raw)))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CI": "true"}
+    out = subprocess.run([sys.executable, "-m", "cmt_bench", "plan", "--steps", "2", "--shape", "1,8,8",
+                          "--stand-in-teacher", str(tmp_path / "architecture")], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    assert any(line.startswith("pretrain (imported teacher)") and "not trained here" in line for line in lines)
+    assert not any(line.startswith("trajectories ") for line in lines)
+    mid = [line for line in lines if line.startswith("midtrain for")]
+    assert len(mid) == 2 and all("with the teacher's trajectories for its batch" in line for line in mid)
+    assert "Timed on stand-ins: random samples of shape 1,8,8" in out.stdout and "architecture" in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "cmt_bench", "plan", "--shape", "1,x"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "--shape: positive integers" in bad.stderr

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from .. import data as datasets
-from .. import distributed, progress, sampling, scoring
+from .. import distributed, fid_stream, progress, sampling, scoring
 from ..config import Params
 from ..data import read_json, write_json
 from ..layout import out_dir
@@ -44,7 +44,8 @@ def run(params: Params, init: str, method: str, seed: int) -> None:
     if cfg.fid_samples:
         start = time.perf_counter()
         heldout = datasets.load_split(out_dir("data"), "heldout").numpy()
-        streamed = scoring.Scorer(params, heldout).streamed(net, PATHS["linear"](), cfg.fid_samples, shape, world, dev)
+        streamed = fid_stream.score(scoring.Scorer(params, heldout), net, PATHS["linear"](), cfg.fid_samples, shape,
+                                    world, dev)
         stream_seconds = {"fid_stream_seconds": time.perf_counter() - start}
     if not world.main:
         return

@@ -1,0 +1,127 @@
+"""`cmt-bench repro` with matrix cells side by side: the pipeline's independent cells (mid-training
+per method, post-training and final evaluation per init x method x seed) run `jobs` at a time, each
+as its own `dvc repro -s CELL`; the other stages run one `dvc repro` at a time with nothing beside
+them, since they feed everything after them or use the cores themselves (a study's workers).
+
+Every stage still runs through DVC, so its outputs, run cache and dvc.lock entry are what one `dvc
+repro` writes: DVC releases its repository lock while a stage's command runs, and `--wait-for-lock`
+queues the short spans before and after in which it holds it. Side by side pays where a cell leaves
+cores idle: a small network gains little from a second thread (two toy cells on one thread each
+finished 1.6x and 2.2x sooner than one after the other on two: benchmarks/cell_parallelism.py). The
+thread count is compute.threads, a parameter (it changes the order of float sums), so the weights do
+not depend on `jobs`; by default `jobs` is the cores over it.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+
+from .config import Params
+from .progress import NO_BARS
+
+SIDE_BY_SIDE = ("midtrain", "posttrain", "evaluate")  # the stages whose cells depend on the others only
+# what `dvc repro` prints per stage; each stage prints its own closing line (progress.py)
+DVC_STAGE_LINES = re.compile(r"(Running stage '[^']+':|> .*|Updating lock file '[^']+'|)")
+
+
+def default_jobs(params: Params) -> int:
+    """Cores over compute.threads on a CPU run; 1 where the thread count is left to torch, under DDP
+    or on a GPU (one device, which a cell keeps busy)."""
+    compute = params.compute
+    if not compute.threads or compute.processes > 1 or compute.device == "cuda":
+        return 1
+    if compute.device == "auto":
+        import torch
+        if torch.cuda.is_available():
+            return 1
+    return max(1, len(os.sched_getaffinity(0)) // compute.threads)
+
+
+def pipeline() -> dict[str, list[str]]:
+    """{stage: the stages it depends on} of dvc.yaml, dependencies first."""
+    import networkx as nx
+    from dvc.repo import Repo
+    with Repo() as repo:
+        graph = repo.index.graph  # an edge goes from a stage to a stage it depends on
+        return {s.addressing: [d.addressing for d in graph.successors(s)]
+                for s in reversed(list(nx.topological_sort(graph)))}
+
+
+def _dvc(args: list[str], env: dict, lock: threading.Lock) -> tuple[subprocess.Popen, threading.Thread]:
+    """A DVC process whose output a thread copies to ours, without its per-stage lines."""
+    proc = subprocess.Popen(["dvc", *args], stdout=subprocess.PIPE, text=True, bufsize=1, env=env)
+
+    def forward() -> None:
+        for line in proc.stdout:
+            if not DVC_STAGE_LINES.fullmatch(line.rstrip("\n")):
+                with lock:
+                    sys.stdout.write(line)
+                    sys.stdout.flush()
+    thread = threading.Thread(target=forward, daemon=True)
+    thread.start()
+    return proc, thread
+
+
+def repro(dvc_args: list[str], env: dict) -> int:
+    """One `dvc repro DVC_ARGS`, as DVC runs it (one stage at a time)."""
+    proc, thread = _dvc(["repro", *dvc_args], env, threading.Lock())
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:  # DVC got the same SIGINT: let it stop its stage
+        code = proc.wait()
+    thread.join()
+    return code
+
+
+def run(jobs: int, env: dict) -> int:
+    """Reproduce the whole pipeline with up to `jobs` cells at once; the first failing DVC process's
+    exit code (the cells already running finish and are recorded), else 0."""
+    stages = pipeline()
+    pending, done, running, failed = list(stages), set(), [], 0
+    lock = threading.Lock()
+
+    def start(names: list[str], cell: bool) -> None:
+        proc, forward = _dvc(["--wait-for-lock", "repro", "-s", *names],
+                             {**env, NO_BARS: "1"} if cell else env, lock)
+        running.append((proc, names, cell, forward))
+        for name in names:
+            pending.remove(name)
+
+    try:
+        while pending or running:
+            ready = [n for n in pending if all(d in done for d in stages[n])]
+            if not failed and all(cell for _, _, cell, _ in running):
+                for name in [n for n in ready if n.split("@")[0] in SIDE_BY_SIDE][:jobs - len(running)]:
+                    start([name], cell=True)
+                if not running and ready:  # the stages that need the machine alone, as one dvc repro
+                    batch = []
+                    for name in pending:
+                        if name.split("@")[0] not in SIDE_BY_SIDE and all(d in done or d in batch
+                                                                           for d in stages[name]):
+                            batch.append(name)
+                    start(batch, cell=False)
+            if not running:
+                break  # a failure stopped the launches (or nothing could start)
+            time.sleep(0.1)
+            for entry in [e for e in running if e[0].poll() is not None]:
+                proc, names, _, forward = entry
+                running.remove(entry)
+                forward.join()
+                if proc.returncode == 0:
+                    done.update(names)
+                else:
+                    failed = failed or proc.returncode
+    except KeyboardInterrupt:  # the DVC processes got the same SIGINT: let them stop their stages
+        for proc, *_ in running:
+            proc.wait()
+        return 130
+    if failed:
+        return failed
+    if pending:
+        print(f"error: stages not run: {', '.join(pending)}", file=sys.stderr)
+        return 1
+    return 0

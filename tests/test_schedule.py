@@ -1,0 +1,85 @@
+"""`cmt-bench repro --jobs 2` (cmt_bench/schedule.py): a real smoke pipeline with its matrix cells two
+at a time, each through its own `dvc repro -s`; DVC's record must be what one `dvc repro` leaves, and
+a cell's weights what it gets alone."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import make_repo, sh
+
+from cmt_bench import config, schedule
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    repo, env = make_repo(tmp_path_factory.mktemp("schedule"), "smoke",
+                          {"posttrain": {"seeds": [0, 1]}, "compute": {"threads": 1}})
+    out = subprocess.run([sys.executable, "-m", "cmt_bench", "repro", "--jobs", "2"], cwd=repo, env=env,
+                         capture_output=True, text=True, timeout=1800)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return repo, env, out.stdout + out.stderr
+
+
+def _cells(repo):
+    return {p.stem: json.loads(p.read_text()) for p in (repo / "logs/stages").glob("*.json")}
+
+
+def test_every_stage_ran_once_and_dvc_records_them_all(repo):
+    repo, env, log = repo
+    assert "Data and pipelines are up to date" in sh("dvc status", repo, env)
+    stages = schedule_names(repo, env)
+    timed = _cells(repo)
+    assert set(stages) == set(timed) and len(stages) == len(set(stages)), set(stages) ^ set(timed)
+    assert "Running stage" not in log  # DVC's per-stage lines are left out, as in one dvc repro
+    assert "didn't change, skipping" not in log  # each DVC process looked at its own stages only
+
+
+def schedule_names(repo, env):
+    code = "import json; from cmt_bench import schedule; print(json.dumps(list(schedule.pipeline())))"
+    return json.loads(subprocess.run([sys.executable, "-c", code], cwd=repo, env=env, capture_output=True,
+                                     text=True, check=True).stdout)
+
+
+def test_cells_ran_side_by_side_and_nothing_beside_the_other_stages(repo):
+    repo, _, _ = repo
+    spans = {name: (r["finished"] - r["seconds"], r["finished"]) for name, r in _cells(repo).items()}
+
+    def overlapping(a, b):
+        return spans[a][0] < spans[b][1] and spans[b][0] < spans[a][1]
+    cells = [n for n in spans if n.split("@")[0] in schedule.SIDE_BY_SIDE]
+    assert any(overlapping(a, b) for a in cells for b in cells if a < b and a.startswith("posttrain")
+               and b.startswith("posttrain"))
+    alone = [n for n in spans if n.split("@")[0] in ("data", "features", "pretrain", "trajectories")]
+    assert not any(overlapping(a, b) for a in alone for b in spans if a != b)
+    at_most_two = max(sum(spans[n][0] <= spans[m][0] < spans[n][1] for n in cells) for m in cells)
+    assert at_most_two <= 2
+
+
+def test_a_cell_side_by_side_has_the_weights_it_gets_alone(repo):
+    repo, env, _ = repo
+    cell = repo / "artifacts/posttrain/ect/cmt/seed1/model.pt"
+    side_by_side = torch.load(cell, map_location="cpu", weights_only=True)["ema"]
+    sh("dvc repro -f -s posttrain@cmt-ect-1", repo, env)
+    alone = torch.load(cell, map_location="cpu", weights_only=True)["ema"]
+    assert side_by_side.keys() == alone.keys()
+    assert all(torch.equal(side_by_side[k], alone[k]) for k in alone)
+
+
+def test_jobs_are_refused_before_work_when_they_cannot_apply(repo):
+    repo, env, _ = repo
+    for args, message in ((["--jobs", "0"], "--jobs: a whole number >= 1 (got '0')"),
+                          (["-j", "2", "-s", "data"], "--jobs 2 runs the whole pipeline")):
+        out = subprocess.run([sys.executable, "-m", "cmt_bench", "repro", *args], cwd=repo, env=env,
+                             capture_output=True, text=True, timeout=600)
+        assert out.returncode == 2 and message in out.stderr, out.stderr
+
+
+def test_default_jobs_are_the_cores_over_the_threads_on_a_cpu():
+    params = config.preset("smoke")
+    assert schedule.default_jobs(params) == 1  # threads left to torch: one stage at a time
+    cpu = config.override(params, {"compute.threads": 1, "compute.device": "cpu"}, "test")
+    assert schedule.default_jobs(cpu) == len(os.sched_getaffinity(0))
+    assert schedule.default_jobs(config.override(cpu, {"compute.processes": 2}, "test")) == 1
