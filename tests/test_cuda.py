@@ -13,11 +13,9 @@ import pytest
 import torch
 from conftest import ROOT
 
-from cmt_bench import checkpoint, config, nets, sampling
+from cmt_bench import checkpoint, config, methods, nets, sampling
 from cmt_bench.distributed import autocast
 from cmt_bench.losses import flow_matching_loss
-from cmt_bench.methods.ect import ect_loss
-from cmt_bench.methods.meanflow import meanflow_loss
 from cmt_bench.paths import LinearPath
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -27,6 +25,7 @@ PATH = LinearPath()
 # the fashion preset's network, at a smaller width so the tests stay quick
 UNET = config.NetConfig(kind="unet", channels=32, channel_mult=[1, 2, 2], blocks_per_level=1, attention=True)
 SHAPE = (1, 32, 32)
+LOSSES = ("flow_matching", *methods.names())  # the teacher's loss and every registered method's
 
 
 def _net(seed=0):
@@ -38,12 +37,12 @@ def _net(seed=0):
 
 
 def _loss(method: str):
+    """loss(net, x, generator) of flow matching or of a registered method, at its defaults and at
+    the start of training (a curriculum's first phase)."""
+    if method == "flow_matching":
+        return lambda net, x, g: flow_matching_loss(lambda z, t: net(z, t), PATH, x, g, config.TimeSampling())
     post = config.PosttrainConfig()
-    return {
-        "flow_matching": lambda net, x, g: flow_matching_loss(lambda z, t: net(z, t), PATH, x, g, config.TimeSampling()),
-        "ect": lambda net, x, g: ect_loss(net, PATH, x, g, 0, post.ect, post.distance),
-        "meanflow": lambda net, x, g: meanflow_loss(net, PATH, x, g, post.meanflow),
-    }[method]
+    return lambda net, x, g: methods.get(method).loss(net, PATH, x, g, 0, getattr(post, method), post.distance)
 
 
 def _loss_and_grad(net, method, x, seed=0, precision="fp32"):
@@ -72,7 +71,7 @@ def test_unet_jvp_matches_central_differences_on_cuda():
     assert all(a / b > 50 for a, b in zip(errors, errors[1:])) and errors[-1] < 1e-6, errors
 
 
-@pytest.mark.parametrize("method", ["flow_matching", "ect", "meanflow"])
+@pytest.mark.parametrize("method", LOSSES)
 def test_fp32_loss_and_gradient_on_cuda_match_the_cpu(method):
     """Same weights, batch and seed: the noise and times come from the CPU generator on both
     devices, so the GPU computes the CPU's loss (to TF32 convolution precision)."""
@@ -85,7 +84,7 @@ def test_fp32_loss_and_gradient_on_cuda_match_the_cpu(method):
     assert torch.nn.functional.cosine_similarity(grad_cpu, grad_gpu, dim=0) > 0.99
 
 
-@pytest.mark.parametrize("method", ["flow_matching", "ect", "meanflow"])
+@pytest.mark.parametrize("method", LOSSES)
 def test_bf16_autocast_tracks_fp32(method):
     """bf16 autocast of the whole step (MeanFlow's JVP included) gives a finite loss near fp32's
     and a gradient pointing the same way; the weights and their gradients stay fp32."""
