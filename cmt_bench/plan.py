@@ -120,7 +120,10 @@ def project(params: Params, steps: int = STEPS, shape: tuple[int, ...] | None = 
     is timed for an imported teacher that is not on this machine."""
     from .study_spec import load_spec  # studies: their trial counts and budgets
     if stand_in_teacher is not None:
-        teacher_cfg = params.pretrain.teacher.model_copy(update={"path": stand_in_teacher, "format": "diffusers"})
+        # a diffusers architecture: its time embedding where diffusers puts it, whatever the real teacher's
+        diffusers_embedding = type(params.pretrain.teacher).model_fields["time_embedding"].default
+        teacher_cfg = params.pretrain.teacher.model_copy(update={"path": stand_in_teacher, "format": "diffusers",
+                                                                 "time_embedding": diffusers_embedding})
         params = params.model_copy(update={"pretrain": params.pretrain.model_copy(update={"teacher": teacher_cfg})})
     started = time.perf_counter()
     if shape is None:

@@ -130,7 +130,8 @@ def test_plan_times_stand_ins_for_a_teacher_and_data_not_on_this_machine(tmp_pat
     (tmp_path / "architecture").mkdir()
     (tmp_path / "architecture/config.json").write_text((folder / "config.json").read_text())
     raw = config.preset("digits").model_dump()
-    raw = config.deep_merge(raw, {"pretrain": {"source": "import", "teacher": {"path": None, "format": "entrypoint"}},
+    raw = config.deep_merge(raw, {"pretrain": {"source": "import", "teacher": {  # an EDM entry point's embedding
+                                      "path": None, "format": "entrypoint", "time_embedding": "net.model.map_layer1"}},
                                   "trajectories": {"mode": "on_the_fly", "steps": 2, "solver": "euler"},
                                   "midtrain": _train(64), "posttrain": {**_train(64), "seeds": [0]},
                                   "data": {"path": "/nowhere"}, "studies": {"specs": []}})
