@@ -41,14 +41,21 @@ def default_jobs(params: Params) -> int:
     return max(1, len(os.sched_getaffinity(0)) // compute.threads)
 
 
-def pipeline() -> dict[str, list[str]]:
-    """{stage: the stages it depends on} of dvc.yaml, dependencies first."""
+def pipeline() -> tuple[dict[str, list[str]], set[str]]:
+    """{stage: the stages it depends on} of dvc.yaml, dependencies first, and the stages that must
+    run: those `dvc status` finds changed (or never run) and every stage downstream of one."""
     import networkx as nx
     from dvc.repo import Repo
     with Repo() as repo:
         graph = repo.index.graph  # an edge goes from a stage to a stage it depends on
-        return {s.addressing: [d.addressing for d in graph.successors(s)]
-                for s in reversed(list(nx.topological_sort(graph)))}
+        stages = {s.addressing: [d.addressing for d in graph.successors(s)]
+                  for s in reversed(list(nx.topological_sort(graph)))}
+        changed = set(repo.status())
+    stale: set[str] = set()
+    for name, deps in stages.items():
+        if name in changed or stale.intersection(deps):
+            stale.add(name)
+    return stages, stale
 
 
 def _dvc(args: list[str], env: dict, lock: threading.Lock) -> tuple[subprocess.Popen, threading.Thread]:
@@ -80,8 +87,8 @@ def repro(dvc_args: list[str], env: dict) -> int:
 def run(jobs: int, env: dict) -> int:
     """Reproduce the whole pipeline with up to `jobs` cells at once; the first failing DVC process's
     exit code (the cells already running finish and are recorded), else 0."""
-    stages = pipeline()
-    pending, done, running, failed = list(stages), set(), [], 0
+    stages, stale = pipeline()  # a stage with nothing changed upstream is not even asked (a DVC process each)
+    pending, done, running, failed = [n for n in stages if n in stale], set(stages) - stale, [], 0
     lock = threading.Lock()
 
     def start(names: list[str], cell: bool) -> None:

@@ -38,9 +38,18 @@ def test_every_stage_ran_once_and_dvc_records_them_all(repo):
 
 
 def schedule_names(repo, env):
-    code = "import json; from cmt_bench import schedule; print(json.dumps(list(schedule.pipeline())))"
+    code = "import json; from cmt_bench import schedule; print(json.dumps(list(schedule.pipeline()[0])))"
     return json.loads(subprocess.run([sys.executable, "-c", code], cwd=repo, env=env, capture_output=True,
                                      text=True, check=True).stdout)
+
+
+def test_a_second_run_with_nothing_changed_starts_no_stage(repo):
+    repo, env, _ = repo
+    before = _cells(repo)
+    out = subprocess.run([sys.executable, "-m", "cmt_bench", "repro", "--jobs", "2"], cwd=repo, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert _cells(repo) == before and "didn't change" not in out.stdout + out.stderr  # no DVC process asked
 
 
 def test_cells_ran_side_by_side_and_nothing_beside_the_other_stages(repo):
