@@ -111,6 +111,7 @@ def summarise(install_s: float, toy_s: float, rows: list[dict], before_s: float,
         totals[category(row["stage"])] += row["wall_s"]
     trained = [r for r in rows if "steps_s" in r and category(r["stage"]) == "training stages"]
     steps = sum(r["steps_s"] for r in trained)
+    fixed = sum(r.get("process_s", r["wall_s"]) - r["run_s"] for r in trained)
     return {
         "total_minutes": (install_s + toy_s) / 60,
         "install_minutes": install_s / 60,
@@ -127,8 +128,8 @@ def summarise(install_s: float, toy_s: float, rows: list[dict], before_s: float,
             "steps_s": steps,
             "in_run_other_s": sum(r["run_s"] - r["steps_s"] for r in trained),
             # in the stage's process but outside its MLflow run (imports, data load, the run's opening)
-            "fixed_s": sum(r.get("process_s", r["wall_s"]) - r["run_s"] for r in trained),
-            "fixed_s_per_stage": sum(r.get("process_s", r["wall_s"]) - r["run_s"] for r in trained) / max(1, len(trained)),
+            "fixed_s": fixed,
+            "fixed_s_per_stage": fixed / max(1, len(trained)),
         },
         # the stage processes' seconds over the wall seconds: above 1 where cells ran side by side
         "stage_seconds_over_wall": sum(r.get("process_s", 0.0) for r in rows) / toy_s,

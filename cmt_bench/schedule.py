@@ -31,13 +31,11 @@ DVC_STAGE_LINES = re.compile(r"(Running stage '[^']+':|> .*|Updating lock file '
 def default_jobs(params: Params) -> int:
     """Cores over compute.threads on a CPU run; 1 where the thread count is left to torch, under DDP
     or on a GPU (one device, which a cell keeps busy)."""
+    from .distributed import device  # how a stage resolves compute.device (auto: CUDA when visible)
     compute = params.compute
-    if not compute.threads or compute.processes > 1 or compute.device == "cuda":
+    if not compute.threads or compute.processes > 1 or compute.device == "cuda" or \
+            device(compute.device).type == "cuda":
         return 1
-    if compute.device == "auto":
-        import torch
-        if torch.cuda.is_available():
-            return 1
     return max(1, len(os.sched_getaffinity(0)) // compute.threads)
 
 
