@@ -39,12 +39,14 @@ $(PLOTS_TEMPLATE): cmt_bench/plots_template.py | $(VENV)/installed
 
 # torch first and pinned: it installs the local CPU build instead of a multi-GB CUDA download.
 # torch-fidelity without its dependencies: it declares torchvision, which would pull a CUDA torch and
-# has no build that loads beside torch 2.13.0+cpu (cmt_bench/fidelity.py stands in for it).
+# has no build that loads beside torch 2.13.0+cpu (cmt_bench/fidelity.py stands in for it). lpips the
+# same way: its linear heads file is what distance.lpips_weights reads, and tests/test_lpips.py checks
+# cmt_bench's LPIPS against its code.
 $(VENV)/installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
 	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
-	$(BIN)/pip install -q --disable-pip-version-check --no-deps torch-fidelity==0.4.0
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps torch-fidelity==0.4.0 lpips==0.1.4
 	touch $@
 
 toy: $(VENV)/installed plots-template

@@ -193,6 +193,9 @@ class EvaluateConfig(Section):
     # a paper-grade Frechet distance over this many samples (50000 for FID), streamed in blocks and
     # split over compute.processes (fid_stream.py), beside the in-memory scores of `samples`
     fid_samples: PositiveInt | None = None
+    # ... against the statistics of this split: heldout (as the in-memory scores) or train (EDM's
+    # protocol: FID against the training images; the features stage scores held-out against it)
+    fid_reference: Literal["heldout", "train"] = "heldout"
     seed: int = 1234
     sw_projections: PositiveInt = 256
     # Feature space of the Frechet distance: raw coordinates (fd_raw), a classifier trained in the
@@ -299,6 +302,14 @@ class Params(Section):
         if self.data.is_image != (self.net.kind == "unet") and self.pretrain.source == "train":
             raise ValueError(f"net.kind: {self.net.kind!r} does not fit data.dataset={self.data.dataset!r}; "
                              f"use unet for images ({', '.join(IMAGE_DATASETS)}), mlp for points")
+        for key, dist in (("midtrain", self.midtrain.distance), ("posttrain", self.posttrain.distance)):
+            if dist.kind == "lpips" and not self.data.is_image:
+                raise ValueError(f"{key}.distance.kind: 'lpips' compares images, not data.dataset="
+                                 f"{self.data.dataset!r}; use 'l2' or 'pseudo_huber'")
+        velocity = [m for m in self.posttrain.methods if self.midtrain.variants[m] == "mf"]
+        if self.midtrain.distance.kind == "lpips" and velocity:
+            raise ValueError(f"midtrain.distance.kind: 'lpips' compares images, and CMT-MF (for {', '.join(velocity)}) "
+                             f"regresses velocities; use 'l2' or 'pseudo_huber', or post-train only CMT-CM methods")
         features, dataset = self.evaluate.features, self.data.dataset
         if features == "classifier" and dataset not in LABELLED_DATASETS:
             raise ValueError(f"evaluate.features: 'classifier' needs labelled images ({', '.join(LABELLED_DATASETS)}), "
@@ -308,6 +319,9 @@ class Params(Section):
         if features == "inception" and not self.evaluate.inception_weights:
             raise ValueError("evaluate.inception_weights: give the local path of the Inception weights file "
                              "(it is never downloaded), or choose evaluate.features 'raw' or 'classifier'")
+        if self.evaluate.fid_reference != "heldout" and not self.evaluate.fid_samples:
+            raise ValueError(f"evaluate.fid_reference: {self.evaluate.fid_reference!r} is the reference of the streamed "
+                             f"score; set evaluate.fid_samples, or leave fid_reference 'heldout'")
         if self.evaluate.fid_samples == self.evaluate.samples:
             raise ValueError(f"evaluate.fid_samples: {self.evaluate.fid_samples} is evaluate.samples too, and both "
                              f"would write the key {self.fd_name}_2step_n{self.evaluate.samples}; change one of them")

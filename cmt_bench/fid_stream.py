@@ -7,20 +7,24 @@ sampled (1 and 2 steps), turned into the bytes an image file would hold, and its
 added to running moments (count, sum, sum of outer products, in float64, about the reference's
 mean so nothing cancels); no image and no feature outlives its block. One all_reduce adds the
 ranks' moments, and torch-fidelity's own formula compares the result with the reference
-statistics the features stage cached (the held-out split's features): score()."""
+statistics the features stage cached (of the split evaluate.fid_reference names): score()."""
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from pathlib import Path
-
+from . import data as datasets
 from . import metrics, sampling
 from .distributed import World
-from .layout import CLASSIFIER, REFERENCE_CACHE
+from .layout import REFERENCE_CACHE, out_dir
 from .paths import noise
-from .scoring import REFERENCE_NAME, Scorer, key
+from .scoring import feature_weights, key
 from .train import derive_seed
+
+if TYPE_CHECKING:
+    from .config import Params
 
 BLOCK = 1000  # samples per block: the unit the sample seeds and the ranks' shares are counted in
 
@@ -82,20 +86,20 @@ def streamed_moments(net, path, n: int, shape: tuple[int, ...], seed: int, t_mid
 
 
 
-def score(scorer: Scorer, net, path, n: int, shape: tuple[int, ...], world: World, device) -> dict[str, float]:
+def score(params: Params, net, path, n: int, shape: tuple[int, ...], world: World, device) -> dict[str, float]:
     """The Frechet distance of n 1- and 2-step samples made in blocks across the ranks and streamed,
-    under the same keys as the scorer's in-memory scores: e.g. fid_inception_2step_n50000."""
-    params, ev = scorer.params, scorer.params.evaluate
+    against the split evaluate.fid_reference names, under the same keys as the in-memory scores:
+    e.g. fid_inception_2step_n50000."""
+    ev = params.evaluate
     if params.features == "raw":
         features = lambda x: x.reshape(len(x), -1)  # noqa: E731
-        flat = scorer.reference.reshape(len(scorer.reference), -1)
-        reference = {"mu": flat.mean(0), "sigma": np.cov(flat, rowvar=False)}
+        reference = dict(zip(("mu", "sigma"), metrics.gaussian_fit(datasets.load_split(out_dir("data"), ev.fid_reference))))
         frechet = lambda s, r: metrics.frechet_of_statistics(s["mu"], s["sigma"], r["mu"], r["sigma"])  # noqa: E731
     else:
         from . import fidelity  # torch-fidelity only where images are scored
-        weights = CLASSIFIER if params.features == "classifier" else Path(ev.inception_weights)
+        weights = feature_weights(params)
         features = fidelity.feature_function(params.features, weights, device)
-        reference = fidelity.reference_statistics(REFERENCE_CACHE, REFERENCE_NAME, params.features, weights)
+        reference = fidelity.reference_statistics(REFERENCE_CACHE, ev.fid_reference, params.features, weights)
         frechet = fidelity.frechet_of_statistics
     moments = streamed_moments(net, path, n, shape, ev.seed, params.sampling.t_mid, features, reference["mu"], world)
     return {key(f"{params.fd_name}_{name}", n): frechet(m.statistics(), reference) for name, m in moments.items()}

@@ -9,8 +9,13 @@ import numpy as np
 
 
 def fd_raw(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = np.asarray(a, np.float64).reshape(len(a), -1), np.asarray(b, np.float64).reshape(len(b), -1)
-    return frechet_of_statistics(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+    return frechet_of_statistics(*gaussian_fit(a), *gaussian_fit(b))
+
+
+def gaussian_fit(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and unbiased covariance of samples [N, ...] flattened, in float64."""
+    x = np.asarray(x, np.float64).reshape(len(x), -1)
+    return x.mean(0), np.cov(x, rowvar=False)
 
 
 def frechet_of_statistics(mu_a, cov_a, mu_b, cov_b) -> float:

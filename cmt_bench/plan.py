@@ -67,6 +67,20 @@ class Row:
         return self.cells * self.steps * self.flops_per_step
 
 
+class _Rows(list):
+    """The plan's rows, each announced through `say` with the time its timing took."""
+    def __init__(self, say):
+        super().__init__()
+        self.say, self.since = say, time.perf_counter()
+
+    def append(self, row: Row) -> None:
+        super().append(row)
+        now = time.perf_counter()
+        if row.steps:
+            self.say(f"timed {row.stage}: {row.seconds_per_step:.3g} s/step ({now - self.since:.0f} s to time)")
+        self.since = now
+
+
 class _Untracked:
     """Where train() logs a timing run's points: nowhere (a plan records nothing)."""
     run_id = None
@@ -114,10 +128,11 @@ def _steps(train_cfg) -> int:
 
 
 def project(params: Params, steps: int = STEPS, shape: tuple[int, ...] | None = None,
-            stand_in_teacher: str | None = None) -> tuple[list[Row], float]:
+            stand_in_teacher: str | None = None, say=lambda line: None) -> tuple[list[Row], float]:
     """The rows of the plan and the measured seconds of the data stage (run here, in memory; 0 with
     `shape`, random samples of that shape). `stand_in_teacher`: a diffusers folder whose architecture
-    is timed for an imported teacher that is not on this machine."""
+    is timed for an imported teacher that is not on this machine. `say` gets a line as each stage is
+    timed (a large preset on a CPU takes minutes per stage)."""
     from .study_spec import load_spec  # studies: their trial counts and budgets
     if stand_in_teacher is not None:
         # a diffusers architecture: its time embedding where diffusers puts it, whatever the real teacher's
@@ -132,7 +147,7 @@ def project(params: Params, steps: int = STEPS, shape: tuple[int, ...] | None = 
         batch = max(params.pretrain.train.batch_size, params.posttrain.train.batch_size, 2)
         train_x = torch.rand(batch, *shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
     data_seconds = time.perf_counter() - started if shape is None else 0.0
-    shape, path, rows = tuple(train_x.shape[1:]), PATHS["linear"](), []
+    shape, path, rows = tuple(train_x.shape[1:]), PATHS["linear"](), _Rows(say)
     torch.manual_seed(0)
     net = lambda two_times: build_net(params, shape, two_times)  # noqa: E731  # random weights
 
@@ -191,7 +206,7 @@ def project(params: Params, steps: int = STEPS, shape: tuple[int, ...] | None = 
                             at_once=min(studies.workers, spec.trials * len(spec.inits))))
     finally:
         torch.set_num_threads(threads)
-    return rows, data_seconds
+    return list(rows), data_seconds
 
 
 def _duration(hours: float) -> str:
@@ -250,18 +265,43 @@ def main(params: Params, steps: int | None = None, budget_hours: float | None = 
         print(f"error: --stand-in-teacher: no diffusers model folder (config.json) at {stand_in_teacher!r}",
               file=sys.stderr)
         return 2
-    rows, data_seconds = project(params, steps, dims, stand_in_teacher)
+    _stderr(f"timing the training stages of preset `{params.preset}` here, a line as each is timed")
+    with tempfile.TemporaryDirectory() as tmp:
+        params, lpips_stand_in = _lpips_stand_in(params, Path(tmp))
+        rows, data_seconds = project(params, steps, dims, stand_in_teacher, say=_stderr)
     print("\n".join(table(params, rows, data_seconds, steps)))
-    if dims is not None or stand_in_teacher is not None:
-        print("Timed on stand-ins: " + "; ".join(
-            ([f"random samples of shape {shape} for the data"] if dims is not None else [])
-            + ([f"the architecture of {stand_in_teacher} (random weights) for the imported teacher"]
-               if stand_in_teacher is not None else [])) + ".")
+    stand_ins = ([f"random samples of shape {shape} for the data"] if dims is not None else []) \
+        + ([f"the architecture of {stand_in_teacher} (random weights) for the imported teacher"]
+           if stand_in_teacher is not None else []) \
+        + ([f"random VGG16 weights for the LPIPS distance of {', '.join(lpips_stand_in)}"] if lpips_stand_in else [])
+    if stand_ins:
+        print("Timed on stand-ins: " + "; ".join(stand_ins) + ".")
     hours = total_hours(rows)
     if budget_hours is not None and hours > budget_hours:
         print(f"over budget: {hours:.3g} projected device-hours > {budget_hours:g}", file=sys.stderr)
         return OVER_BUDGET
     return 0
+
+
+def _lpips_stand_in(params: Params, folder: Path) -> tuple[Params, list[str]]:
+    """An LPIPS distance whose weights files are not on this machine is timed with random weights
+    saved in `folder` (a step costs the same); returns the params and the sections stood in for."""
+    from .losses.lpips import save_random
+    stood_in, update = [], {}
+    for stage in ("midtrain", "posttrain"):
+        section = getattr(params, stage)
+        dist = section.distance
+        if dist.kind != "lpips" or all(p and Path(p).expanduser().is_file() for p in (dist.vgg_weights, dist.lpips_weights)):
+            continue
+        vgg, lin = save_random(folder)
+        update[stage] = section.model_copy(update={"distance": dist.model_copy(
+            update={"vgg_weights": vgg, "lpips_weights": lin})})
+        stood_in.append(f"{stage}.distance")
+    return params.model_copy(update=update), stood_in
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def confirm_budget(params_path: str = "params.yaml") -> bool:
@@ -276,7 +316,7 @@ def confirm_budget(params_path: str = "params.yaml") -> bool:
         print(f"error: ${BUDGET_ENV}: a number of device-hours (got {raw!r})", file=sys.stderr)
         return False
     params = load(params_path)
-    rows, data_seconds = project(params)
+    rows, data_seconds = project(params, say=_stderr)
     hours = total_hours(rows)
     if hours <= budget:
         print(f"projected {hours:.3g} device-hours, within ${BUDGET_ENV} = {budget:g}", file=sys.stderr)

@@ -1,5 +1,6 @@
 """Checks of the machine against params.yaml that every command runs before any work: a device
-this machine lacks, too many CUDA processes, a missing Inception weights file or imported teacher."""
+this machine lacks, too many CUDA processes, a missing Inception weights file, imported teacher or
+LPIPS weights file."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -52,7 +53,22 @@ def check_teacher(params: config.Params, source: str) -> None:
                                  f"does not exist")
 
 
+def check_lpips_weights(params: config.Params, source: str) -> None:
+    """An LPIPS distance reads VGG16 and its linear heads from local files; they are never downloaded."""
+    for stage in ("midtrain", "posttrain"):
+        dist = getattr(params, stage).distance
+        if dist.kind != "lpips":
+            continue
+        for key, what in (("vgg_weights", "torchvision's VGG16 state dict (vgg16-397923af.pth)"),
+                          ("lpips_weights", "the lpips package's lpips/weights/v0.1/vgg.pth")):
+            path = getattr(dist, key)
+            if not path or not Path(path).expanduser().is_file():
+                raise config.ParamsError(f"{source}: {stage}.distance.{key}: no file at {path!r}; distance.kind "
+                                         f"'lpips' needs {what} on this machine (never downloaded)")
+
+
 def check(params: config.Params, source: str) -> None:
     check_device(params, source)
     check_inception_weights(params, source)
     check_teacher(params, source)
+    check_lpips_weights(params, source)

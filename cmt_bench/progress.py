@@ -119,6 +119,15 @@ def iterate(items, desc: str, unit: str):
     return tqdm(items, desc=desc, unit=unit, leave=False, dynamic_ncols=True, disable=not live())
 
 
+def _busy(records: list[dict]) -> float:
+    """Seconds during which at least one of the records' runs ran (their intervals merged)."""
+    busy, end = 0.0, float("-inf")
+    for start, stop in sorted((r["finished"] - r["seconds"], r["finished"]) for r in records):
+        busy += max(0.0, stop - max(start, end))
+        end = max(end, stop)
+    return busy
+
+
 def summary_lines() -> list[str]:
     """Where the time went: each stage kind's seconds in its latest run (the stage processes' own
     time, imports included; DVC's hashing between stages is not in it)."""
@@ -128,8 +137,9 @@ def summary_lines() -> list[str]:
     by_kind: dict[str, list[dict]] = {}
     for r in records:
         by_kind.setdefault(r["kind"], []).append(r)
-    total = sum(r["seconds"] for r in records)
-    lines = [f"where the time went (each stage's latest run, {_clock(total).strip()} in all):"]
+    total, busy = sum(r["seconds"] for r in records), _busy(records)
+    overlap = f"; {_clock(busy).strip()} while any ran, as cells ran side by side" if busy < total - 1 else ""
+    lines = [f"where the time went (each stage's latest run, {_clock(total).strip()} in all{overlap}):"]
     for kind in [*KINDS, *sorted(set(by_kind) - set(KINDS))]:
         if kind not in by_kind:
             continue

@@ -60,8 +60,11 @@ class NetConfig(Section):
 
 
 class Distance(Section):
-    kind: Literal["l2", "pseudo_huber"] = "l2"
+    kind: Literal["l2", "pseudo_huber", "lpips"] = "l2"
     huber_c: PositiveFloat = 0.01  # pseudo-Huber sqrt(|d|^2 + c^2) - c
+    # lpips (RGB images, losses/lpips.py): two local files, never downloaded
+    vgg_weights: str | None = None  # torchvision's VGG16 state dict (vgg16-397923af.pth)
+    lpips_weights: str | None = None  # the lpips package's linear heads (lpips/weights/v0.1/vgg.pth)
 
 
 class TeacherFile(Section):

@@ -24,6 +24,11 @@ from .layout import CLASSIFIER, EXACT_SAMPLES, REFERENCE_CACHE
 REFERENCE_NAME = "heldout"  # the held-out statistics' name in torch-fidelity's cache
 
 
+def feature_weights(params) -> Path:
+    """The feature network's weights: the classifier the features stage trained, or Inception's local file."""
+    return CLASSIFIER if params.features == "classifier" else Path(params.evaluate.inception_weights)
+
+
 def key(metric: str, n: int) -> str:
     """A metric key with its sample count: key('fd_digits_2step', 2000) = 'fd_digits_2step_n2000'."""
     return f"{metric}_n{n}"
@@ -103,7 +108,7 @@ class Scorer:
         if features == "raw":
             return metrics.fd_raw(x, self.reference)
         from . import fidelity  # torch-fidelity only where images are scored
-        weights = CLASSIFIER if features == "classifier" else Path(self.params.evaluate.inception_weights)
+        weights = feature_weights(self.params)
         scores = fidelity.frechet_distance(fidelity.to_uint8(_tensor(x)), extractor=features, weights_path=weights,
                                            reference_cache=REFERENCE_CACHE, reference_name=REFERENCE_NAME,
                                            reference_images=self.reference_uint8)

@@ -69,3 +69,59 @@ def test_moments_do_not_lose_a_covariance_far_from_the_origin():
     for chunk in x.split(700):
         m.add(chunk)
     np.testing.assert_allclose(m.statistics()["sigma"], np.cov(x.numpy(), rowvar=False), rtol=1e-10)
+
+
+def test_the_streamed_score_against_the_training_split(tmp_path, monkeypatch):
+    """evaluate.fid_reference: train (EDM's protocol) scores the same samples against the training
+    split's statistics, heldout against the held-out split's (raw features: exact, in float64)."""
+    from cmt_bench import config, metrics
+    from cmt_bench.layout import out_dir
+    monkeypatch.chdir(tmp_path)
+    params = config.validate(config.deep_merge(config.Params().model_dump(), {
+        "data": {"train_size": 3000, "heldout_size": 1000}, "evaluate": {"fid_samples": 2500}}))
+    data.make_dataset(params.data, params.seed, out_dir("data"))
+    torch.manual_seed(0)
+    net = nets.build((2,), NetConfig(kind="mlp", hidden=16, depth=1)).eval()
+    n, path, t_mid = 2500, LinearPath(), params.sampling.t_mid
+    noise = [fid_stream.block_noise(b, size, (2,), params.evaluate.seed) for b, size in fid_stream.blocks(n, World())]
+    samples = {"1step": torch.cat([sampling.one_step(net, e) for e, _ in noise]),
+               "2step": torch.cat([sampling.two_step(net, path, e, m, t_mid) for e, m in noise])}
+    for split in ("train", "heldout"):
+        p = params.model_copy(update={"evaluate": params.evaluate.model_copy(update={"fid_reference": split})})
+        with torch.no_grad():
+            got = fid_stream.score(p, net, path, n, (2,), World(), torch.device("cpu"))
+        reference = data.load_split(out_dir("data"), split).numpy()
+        for name, x in samples.items():
+            assert got[f"fd_raw_{name}_n2500"] == pytest.approx(metrics.fd_raw(x.detach().numpy(), reference), rel=1e-9)
+    with pytest.raises(config.ParamsError, match="evaluate.fid_reference: 'train' is the reference of the streamed"):
+        config.validate(config.deep_merge(config.Params().model_dump(), {"evaluate": {"fid_reference": "train"}}))
+
+
+def test_the_features_stage_caches_the_training_split_for_the_streamed_score(setup, tmp_path, monkeypatch):
+    """With fd_digits features: the features stage's floor (held-out against train) caches the training
+    split's statistics under its name, and the streamed score reads exactly those."""
+    from cmt_bench import config
+    from cmt_bench.layout import CLASSIFIER, REFERENCE_CACHE
+    from cmt_bench.stages import features as features_stage
+    weights, _, net = setup
+    monkeypatch.chdir(tmp_path)
+    CLASSIFIER.parent.mkdir(parents=True)
+    CLASSIFIER.write_bytes(weights.read_bytes())
+    params = config.validate(config.deep_merge(config.Params().model_dump(), {
+        "data": {"dataset": "digits", "heldout_size": 500, "train_size": 1000}, "net": {"kind": "unet"},
+        "evaluate": {"features": "classifier", "fid_samples": 2500, "fid_reference": "train"}}))
+    train, heldout = (data.as_float(x) for x in data.make_splits(params.data, 0))
+    floor = features_stage._reference_floor(params, heldout, train)
+    extract = fidelity.feature_function("classifier", CLASSIFIER, torch.device("cpu"))
+    want = fid_features_to_statistics(extract(train))
+    cached = fidelity.reference_statistics(REFERENCE_CACHE, "train", "classifier", CLASSIFIER)
+    np.testing.assert_allclose(cached["mu"], want["mu"], rtol=1e-6)
+    np.testing.assert_allclose(cached["sigma"], want["sigma"], rtol=1e-6, atol=1e-9)
+    assert floor == pytest.approx(fidelity.frechet_of_statistics(fid_features_to_statistics(extract(heldout)), want),
+                                  rel=1e-5)
+    with torch.no_grad():
+        got = fid_stream.score(params, net, LinearPath(), 2500, SHAPE, World(), torch.device("cpu"))
+    moments = fid_stream.streamed_moments(net, LinearPath(), 2500, SHAPE, params.evaluate.seed, params.sampling.t_mid,
+                                          extract, want["mu"])
+    assert got["fd_digits_2step_n2500"] == pytest.approx(fidelity.frechet_of_statistics(moments["2step"].statistics(),
+                                                                                         cached), rel=1e-9)

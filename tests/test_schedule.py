@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import make_repo, sh
 
-from cmt_bench import config, schedule
+from cmt_bench import config, progress, schedule
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def test_a_second_run_with_nothing_changed_starts_no_stage(repo):
     assert _cells(repo) == before and "didn't change" not in out.stdout + out.stderr  # no DVC process asked
 
 
-def test_cells_ran_side_by_side_and_nothing_beside_the_other_stages(repo):
+def test_cells_ran_side_by_side_and_nothing_beside_the_other_stages(repo, monkeypatch):
     repo, _, _ = repo
     spans = {name: (r["finished"] - r["seconds"], r["finished"]) for name, r in _cells(repo).items()}
 
@@ -65,6 +65,11 @@ def test_cells_ran_side_by_side_and_nothing_beside_the_other_stages(repo):
     assert not any(overlapping(a, b) for a in alone for b in spans if a != b)
     at_most_two = max(sum(spans[n][0] <= spans[m][0] < spans[n][1] for n in cells) for m in cells)
     assert at_most_two <= 2
+    # the summary's time "while any ran" counts the overlap once: less than the stages' seconds summed
+    records = list(_cells(repo).values())
+    assert max(r["seconds"] for r in records) < progress._busy(records) < sum(r["seconds"] for r in records)
+    monkeypatch.chdir(repo)
+    assert "while any ran, as cells ran side by side" in progress.summary_lines()[0]
 
 
 def test_a_cell_side_by_side_has_the_weights_it_gets_alone(repo):

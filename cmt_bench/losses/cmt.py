@@ -18,7 +18,7 @@ def cmt_cm_loss(net, traj: torch.Tensor, times: torch.Tensor, generator: torch.G
     i = torch.randint(0, m_plus_1 - 1, (b,), generator=generator, device=generator.device).to(traj.device)
     x_i = traj[torch.arange(b, device=traj.device), i]
     pred = flow_map(net, x_i, times[i].to(traj.dtype), torch.zeros(b, dtype=traj.dtype, device=traj.device))
-    return distance(pred - traj[:, -1], dist).mean()
+    return distance(pred, traj[:, -1], dist).mean()
 
 
 def cmt_mf_loss(net, traj: torch.Tensor, times: torch.Tensor, generator: torch.Generator, dist: Distance) -> torch.Tensor:
@@ -31,4 +31,4 @@ def cmt_mf_loss(net, traj: torch.Tensor, times: torch.Tensor, generator: torch.G
     x_i, x_j = traj[rows, pick[0]], traj[rows, pick[1]]
     t_i, t_j = times[pick[0]].to(traj.dtype), times[pick[1]].to(traj.dtype)
     gap = (t_i - t_j).reshape(-1, *([1] * (traj.ndim - 2)))
-    return distance(net(x_i, t_i, t_j) - (x_i - x_j) / gap, dist).mean()
+    return distance(net(x_i, t_i, t_j), (x_i - x_j) / gap, dist).mean()

@@ -47,7 +47,7 @@ def consistency_loss(net, x_t, t, x_r, r, dist: Distance) -> torch.Tensor:
     f_t = flow_map(net, x_t, t, zeros)
     with torch.no_grad():
         f_r = flow_map(net, x_r, r, zeros)
-    return (distance(f_t - f_r, dist) / (t - r)).mean()
+    return (distance(f_t, f_r, dist) / (t - r)).mean()
 
 
 def ect_loss(net, path, x0, generator: torch.Generator, images_seen: int, cfg: EctConfig, dist: Distance):

@@ -43,9 +43,7 @@ def run(params: Params, init: str, method: str, seed: int) -> None:
     streamed, stream_seconds = {}, {}
     if cfg.fid_samples:
         start = time.perf_counter()
-        heldout = datasets.load_split(out_dir("data"), "heldout").numpy()
-        streamed = fid_stream.score(scoring.Scorer(params, heldout), net, PATHS["linear"](), cfg.fid_samples, shape,
-                                    world, dev)
+        streamed = fid_stream.score(params, net, PATHS["linear"](), cfg.fid_samples, shape, world, dev)
         stream_seconds = {"fid_stream_seconds": time.perf_counter() - start}
     if not world.main:
         return
@@ -59,7 +57,8 @@ def run(params: Params, init: str, method: str, seed: int) -> None:
     tracker = Tracker.open(params, "evaluate", init=init, method=method, seed=seed,
                            stage_params={"evaluate": cfg.model_dump(), "sampling": params.sampling.model_dump()})
     tracker.set_tags({"posttrain_run_id": posttrain_run, "samples": str(cfg.samples),
-                      **({"fid_samples": str(cfg.fid_samples), "fid_processes": str(world.size)} if cfg.fid_samples else {})})
+                      **({"fid_samples": str(cfg.fid_samples), "fid_processes": str(world.size),
+                         "fid_reference": cfg.fid_reference} if cfg.fid_samples else {})})
     tracker.log_metrics(0, {**scores, "sampling_seconds": seconds, **stream_seconds})
     tracker.log_artifact(out / "samples.npz")
     tracker.finish()

@@ -1,21 +1,34 @@
-"""The features stage: the Frechet distance's feature space, held-out statistics and noise floor."""
+"""The features stage: the Frechet distance's feature space, reference statistics and noise floors."""
 from __future__ import annotations
 
 import shutil
 import time
 
 from .. import data as datasets
-from .. import scoring
+from .. import metrics, scoring
 from ..config import Params
 from ..data import write_json
-from ..layout import CLASSIFIER, FEATURES_METRICS, out_dir
+from ..layout import CLASSIFIER, FEATURES_METRICS, REFERENCE_CACHE, out_dir
 from ..tracking import Tracker
+
+
+def _reference_floor(params: Params, heldout, reference) -> float:
+    """The Frechet distance of the held-out split against evaluate.fid_reference's split (e.g. train,
+    EDM's protocol): what real images score there. Caches that split's features for evaluate."""
+    if params.features == "raw":
+        return metrics.fd_raw(heldout.numpy(), reference.numpy())
+    from .. import fidelity  # torch-fidelity only where images are scored
+    return fidelity.frechet_distance(fidelity.to_uint8(heldout), extractor=params.features,
+                                     weights_path=scoring.feature_weights(params),
+                                     reference_cache=REFERENCE_CACHE, reference_name=params.evaluate.fid_reference,
+                                     reference_images=fidelity.to_uint8(reference))["fd"]
 
 
 def run(params: Params) -> None:
     """The metric's feature space: for `fd_<dataset>` a classifier trained on the training split
     (held-out accuracy logged), then the held-out reference statistics cached once, and the
-    metric's noise floor: training samples (never the reference) scored as if they were generated."""
+    metric's noise floor: training samples (never the reference) scored as if they were generated.
+    With evaluate.fid_reference train, the streamed score's reference too (see _reference_floor)."""
     data_dir, out = out_dir("data"), out_dir("features")
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
@@ -39,6 +52,9 @@ def run(params: Params) -> None:
     for n in sorted({params.evaluate.inloop_samples, params.evaluate.samples}):
         floors.update(score({"floor": train_x[:n].numpy()}))  # at most n: a small training split gives fewer
     result["floor"] = floors
+    if params.evaluate.fid_reference != "heldout":  # the streamed score's reference, and its floor
+        result["fid_reference_floor"] = _reference_floor(params, heldout, datasets.load_split(data_dir,
+                                                                                              params.evaluate.fid_reference))
     if score.mixture is not None:  # data with a known flow map: its samples, solved once for every stage
         for n in sorted({params.evaluate.inloop_samples, params.evaluate.samples}):
             score.save_exact(n)
