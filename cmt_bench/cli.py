@@ -167,6 +167,8 @@ def _parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="time a few steps of every stage on this machine and print each stage's "
                                      "projected device-hours and wall time for params.yaml (a projection)")
     pl.add_argument("--steps", type=int, default=None, help="training steps timed per stage (default 10)")
+    pl.add_argument("--batch", type=int, default=None, help="time training steps at this smaller batch and scale "
+                    "them to each stage's batch (for presets whose steps take minutes on a CPU)")
     pl.add_argument("--budget-hours", type=float, default=None,
                     help="exit with status 3 when the projected device-hours exceed this")
     pl.add_argument("--shape", default=None, help="C,H,W (or D): time random samples of this shape instead of the "
@@ -216,7 +218,7 @@ def main(argv: list[str] | None = None, started: float | None = None) -> int:
         return 0
     if args.command == "plan":
         from . import plan
-        return plan.main(params, args.steps, args.budget_hours, args.shape, args.stand_in_teacher)
+        return plan.main(params, args.steps, args.budget_hours, args.shape, args.stand_in_teacher, args.batch)
     if args.command in ("report", "summary"):
         from . import report
         if args.command == "report":

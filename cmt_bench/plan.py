@@ -17,6 +17,8 @@ the loop and final), the features stage, the report, and each stage's start-up (
 
 With a budget (`--budget-hours`, or $CMT_BENCH_BUDGET_HOURS for `cmt-bench repro`) a projection
 above it stops: `plan` exits with status 3, `repro` asks on a terminal and refuses elsewhere.
+`--batch B` times (and counts) the training steps at a smaller batch and scales them to each stage's:
+a paper-sized step takes minutes on a CPU, where the cost grows about linearly with the batch.
 """
 from __future__ import annotations
 
@@ -92,23 +94,28 @@ class _Untracked:
         pass
 
 
-def _timed(params: Params, net, loss, data: torch.Tensor | None, train_cfg, steps: int, **job) -> tuple[float, float]:
+def _timed(params: Params, net, loss, data: torch.Tensor | None, train_cfg, steps: int, batch: int | None = None,
+           **job) -> tuple[float, float]:
     """(seconds, counted FLOPs) per step of `loss` through the training loop, at train_cfg's batch,
-    over `steps` steps, or more where those took under MIN_SECONDS; `job`: Job's other fields (a draw)."""
+    over `steps` steps, or more where those took under MIN_SECONDS; `job`: Job's other fields (a draw).
+    With a smaller `batch`, timed and counted at that batch and scaled to train_cfg's."""
+    scale = 1.0
+    if batch is not None and batch < train_cfg.batch_size:
+        scale, train_cfg = train_cfg.batch_size / batch, train_cfg.model_copy(update={"batch_size": batch})
     seconds, flops = _timed_over(params, net, loss, data, train_cfg, steps, job)
     if seconds * steps < MIN_SECONDS and steps < MAX_STEPS:
         more = min(MAX_STEPS, math.ceil(MIN_SECONDS / max(seconds, 1e-6)))
         seconds, flops = _timed_over(params, net, loss, data, train_cfg, more, job)
-    return seconds, flops
+    return seconds * scale, flops * scale
 
 
 def _timed_over(params: Params, net, loss, data: torch.Tensor | None, train_cfg, steps: int,
                 job: dict) -> tuple[float, float]:
-    """A run of 1 step and one of 1 + `steps`, so the first step's warm-up cancels."""
+    """A run of 1 step and one of 1 + `steps`, so the first step's warm-up cancels; FLOPs counted once."""
     dev = distributed.device(params.compute.device)
     precision = distributed.precision_used(params.compute.precision, dev)
     start = {k: v.clone() for k, v in net.state_dict().items()}
-    seconds, flops = [], 0.0
+    seconds, flops = [], None
     with tempfile.TemporaryDirectory() as tmp:
         for n in (1, 1 + steps):
             net.load_state_dict(start)
@@ -117,7 +124,7 @@ def _timed_over(params: Params, net, loss, data: torch.Tensor | None, train_cfg,
             ledger = Ledger(device=device_name(dev))
             train(net.to(dev), Job("plan", data=data, loss=loss, **job), cfg, seed=0, ckpt_path=Path(tmp) / f"{n}.pt",
                   fingerprint="plan", ledger=ledger, open_tracker=lambda _: _Untracked(), precision=precision,
-                  compile=params.compute.compile, draws=params.compute.draws)
+                  compile=params.compute.compile, draws=params.compute.draws, flops_per_step=flops)
             seconds.append(ledger.seconds)
             flops = ledger.flops / n
     return max(seconds[1] - seconds[0], 0.0) / steps, flops
@@ -128,11 +135,13 @@ def _steps(train_cfg) -> int:
 
 
 def project(params: Params, steps: int = STEPS, shape: tuple[int, ...] | None = None,
-            stand_in_teacher: str | None = None, say=lambda line: None) -> tuple[list[Row], float]:
+            stand_in_teacher: str | None = None, say=lambda line: None,
+            batch: int | None = None) -> tuple[list[Row], float]:
     """The rows of the plan and the measured seconds of the data stage (run here, in memory; 0 with
     `shape`, random samples of that shape). `stand_in_teacher`: a diffusers folder whose architecture
     is timed for an imported teacher that is not on this machine. `say` gets a line as each stage is
-    timed (a large preset on a CPU takes minutes per stage)."""
+    timed (a large preset on a CPU takes minutes per stage). `batch`: time training steps at this
+    batch and scale them to each stage's (a CPU's cost grows about linearly with the batch)."""
     from .study_spec import load_spec  # studies: their trial counts and budgets
     if stand_in_teacher is not None:
         # a diffusers architecture: its time embedding where diffusers puts it, whatever the real teacher's
@@ -144,8 +153,8 @@ def project(params: Params, steps: int = STEPS, shape: tuple[int, ...] | None = 
     if shape is None:
         train_x = datasets.as_float(datasets.make_splits(params.data, params.seed)[0])
     else:  # enough random samples for the largest batch
-        batch = max(params.pretrain.train.batch_size, params.posttrain.train.batch_size, 2)
-        train_x = torch.rand(batch, *shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
+        largest = max(params.pretrain.train.batch_size, params.posttrain.train.batch_size, 2)
+        train_x = torch.rand(largest, *shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
     data_seconds = time.perf_counter() - started if shape is None else 0.0
     shape, path, rows = tuple(train_x.shape[1:]), PATHS["linear"](), _Rows(say)
     torch.manual_seed(0)
@@ -157,7 +166,7 @@ def project(params: Params, steps: int = STEPS, shape: tuple[int, ...] | None = 
         rows.append(Row("pretrain (imported teacher)", 0, 0, 0.0, 0.0, "not trained here"))
     else:
         sec, flops = _timed(params, teacher, lambda n, x, g, seen: losses.flow_matching_loss(n, path, x, g, pre.t_sampling),
-                            train_x, pre.train, steps)
+                            train_x, pre.train, steps, batch)
         rows.append(Row("pretrain", 1, _steps(pre.train), sec, flops))
 
     traj = params.trajectories
@@ -185,13 +194,13 @@ def project(params: Params, steps: int = STEPS, shape: tuple[int, ...] | None = 
         variant = mid.variants[method]
         loss = MIDTRAIN_LOSS[variant]
         sec, flops = _timed(params, net(True), lambda n, x, g, seen: loss(n, x, times.to(x.device), g, mid.distance),
-                            train_cfg=mid.train, steps=steps, **source)
+                            train_cfg=mid.train, steps=steps, batch=batch, **source)
         rows.append(Row(f"midtrain for {method} (CMT-{variant.upper()})", 1, _steps(mid.train), sec, flops,
                         "with the teacher's trajectories for its batch" if traj.mode == "on_the_fly" else ""))
 
     post = params.posttrain
     for method in post.methods:
-        sec, flops = _timed(params, net(True), posttrain_loss(params, method, path), train_x, post.train, steps)
+        sec, flops = _timed(params, net(True), posttrain_loss(params, method, path), train_x, post.train, steps, batch)
         rows.append(Row(f"posttrain {method}", len(post.inits) * len(post.seeds), _steps(post.train), sec, flops))
     # a study's trials run `workers` at a time on studies.threads threads each: timed on those threads
     studies, threads = params.studies, torch.get_num_threads()
@@ -200,7 +209,7 @@ def project(params: Params, steps: int = STEPS, shape: tuple[int, ...] | None = 
         for name in studies.specs:
             spec = load_spec(name, params)
             sec, flops = _timed(params, net(True), posttrain_loss(params, spec.method, path),
-                                train_x, post.train, steps)
+                                train_x, post.train, steps, batch)
             rows.append(Row(f"study {name} ({spec.method})", spec.trials * len(spec.inits),
                             math.ceil(spec.objective.budget_images / post.train.batch_size), sec, flops,
                             at_once=min(studies.workers, spec.trials * len(spec.inits))))
@@ -211,7 +220,8 @@ def project(params: Params, steps: int = STEPS, shape: tuple[int, ...] | None = 
 
 def _duration(hours: float) -> str:
     seconds = hours * 3600
-    return f"{seconds:.1f} s" if seconds < 100 else f"{seconds / 60:.1f} min" if seconds < 6000 else f"{hours:.2f} h"
+    return (f"{seconds:.1f} s" if seconds < 100 else f"{seconds / 60:.1f} min" if seconds < 6000
+            else f"{hours:.2f} h" if hours < 100 else f"{hours:,.0f} h")
 
 
 def _wall(row: Row, world: int) -> float:
@@ -219,13 +229,16 @@ def _wall(row: Row, world: int) -> float:
     return row.device_hours / (row.at_once if row.at_once > 1 else world)
 
 
-def table(params: Params, rows: list[Row], data_seconds: float, steps: int) -> list[str]:
+def table(params: Params, rows: list[Row], data_seconds: float, steps: int, batch: int | None = None) -> list[str]:
     dev = distributed.device(params.compute.device)
     world = params.compute.processes
     lines = [f"Projection for preset `{params.preset}` on {device_name(dev)}: seconds per step measured here over "
-             f"at least {steps} steps and {MIN_SECONDS:g} s of each stage, times the steps its budget takes "
-             "(a projection, not a measurement); "
-             "FLOPs counted (torch.utils.flop_counter), exact for these budgets.", "",
+             f"at least {steps} steps and {MIN_SECONDS:g} s of each stage"
+             + (f" at batch {batch}, scaled linearly to the stage's batch (about right on a CPU, not on a GPU)"
+                if batch is not None else "")
+             + ", times the steps its budget takes (a projection, not a measurement); FLOPs counted "
+             + ("(torch.utils.flop_counter) at that batch and scaled the same way." if batch is not None else
+                "(torch.utils.flop_counter), exact for these budgets."), "",
              f"{'stage':<34} {'runs':>5} {'steps/run':>10} {'s/step':>9} {'device-hours':>13} {'wall time':>10} "
              f"{'FLOPs':>9}"]
     for r in rows:
@@ -249,10 +262,13 @@ def total_hours(rows: list[Row]) -> float:
 
 
 def main(params: Params, steps: int | None = None, budget_hours: float | None = None, shape: str | None = None,
-         stand_in_teacher: str | None = None) -> int:
+         stand_in_teacher: str | None = None, batch: int | None = None) -> int:
     steps = STEPS if steps is None else steps
     if steps < 1:
         print(f"error: --steps: at least 1 (got {steps})", file=sys.stderr)
+        return 2
+    if batch is not None and batch < 1:
+        print(f"error: --batch: at least 1 (got {batch})", file=sys.stderr)
         return 2
     try:
         dims = None if shape is None else tuple(int(d) for d in shape.split(","))
@@ -268,8 +284,8 @@ def main(params: Params, steps: int | None = None, budget_hours: float | None = 
     _stderr(f"timing the training stages of preset `{params.preset}` here, a line as each is timed")
     with tempfile.TemporaryDirectory() as tmp:
         params, lpips_stand_in = _lpips_stand_in(params, Path(tmp))
-        rows, data_seconds = project(params, steps, dims, stand_in_teacher, say=_stderr)
-    print("\n".join(table(params, rows, data_seconds, steps)))
+        rows, data_seconds = project(params, steps, dims, stand_in_teacher, say=_stderr, batch=batch)
+    print("\n".join(table(params, rows, data_seconds, steps, batch)))
     stand_ins = ([f"random samples of shape {shape} for the data"] if dims is not None else []) \
         + ([f"the architecture of {stand_in_teacher} (random weights) for the imported teacher"]
            if stand_in_teacher is not None else []) \

@@ -86,17 +86,17 @@ def _crossed(before: int, after: int, every: int) -> bool:
 
 def step_flops(net: nn.Module, job: Job, data: torch.Tensor | None, rank_batch: int, seed: int, precision: str,
                draw_device: torch.device) -> float:
-    """One process's counted FLOPs per step (ledger.py): the loss's forward and backward on the bare
-    network, mean over FLOP_PROBES draws of their own. The probes leave no trace: the global random
+    """One process's counted FLOPs per step (ledger.py): the batch's draw (a teacher's trajectories on
+    the fly) and the loss's forward and backward on the bare network, mean over FLOP_PROBES draws of their own. The probes leave no trace: the global random
     state (dropout) is restored and the gradients are cleared, so training runs as if they never ran."""
     device = next(net.parameters()).device
     total = 0.0
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         for probe in range(FLOP_PROBES):
             gen = generator(seed, job.stage, "flops", probe, device=draw_device)
-            batch = job.batch(data, rank_batch, gen, device)  # a draw's teacher work counts too
 
             def step():
+                batch = job.batch(data, rank_batch, gen, device)  # counted: a draw's teacher work is the step's
                 with autocast(precision, device):
                     loss = job.loss(net, batch, gen, 0)
                 loss.backward()
@@ -109,14 +109,16 @@ def step_flops(net: nn.Module, job: Job, data: torch.Tensor | None, rank_batch: 
 def train(net: nn.Module, job: Job, cfg: TrainConfig, *, seed: int, ckpt_path: Path, fingerprint: str,
           ledger: Ledger, open_tracker: Callable[[str | None], "object"],
           world: World = World(), precision: str = "fp32", compile: str = "none",
-          draws: str = "device") -> tuple[Result, "object"]:
+          draws: str = "device", flops_per_step: float | None = None) -> tuple[Result, "object"]:
     """Run `job` until `cfg.budget_images`; return the result and the (still open) tracker.
 
     Under torchrun (`world.size` > 1) each rank draws batch_size / world.size images per step and
     DDP averages the gradients; only rank 0 opens the tracker (others get None), logs and saves.
     `net` is already on its device; `precision` bf16 autocasts the step there if it is a GPU;
     `compile` is compute.compile (compiling.py); `draws` device keeps the data and every random draw
-    on the net's device (nothing is copied from the host per step), host draws them on the CPU."""
+    on the net's device (nothing is copied from the host per step), host draws them on the CPU.
+    `flops_per_step`: the counted FLOPs of a step where the caller has them (the plan's second timing
+    run of the same job): counting costs FLOP_PROBES steps, most of a short timing run."""
     if cfg.batch_size % world.size:
         raise ValueError(f"{job.stage}: train.batch_size={cfg.batch_size} must divide by the number of "
                          f"processes ({world.size}): it is the global batch")
@@ -137,7 +139,8 @@ def train(net: nn.Module, job: Job, cfg: TrainConfig, *, seed: int, ckpt_path: P
     step, run_id = 0, None
     loss_sum, loss_n = 0.0, 0  # the running mean of the loss since the last logged point
 
-    flops_per_step = step_flops(net, job, data, rank_batch, seed, precision, draw_device) * world.size  # off the clock
+    if flops_per_step is None:  # off the clock
+        flops_per_step = step_flops(net, job, data, rank_batch, seed, precision, draw_device) * world.size
     state = checkpoint.load(ckpt_path)
     if state is not None and state["fingerprint"] != fingerprint:
         print(f"[{job.stage}] {ckpt_path} belongs to other parameters or inputs; starting afresh", file=sys.stderr)

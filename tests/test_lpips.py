@@ -112,3 +112,14 @@ def test_lpips_refusals(tmp_path):
                                "posttrain": {"methods": ["ect"]}})
     with pytest.raises(config.ParamsError, match="midtrain.distance.lpips_weights: no file at .*gone.pth"):
         preflight.check_lpips_weights(params, "params.yaml")
+
+
+def test_the_plan_times_lpips_with_random_weights_when_the_files_are_elsewhere(tmp_path):
+    from cmt_bench import plan
+    lpips = {"kind": "lpips", "vgg_weights": "/nowhere/vgg16.pth", "lpips_weights": None}
+    params = _params(IMAGES | {"midtrain": {"distance": lpips}, "posttrain": {"methods": ["ect"]}})
+    timed, stood_in = plan._lpips_stand_in(params, tmp_path)
+    assert stood_in == ["midtrain.distance"] and timed.posttrain == params.posttrain
+    ours.LPIPS(timed.midtrain.distance.vgg_weights, timed.midtrain.distance.lpips_weights)  # loadable files
+    preflight.check_lpips_weights(timed, "plan")
+    assert plan._lpips_stand_in(timed, tmp_path / "unused") == (timed, [])  # files present: nothing stood in

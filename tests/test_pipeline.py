@@ -409,6 +409,9 @@ def test_plan_projects_every_stage_and_counts_the_flops_the_run_logged(repo):
               if r.data.tags.get("stage") in ("pretrain", "posttrain")}
     assert float(rows["pretrain"][5]) == pytest.approx(logged["pretrain", "flow_matching"], rel=1e-2)  # 3 digits shown
     assert float(rows["posttrain ect"][5]) == pytest.approx(6 * logged["posttrain", "ect"], rel=1e-2)
+    # --batch: timed and counted at a smaller batch, scaled to the stage's: an ECT step's FLOPs are per sample
+    small = _plan_rows(sh("python -m cmt_bench plan --steps 2 --batch 4", repo, env))
+    assert float(small["posttrain ect"][5]) == pytest.approx(float(rows["posttrain ect"][5]), rel=1e-2)
 
 
 def test_a_projection_over_the_budget_stops_before_any_work(repo):

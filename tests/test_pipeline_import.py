@@ -137,7 +137,7 @@ def test_plan_times_stand_ins_for_a_teacher_and_data_not_on_this_machine(tmp_pat
                                   "data": {"path": "/nowhere"}, "studies": {"specs": []}})
     (tmp_path / "params.yaml").write_text(config.to_yaml(config.validate(raw)))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "CI": "true"}
-    out = subprocess.run([sys.executable, "-m", "cmt_bench", "plan", "--steps", "2", "--shape", "1,8,8",
+    out = subprocess.run([sys.executable, "-m", "cmt_bench", "plan", "--steps", "2", "--shape", "1,8,8", "--batch", "8",
                           "--stand-in-teacher", str(tmp_path / "architecture")], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -147,6 +147,10 @@ def test_plan_times_stand_ins_for_a_teacher_and_data_not_on_this_machine(tmp_pat
     mid = [line for line in lines if line.startswith("midtrain for")]
     assert len(mid) == 2 and all("with the teacher's trajectories for its batch" in line for line in mid)
     assert "Timed on stand-ins: random samples of shape 1,8,8" in out.stdout and "architecture" in out.stdout
+    assert "at batch 8, scaled linearly to the stage's batch" in out.stdout  # --batch: steps of 32 timed at 8
+    timed = [line for line in out.stderr.splitlines() if line.startswith("timed ")]  # progress, a line per stage
+    assert [line.split(":")[0] for line in timed] == ["timed " + line.split("  ")[0] for line in lines
+                                                      if line.startswith(("midtrain for", "posttrain"))], out.stderr
     bad = subprocess.run([sys.executable, "-m", "cmt_bench", "plan", "--shape", "1,x"], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "--shape: positive integers" in bad.stderr
