@@ -303,11 +303,12 @@ def _lpips_stand_in(params: Params, folder: Path) -> tuple[Params, list[str]]:
     """An LPIPS distance whose weights files are not on this machine is timed with random weights
     saved in `folder` (a step costs the same); returns the params and the sections stood in for."""
     from .losses.lpips import save_random
+    from .preflight import missing_lpips_files
     stood_in, update = [], {}
     for stage in ("midtrain", "posttrain"):
         section = getattr(params, stage)
         dist = section.distance
-        if dist.kind != "lpips" or all(p and Path(p).expanduser().is_file() for p in (dist.vgg_weights, dist.lpips_weights)):
+        if dist.kind != "lpips" or not missing_lpips_files(dist):
             continue
         vgg, lin = save_random(folder)
         update[stage] = section.model_copy(update={"distance": dist.model_copy(

@@ -53,18 +53,23 @@ def check_teacher(params: config.Params, source: str) -> None:
                                  f"does not exist")
 
 
+LPIPS_FILES = (("vgg_weights", "torchvision's VGG16 state dict (vgg16-397923af.pth)"),
+               ("lpips_weights", "the lpips package's lpips/weights/v0.1/vgg.pth"))
+
+
+def missing_lpips_files(dist) -> list[tuple[str, str]]:
+    """(key, what it is) of each LPIPS weights file a distance names that is not on this machine."""
+    return [(key, what) for key, what in LPIPS_FILES
+            if not getattr(dist, key) or not Path(getattr(dist, key)).expanduser().is_file()]
+
+
 def check_lpips_weights(params: config.Params, source: str) -> None:
     """An LPIPS distance reads VGG16 and its linear heads from local files; they are never downloaded."""
     for stage in ("midtrain", "posttrain"):
         dist = getattr(params, stage).distance
-        if dist.kind != "lpips":
-            continue
-        for key, what in (("vgg_weights", "torchvision's VGG16 state dict (vgg16-397923af.pth)"),
-                          ("lpips_weights", "the lpips package's lpips/weights/v0.1/vgg.pth")):
-            path = getattr(dist, key)
-            if not path or not Path(path).expanduser().is_file():
-                raise config.ParamsError(f"{source}: {stage}.distance.{key}: no file at {path!r}; distance.kind "
-                                         f"'lpips' needs {what} on this machine (never downloaded)")
+        for key, what in missing_lpips_files(dist) if dist.kind == "lpips" else []:
+            raise config.ParamsError(f"{source}: {stage}.distance.{key}: no file at {getattr(dist, key)!r}; "
+                                     f"distance.kind 'lpips' needs {what} on this machine (never downloaded)")
 
 
 def check(params: config.Params, source: str) -> None:
