@@ -12,8 +12,8 @@ Two rules beyond plain imports:
   what a stage computes unless the stage runs that method. So a registry counts only its own
   `__init__`, except where a stage uses its members: post-training cells depend on their own
   method's and init's module (`${item.method}`, `${item.init}`) and on what every registered member
-  imports; the studies and the report depend on the whole registry folder, so a new member reruns
-  them too.
+  imports; the studies and the report depend on the whole registry folders, so a new member reruns
+  them too, and the starts stage (every cell's starting weights) on the whole inits folder.
 - a pipeline stage enters through `python -m cmt_bench.stages` (`stages/__main__`, `stages/run`); the
   studies and the report through `python -m cmt_bench` (`__main__`, `cli`), of which only the
   top-level imports count: its function-level ones belong to other commands.
@@ -31,13 +31,15 @@ REGISTRIES = ("cmt_bench.methods", "cmt_bench.inits")
 RUNNER = ("cmt_bench.stages.__main__", "cmt_bench.stages.run")  # `python -m cmt_bench.stages STAGE`
 CLI = ("cmt_bench.__main__", "cmt_bench.cli")  # `python -m cmt_bench COMMAND`: top-level imports only
 
-# stage -> (entry modules, registry members it runs: None, "item" (its matrix item's) or "all")
+# stage -> (entry modules, registry members it runs: None, "item" (its matrix item's), "all", or the
+# registries whose every member it runs)
 STAGES: dict[str, tuple[tuple[str, ...], str | None]] = {
     "data": ((*RUNNER, "cmt_bench.stages.data"), None),
     "features": ((*RUNNER, "cmt_bench.stages.features"), None),
     "pretrain": ((*RUNNER, "cmt_bench.stages.pretrain"), None),
     "trajectories": ((*RUNNER, "cmt_bench.stages.trajectories"), None),
     "midtrain": ((*RUNNER, "cmt_bench.stages.midtrain"), None),
+    "starts": ((*RUNNER, "cmt_bench.stages.starts"), ("cmt_bench.inits",)),
     "posttrain": ((*RUNNER, "cmt_bench.stages.posttrain"), "item"),
     "evaluate": ((*RUNNER, "cmt_bench.stages.evaluate"), None),
     "studies": ((*CLI, "cmt_bench.study", "cmt_bench.sensitivity"), "all"),
@@ -99,9 +101,16 @@ def members(registry: str) -> list[str]:
     return sorted(f"{registry}.{p.stem}" for p in folder.glob("*.py") if not p.stem.startswith("_"))
 
 
-def closure(entries, registries: str | None = None, skip: frozenset[str] = frozenset()) -> set[str]:
+def _whole(registries) -> tuple[str, ...]:
+    """The registries whose every member a stage runs."""
+    return REGISTRIES if registries == "all" else registries if isinstance(registries, tuple) else ()
+
+
+def closure(entries, registries: str | tuple[str, ...] | None = None,
+            skip: frozenset[str] = frozenset()) -> set[str]:
     """Every package module the entries import, transitively, except `skip`. Registry members are
-    followed only with registries='all' or where named (see the module docstring)."""
+    followed only for the registries named whole ('all': both) or where named (see the module docstring)."""
+    whole = _whole(registries)
     seen: set[str] = set()
     todo = list(entries)
     while todo:
@@ -110,7 +119,7 @@ def closure(entries, registries: str | None = None, skip: frozenset[str] = froze
             continue
         seen.add(name)
         todo.extend(direct_imports(name, top_level_only=name in CLI))
-        if name in REGISTRIES and registries == "all":
+        if name in whole:
             todo.extend(members(name))
     return seen
 
@@ -124,8 +133,8 @@ def stage_code(stage: str) -> list[str]:
     """The code dependencies of a dvc.yaml stage (a matrix stage's `${item...}` entries included)."""
     entries, registries = STAGES[stage]
     modules = closure(entries, registries)
-    if registries == "all":  # the folders, which a new member changes, instead of today's members
-        folders = [r for r in REGISTRIES if r in modules]
+    if _whole(registries):  # the folders, which a new member changes, instead of today's members
+        folders = [r for r in _whole(registries) if r in modules]
         modules -= {m for r in folders for m in [r, *members(r)]}
         return files(modules) + sorted(module_file(r).parent.relative_to(SOURCE.parent).as_posix() for r in folders)
     item = []

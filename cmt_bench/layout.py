@@ -38,6 +38,11 @@ def cell(stage: str, init: str | None, method: str | None, seed: int | None = No
     return "-".join(part for part in (stage, method, init, seed_part(seed)) if part)
 
 
+def start_digest(init: str, method: str, seed: int) -> Path:
+    """The digest of one post-training cell's starting weights (the starts stage), which the cell depends on."""
+    return out_dir("starts", init, method) / f"{seed_part(seed)}.json"
+
+
 def checkpoint(stage: str, init: str | None = None, method: str | None = None, seed: int | None = None) -> Path:
     """The resumable checkpoint folder of one stage or matrix cell."""
     return CKPT / cell(stage, init, method, seed)

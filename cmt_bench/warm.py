@@ -33,8 +33,8 @@ COLD = -1  # the server's answer when the command must run in a fresh interprete
 forked = False  # True in a command the server runs
 WARM_MODULES = ("torch", "numpy", "pandas", "mlflow.tracking", "optuna", "cmt_bench.cli", "cmt_bench.study",
                 "cmt_bench.report", *(f"cmt_bench.stages.{s}" for s in
-                                      ("data", "features", "pretrain", "trajectories", "midtrain", "posttrain",
-                                       "evaluate")))
+                                      ("data", "features", "pretrain", "trajectories", "midtrain", "starts",
+                                       "posttrain", "evaluate")))
 
 
 # --- client ------------------------------------------------------------------------------------

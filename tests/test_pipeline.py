@@ -82,7 +82,10 @@ def test_report_and_summary(repo):
     assert [line.split(":")[0].strip() for line in summary[16:18]] == ["ECT", "MeanFlow"]
     assert "viewStateShareKey=cmt-bench-smoke-ect" in summary[16]
     assert summary[18].startswith("where the time went")
-    assert re.fullmatch(r"\s+post-training\s+[\d.]+ (s|min)\s+12 cells, training steps [\d.]+ (s|min)", summary[24])
+    kinds = {line[2:26].strip(): line for line in summary[19:]}  # "  <kind, padded to 24> <time>  <detail>"
+    assert "starting weights" in kinds, summary[19:]
+    assert re.fullmatch(r"\s+post-training\s+[\d.]+ (s|min)\s+12 cells, training steps [\d.]+ (s|min)",
+                        kinds["post-training"])
 
 
 def test_repro_prints_one_line_per_stage(repo):
@@ -199,6 +202,30 @@ def test_editing_code_stales_exactly_the_stages_that_run_it(repo):
     assert stale_after_editing(repo, env, "cmt_bench/html.py") == {"report"}
     ect = stale_after_editing(repo, env, "cmt_bench/methods/ect.py")
     assert ect == {c for c in cells if "-ect-" in c} | {"studies@smoke_ect", "report"}, ect
+    assert "Data and pipelines are up to date" in sh("dvc status", repo, env)
+
+
+def test_a_cell_reruns_only_when_its_own_starting_weights_change(repo):
+    """A new teacher and a new ECT mid-training (their weights nudged in place, the starts stage
+    rerun) stale the diffusion cells and the CMT cells of ECT, never a random-init cell nor the CMT
+    cells of MeanFlow, whose starting weights are the same bytes. Restoring them leaves nothing stale."""
+    repo, env, _ = repo
+    nudged = [repo / "artifacts/pretrain/model.pt", repo / "artifacts/midtrain/ect/model.pt"]
+    originals = [path.read_bytes() for path in nudged]
+    cells = {f"posttrain@{i}-{m}-{s}" for i in ("random", "diffusion", "cmt") for m in ("ect", "meanflow")
+             for s in (0, 1)}
+    try:
+        for path in nudged:
+            state = torch.load(path, weights_only=True)
+            state["ema"] = {k: v + 1e-3 if v.is_floating_point() else v for k, v in state["ema"].items()}
+            torch.save(state, path)
+        sh("dvc repro -s starts", repo, env)
+        stale = set(json.loads(sh("dvc status --json", repo, env))) & cells
+    finally:
+        for path, original in zip(nudged, originals):
+            path.write_bytes(original)
+        sh("dvc repro -s starts", repo, env)
+    assert stale == {c for c in cells if "diffusion" in c or "cmt-ect" in c}, stale
     assert "Data and pipelines are up to date" in sh("dvc status", repo, env)
 
 

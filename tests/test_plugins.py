@@ -54,6 +54,8 @@ def test_a_new_method_and_init_run_to_the_report(repo):
 
 
 def test_editing_a_plugin_reruns_only_what_runs_it(repo):
+    """The init's own cells and the report; also `starts`, which builds every cell's starting weights
+    (no training) and reruns only the cells whose digest it changes."""
     repo, env, _ = repo
     stale = stale_after_editing(repo, env, "cmt_bench/inits/half_teacher.py")
-    assert stale == {"posttrain@half_teacher-fm_baseline-0", "report"}, stale
+    assert stale == {"posttrain@half_teacher-fm_baseline-0", "starts", "report"}, stale

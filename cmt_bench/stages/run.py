@@ -12,7 +12,7 @@ import sys
 
 from .. import config, preflight, progress
 
-STAGES = ("data", "features", "pretrain", "trajectories", "midtrain", "posttrain", "evaluate")
+STAGES = ("data", "features", "pretrain", "trajectories", "midtrain", "starts", "posttrain", "evaluate")
 TRAINING = ("pretrain", "midtrain", "posttrain")
 THREADED = ("pretrain", "trajectories", "midtrain", "posttrain", "evaluate")  # those that read compute.threads
 
