@@ -100,8 +100,9 @@ def split(work: Path, walls: dict[str, float]) -> tuple[list[dict], float]:
 
 def category(stage: str) -> str:
     base = stage.split("@")[0]
+    training = base in ("pretrain", "midtrain", "posttrain")
     return {"evaluate": "final evaluation", "studies": "studies", "study_index": "report", "report": "report"}.get(
-        base, "training stages" if base in ("pretrain", "midtrain", "posttrain") else "data, features, trajectories")
+        base, "training stages" if training else "data, features, trajectories, starts")
 
 
 def summarise(install_s: float, toy_s: float, rows: list[dict], before_s: float, after_s: float,

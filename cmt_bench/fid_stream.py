@@ -71,7 +71,7 @@ class Moments:
 
 
 def streamed_moments(net, path, n: int, shape: tuple[int, ...], seed: int, t_mid: float, features, shift: np.ndarray,
-                     world: World = World(), batch_size: int = 1024) -> dict[str, Moments]:
+                     world: World = World(), batch_size: int = 1024, two_step: str = "renoise") -> dict[str, Moments]:
     """{"1step": Moments, "2step": Moments} of `features(samples)` over n samples made in blocks,
     this rank's blocks here, every rank's after the all_reduce."""
     device = next(net.parameters(), torch.empty(0)).device
@@ -81,12 +81,13 @@ def streamed_moments(net, path, n: int, shape: tuple[int, ...], seed: int, t_mid
         for i in range(0, size, batch_size):
             e, m = eps[i:i + batch_size].to(device), eps_mid[i:i + batch_size].to(device)
             moments["1step"].add(features(sampling.one_step(net, e)))
-            moments["2step"].add(features(sampling.two_step(net, path, e, m, t_mid)))
+            moments["2step"].add(features(sampling.two_step(net, path, e, m, t_mid, two_step)))
     return {name: m.reduced(world) for name, m in moments.items()}
 
 
 
-def score(params: Params, net, path, n: int, shape: tuple[int, ...], world: World, device) -> dict[str, float]:
+def score(params: Params, net, path, n: int, shape: tuple[int, ...], world: World, device,
+          two_step: str = "renoise") -> dict[str, float]:
     """The Frechet distance of n 1- and 2-step samples made in blocks across the ranks and streamed,
     against the split evaluate.fid_reference names, under the same keys as the in-memory scores:
     e.g. fid_inception_2step_n50000."""
@@ -101,5 +102,6 @@ def score(params: Params, net, path, n: int, shape: tuple[int, ...], world: Worl
         features = fidelity.feature_function(params.features, weights, device)
         reference = fidelity.reference_statistics(REFERENCE_CACHE, ev.fid_reference, params.features, weights)
         frechet = fidelity.frechet_of_statistics
-    moments = streamed_moments(net, path, n, shape, ev.seed, params.sampling.t_mid, features, reference["mu"], world)
+    moments = streamed_moments(net, path, n, shape, ev.seed, params.sampling.t_mid, features, reference["mu"], world,
+                               two_step=two_step)
     return {key(f"{params.fd_name}_{name}", n): frechet(m.statistics(), reference) for name, m in moments.items()}

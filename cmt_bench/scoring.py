@@ -43,6 +43,7 @@ def family(metric: str) -> str:
 class Scorer:
     params: Params
     reference: np.ndarray  # the held-out split as floats (points, or images in [-1, 1])
+    two_step: str = "renoise"  # how the 2-step samples were drawn (sampling.two_step): sets their exact target
     _exact: dict = field(default_factory=dict, repr=False)  # sample count -> the exact map's samples
 
     @cached_property
@@ -67,7 +68,7 @@ class Scorer:
     def exact(self, n: int) -> dict[str, np.ndarray]:
         """What the samplers would give with no error, from the noise they draw at evaluate.seed
         (`paths.noise`): the exact map's 1-step jump (also the teacher ODE's target, from the same
-        starting noise) and its 2-step sample (re-noised with the same noise at sampling.t_mid).
+        starting noise) and its re-noised 2-step sample (re-noised with the same noise at sampling.t_mid).
         The features stage saves them (a float64 ODE solve takes seconds); others read that file."""
         if n not in self._exact:
             what = self._exact_key(n)
@@ -98,7 +99,9 @@ class Scorer:
         """flowmap_err (where `name` is a sampler whose noise is known) and mode coverage/precision."""
         from . import gmm
         out = {key(f"{m}_{name}", len(x)): v for m, v in gmm.mode_scores(self.mixture, x).items()}
-        target = self.exact(len(x)).get(name)
+        exact = self.exact(len(x))
+        # the exact map composes: a chain's 2-step sample has the 1-step jump as its target
+        target = exact["1step"] if name == "2step" and self.two_step == "chain" else exact.get(name)
         if target is not None:
             out[key(f"flowmap_err_{name}", len(x))] = gmm.flowmap_err(x, target)
         return out

@@ -209,7 +209,7 @@ def objective(params: Params, spec: StudySpec, init: str, study_run_id: str):
             trial.set_user_attr("diverged", True)
             runs[-1].set_tags({"outcome": "diverged"})
             raise optuna.TrialPruned(f"diverged: {exc}") from None
-        scores, _, _ = final_scores(p, result.ema)
+        scores, _, _ = final_scores(p, result.ema, methods.get(spec.method).two_step)
         tracker.log_metrics(result.steps, scores)
         tracker.set_tags({"outcome": "complete"})
         tracker.finish()

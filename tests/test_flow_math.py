@@ -3,7 +3,7 @@ import math
 
 import pytest
 import torch
-from conftest import ExactFlowMap
+from conftest import ExactFlowMap, small_flow_map_net
 
 from cmt_bench import losses, nets, solvers
 from cmt_bench.config import Distance, NetConfig, TimeSampling
@@ -218,13 +218,31 @@ def test_flow_map_net_starts_as_the_teacher():
         nets.load_teacher_into(nets.build((2,), NetConfig(hidden=16), True), teacher.state_dict())
 
 
-def test_exact_few_step_samplers_give_the_data_distribution(gaussian):
+@pytest.mark.parametrize("two_step", ["renoise", "chain"])
+def test_exact_few_step_samplers_give_the_data_distribution(gaussian, two_step):
     from cmt_bench import sampling
-    out = sampling.sample(ExactFlowMap(gaussian), PATH, 100_000, (2,), seed=0, t_mid=0.4)
+    out = sampling.sample(ExactFlowMap(gaussian), PATH, 100_000, (2,), seed=0, t_mid=0.4, two_step_kind=two_step)
     for x in out.values():
         x = x.double()
         assert torch.allclose(x.mean(0), gaussian.mu, atol=0.01)
         assert torch.allclose(x.std(0), torch.full((2,), gaussian.s, dtype=F64), rtol=0.01)
+
+
+def test_a_chain_of_exact_jumps_is_the_one_step_jump(gaussian):
+    """The exact flow map composes, X(X(x, 1, t), t, 0) = X(x, 1, 0): the chain's 2-step sample is the
+    1-step sample at the same noise; re-noising draws other points; a learned net's jumps need not compose."""
+    from cmt_bench import methods, sampling
+    exact = sampling.sample(ExactFlowMap(gaussian), PATH, 1000, (2,), seed=3, t_mid=0.4, two_step_kind="chain")
+    assert torch.allclose(exact["2step"], exact["1step"], atol=1e-6, rtol=0)  # float32 noise
+    renoised = sampling.sample(ExactFlowMap(gaussian), PATH, 1000, (2,), seed=3, t_mid=0.4)
+    assert torch.equal(renoised["1step"], exact["1step"]) and (renoised["2step"] - exact["2step"]).abs().max() > 0.1
+    off = sampling.sample(small_flow_map_net().float(), PATH, 1000, (2,), seed=3, t_mid=0.4, two_step_kind="chain")
+    assert (off["2step"] - off["1step"]).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="allowed renoise, chain"):
+        sampling.sample(ExactFlowMap(gaussian), PATH, 10, (2,), seed=3, t_mid=0.4, two_step_kind="euler")
+    # each method's paper's sampler: consistency models re-noise, MeanFlow-type flow maps chain
+    assert {n: m.two_step for n, m in methods.REGISTRY.items()} == \
+        {"ect": "renoise", "meanflow": "chain", "alphaflow": "chain", "sct": "renoise"}
 
 
 def test_logsnr_grid():

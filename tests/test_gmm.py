@@ -1,6 +1,7 @@
 """The Gaussian-mixture benchmark's truth: its closed-form velocity against a single Gaussian's, the
 exact density's finite differences and the continuity equation; its exact flow map against a second
 solver and itself; and the metrics that score a model against it."""
+import dataclasses
 from types import SimpleNamespace
 
 import numpy as np
@@ -136,3 +137,7 @@ def test_scorer_reads_the_saved_exact_samples_only_for_its_own_settings(tmp_path
     scores = scorer({"1step": solved["1step"].astype(np.float32), "floor": solved["2step"]})
     assert scores["flowmap_err_1step_n200"] < 1e-6 and "flowmap_err_floor_n200" not in scores  # no noise: no target
     assert scores["mode_coverage_floor_n200"] == 1.0
+    # a chain's 2-step samples are scored against the exact 1-step jump (the exact map composes)
+    chain = dataclasses.replace(scorer, two_step="chain")({"2step": solved["1step"].astype(np.float32)})
+    renoised = scorer({"2step": solved["1step"].astype(np.float32)})
+    assert chain["flowmap_err_2step_n200"] < 1e-6 < renoised["flowmap_err_2step_n200"]

@@ -26,6 +26,9 @@ class Method:
     loss: Callable
     cmt_variant: Literal["cm", "mf"]  # the CMT mid-training that initialises it (midtrain.variants' default)
     uses_distance: bool = False  # whether posttrain.distance enters its loss (logged and tunable only then)
+    # its 2-step sampler, as its paper draws one (sampling.two_step): "renoise" (consistency models: jump
+    # to the data, re-noise to sampling.t_mid, jump again) or "chain" (a flow map: 1 -> t_mid -> 0)
+    two_step: Literal["renoise", "chain"] = "renoise"
     in_default_run: bool = False  # listed in posttrain.methods by default
     # the paper's figure for each claim of the report this method has one for (claim id -> text)
     paper: dict[int, str] = field(default_factory=dict)

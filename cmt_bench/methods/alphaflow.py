@@ -99,7 +99,7 @@ def alphaflow_loss(net, path, x0: torch.Tensor, generator: torch.Generator, imag
 
 
 METHOD = register(Method(
-    name="alphaflow", label="AlphaFlow", config=AlphaFlowConfig, cmt_variant="mf",
+    name="alphaflow", label="AlphaFlow", config=AlphaFlowConfig, cmt_variant="mf", two_step="chain",
     loss=lambda net, path, x0, generator, images_seen, cfg, dist: alphaflow_loss(net, path, x0, generator,
                                                                                   images_seen, cfg),
     cost_phases=lambda cfg: {"alpha=1": cfg.anneal_start_images,  # no extra pass

@@ -38,6 +38,7 @@ def meanflow_loss(net, path, x0: torch.Tensor, generator: torch.Generator, cfg: 
 
 METHOD = register(Method(
     name="meanflow", label="MeanFlow", config=MeanFlowConfig, cmt_variant="mf", in_default_run=True,
+    two_step="chain",  # MeanFlow's 2-NFE samples step its average velocity 1 -> t_mid -> 0 (no re-noising)
     loss=lambda net, path, x0, generator, images_seen, cfg, dist: meanflow_loss(net, path, x0, generator, cfg),
     reference="Geng et al. 2025, Mean Flows for One-step Generative Modeling (arXiv 2505.13447)",
     paper={1: "no MeanFlow figure against a diffusion init; the CMT init 'outperforms random and diffusion-based "

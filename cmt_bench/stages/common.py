@@ -30,23 +30,24 @@ def seeded_net(seed: int, params: Params, shape: tuple[int, ...], two_times: boo
     return build_net(params, shape, two_times)
 
 
-def heldout_eval(params: Params, path, heldout: torch.Tensor, shape: tuple[int, ...]):
-    """In-loop 1- and 2-step metrics at a fixed sample seed, so curve points are comparable."""
-    score = scoring.Scorer(params, heldout.numpy())
+def heldout_eval(params: Params, path, heldout: torch.Tensor, shape: tuple[int, ...], two_step: str):
+    """In-loop 1- and 2-step metrics at a fixed sample seed, so curve points are comparable; `two_step`
+    is the post-training method's 2-step sampler (sampling.two_step)."""
+    score = scoring.Scorer(params, heldout.numpy(), two_step)
 
     def evaluate(net) -> dict[str, float]:
         net.eval()
         out = sampling.sample(net, path, params.evaluate.inloop_samples, shape, params.evaluate.seed,
-                              params.sampling.t_mid)
+                              params.sampling.t_mid, two_step)
         net.train()
         return score({k: v.numpy() for k, v in out.items()})
     return evaluate
 
 
 def finish_training(stage: str, result, tracker, *, init: str | None = None, method: str | None = None,
-                    seed: int | None = None) -> None:
-    """Write the stage's outputs, close its run, then drop the resumable checkpoint (rank 0 only:
-    the other ranks of a DDP run have no tracker)."""
+                    seed: int | None = None, record: dict | None = None) -> None:
+    """Write the stage's outputs (`record`: more fields of its run.json), close its run, then drop the
+    resumable checkpoint (rank 0 only: the other ranks of a DDP run have no tracker)."""
     if tracker is None:
         return
     ledger = result.ledger
@@ -57,7 +58,7 @@ def finish_training(stage: str, result, tracker, *, init: str | None = None, met
     out.mkdir(parents=True, exist_ok=True)
     torch.save({"ema": result.ema.state_dict(), "net": result.net.state_dict()}, out / "model.pt")
     write_json(out / "run.json", {"run_id": tracker.run_id, "stage": stage, "init": init, "method": method,
-                                  "seed": seed, "ledger": result.ledger.to_dict()})
+                                  "seed": seed, "ledger": result.ledger.to_dict(), **(record or {})})
     tracker.finish()
     shutil.rmtree(checkpoint(stage, init, method, seed), ignore_errors=True)
 

@@ -17,16 +17,16 @@ from ..tracking import Tracker
 from .common import build_net
 
 
-def final_scores(params: Params, ema) -> tuple[dict[str, float], dict[str, np.ndarray], float]:
-    """1- and 2-step scores of a trained model with `evaluate.samples` samples at the fixed sample
-    seed; also the samples and the seconds sampling took."""
+def final_scores(params: Params, ema, two_step: str) -> tuple[dict[str, float], dict[str, np.ndarray], float]:
+    """1- and 2-step scores of a trained model with `evaluate.samples` samples at the fixed sample seed
+    (the 2-step ones drawn by `two_step`, sampling.two_step); also the samples and the seconds sampling took."""
     heldout = datasets.load_split(out_dir("data"), "heldout")
     shape, cfg = tuple(heldout.shape[1:]), params.evaluate
     start = time.perf_counter()
     samples = {k: v.numpy() for k, v in sampling.sample(ema, PATHS["linear"](), cfg.samples, shape, cfg.seed,
-                                                        params.sampling.t_mid).items()}
+                                                        params.sampling.t_mid, two_step).items()}
     seconds = time.perf_counter() - start
-    return scoring.Scorer(params, heldout.numpy())(samples), samples, seconds
+    return scoring.Scorer(params, heldout.numpy(), two_step)(samples), samples, seconds
 
 
 def run(params: Params, init: str, method: str, seed: int) -> None:
@@ -38,16 +38,21 @@ def run(params: Params, init: str, method: str, seed: int) -> None:
     shape = datasets.data_shape(out_dir("data"))
     net = build_net(params, shape, two_times=True)
     trained = out_dir("posttrain", init, method, seed)
+    # the method's 2-step sampler, as the post-training cell recorded it (its in-loop metrics used it)
+    two_step = read_json(trained / "run.json").get("two_step")
+    if two_step is None:
+        raise ValueError(f"{trained / 'run.json'} names no 2-step sampler: it predates them; rerun its "
+                         f"post-training (dvc repro {progress.dvc_name('posttrain', init, method, seed)})")
     net.load_state_dict(torch.load(trained / "model.pt", map_location="cpu", weights_only=True)["ema"])
     net.to(dev).eval()
     streamed, stream_seconds = {}, {}
     if cfg.fid_samples:
         start = time.perf_counter()
-        streamed = fid_stream.score(params, net, PATHS["linear"](), cfg.fid_samples, shape, world, dev)
+        streamed = fid_stream.score(params, net, PATHS["linear"](), cfg.fid_samples, shape, world, dev, two_step)
         stream_seconds = {"fid_stream_seconds": time.perf_counter() - start}
     if not world.main:
         return
-    scores, samples, seconds = final_scores(params, net)
+    scores, samples, seconds = final_scores(params, net, two_step)
     scores.update(streamed)
     out = out_dir("evaluate", init, method, seed)
     shutil.rmtree(out, ignore_errors=True)
@@ -57,6 +62,7 @@ def run(params: Params, init: str, method: str, seed: int) -> None:
     tracker = Tracker.open(params, "evaluate", init=init, method=method, seed=seed,
                            stage_params={"evaluate": cfg.model_dump(), "sampling": params.sampling.model_dump()})
     tracker.set_tags({"posttrain_run_id": posttrain_run, "samples": str(cfg.samples),
+                      "two_step": two_step,
                       **({"fid_samples": str(cfg.fid_samples), "fid_processes": str(world.size),
                          "fid_reference": cfg.fid_reference} if cfg.fid_samples else {})})
     tracker.log_metrics(0, {**scores, "sampling_seconds": seconds, **stream_seconds})

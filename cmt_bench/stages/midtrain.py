@@ -18,6 +18,9 @@ from .common import finish_training, heldout_eval, seeded_net, train_stage
 from .trajectories import teacher_velocity
 
 LOSS = {"cm": losses.cmt_cm_loss, "mf": losses.cmt_mf_loss}
+# the in-loop 2-step sampler of each variant (sampling.two_step): CMT-CM learns jumps to the data, which
+# re-noising uses; CMT-MF jumps between any two times, as a flow map's chain does
+TWO_STEP = {"cm": "renoise", "mf": "chain"}
 
 
 def on_the_fly(teacher, shape: tuple[int, ...], times: torch.Tensor, solver: str):
@@ -51,7 +54,7 @@ def run(params: Params, method: str) -> None:
     loss = LOSS[variant]
     times_on = functools.cache(times.to)  # copied to the training device once, not every step
     job = Job("midtrain", loss=lambda n, x, g, seen: loss(n, x, times_on(x.device), g, cfg.distance),
-              evaluate=heldout_eval(params, path, heldout, shape), label=f"midtrain CMT-{variant.upper()} for {method}",
+              evaluate=heldout_eval(params, path, heldout, shape, TWO_STEP[variant]), label=f"midtrain CMT-{variant.upper()} for {method}",
               **source)
     result, tracker = train_stage(params, "midtrain", net, job, cfg.train,
                                   [traj_dir / "manifest.json", out_dir("pretrain") / "model.pt"], method=method,

@@ -50,7 +50,7 @@ def train_posttrain(params: Params, init: str, method: str, seed: int, **stage_k
     loss = posttrain_loss(params, method, path)  # an unknown method fails before the net is built
     net = initial_net(params, init, method, shape, seed)
     job = Job("posttrain", data=train_x, loss=loss,
-              evaluate=heldout_eval(params, path, heldout, shape), label=f"posttrain {method} ({init} init)",
+              evaluate=heldout_eval(params, path, heldout, shape, methods.get(method).two_step), label=f"posttrain {method} ({init} init)",
               on_point=stage_kwargs.pop("on_point", None))
     return train_stage(params, "posttrain", net, job, cfg.train, posttrain_inputs(init, method), init=init,
                        method=method, seed=seed, stage_params={"posttrain": posttrain_params(params, method),
@@ -60,4 +60,5 @@ def train_posttrain(params: Params, init: str, method: str, seed: int, **stage_k
 
 def run(params: Params, init: str, method: str, seed: int) -> None:
     result, tracker = train_posttrain(params, init, method, seed)
-    finish_training("posttrain", result, tracker, init=init, method=method, seed=seed)
+    finish_training("posttrain", result, tracker, init=init, method=method, seed=seed,
+                    record={"two_step": methods.get(method).two_step})  # the evaluate stage samples alike
