@@ -55,7 +55,8 @@ def test_repro_logs_every_stage_and_init(repo):
         run_json = (repo / f"artifacts/posttrain/{tags['method']}/{tags['init']}/seed{tags['seed']}/run.json").read_text()
         assert r.info.run_id in run_json
     # each method's 2-step sampler (its registry entry), recorded by the cell and used by its evaluation
-    samplers = {(r.data.tags["method"], r.data.tags["two_step"]) for r in runs if r.data.tags.get("stage") == "evaluate"}
+    samplers = {(r.data.tags["method"], r.data.tags["two_step"]) for r in runs
+                if r.data.tags.get("stage") == "evaluate"}
     assert samplers == {("ect", "renoise"), ("meanflow", "chain")}
 
 
@@ -147,9 +148,10 @@ def test_html_report_shows_its_figures_in_chromium(repo, tmp_path):
         box = bounding_box(colour_mask(pixels, colour, tol=40))
         assert box is not None and box[2] > 300 and box[3] > 600, f"no curve of colour {colour} drawn: {box}"
     broken = tmp_path / "broken.html"  # the same check on a page whose figure cannot load must fail
-    figure = '<img alt="metric versus compute" src="data:image/png;base64,'  # not the first image: others may precede it
+    figure = '<img alt="metric versus compute" src="data:image/png;base64,'  # other images may precede it
     assert figure in html
-    broken.write_text(page.read_text().replace(figure, figure.replace("data:image/png;base64,", "https://cdn.invalid/x.png?")))
+    unreachable = figure.replace("data:image/png;base64,", "https://cdn.invalid/x.png?")
+    broken.write_text(page.read_text().replace(figure, unreachable))
     assert bounding_box(colour_mask(screenshot(broken, size=(1000, 1000)), (0xd6, 0x27, 0x28), tol=40)) is None
 
 

@@ -54,7 +54,8 @@ def run(params: Params, method: str) -> None:
     loss = LOSS[variant]
     times_on = functools.cache(times.to)  # copied to the training device once, not every step
     job = Job("midtrain", loss=lambda n, x, g, seen: loss(n, x, times_on(x.device), g, cfg.distance),
-              evaluate=heldout_eval(params, path, heldout, shape, TWO_STEP[variant]), label=f"midtrain CMT-{variant.upper()} for {method}",
+              evaluate=heldout_eval(params, path, heldout, shape, TWO_STEP[variant]),
+              label=f"midtrain CMT-{variant.upper()} for {method}",
               **source)
     result, tracker = train_stage(params, "midtrain", net, job, cfg.train,
                                   [traj_dir / "manifest.json", out_dir("pretrain") / "model.pt"], method=method,

@@ -50,7 +50,8 @@ def train_posttrain(params: Params, init: str, method: str, seed: int, **stage_k
     loss = posttrain_loss(params, method, path)  # an unknown method fails before the net is built
     net = initial_net(params, init, method, shape, seed)
     job = Job("posttrain", data=train_x, loss=loss,
-              evaluate=heldout_eval(params, path, heldout, shape, methods.get(method).two_step), label=f"posttrain {method} ({init} init)",
+              evaluate=heldout_eval(params, path, heldout, shape, methods.get(method).two_step),
+              label=f"posttrain {method} ({init} init)",
               on_point=stage_kwargs.pop("on_point", None))
     return train_stage(params, "posttrain", net, job, cfg.train, posttrain_inputs(init, method), init=init,
                        method=method, seed=seed, stage_params={"posttrain": posttrain_params(params, method),
