@@ -1,10 +1,12 @@
-"""MeanFlow's JVP three ways: which is cheapest for the same du/dt?
+"""MeanFlow's JVP four ways: which is cheapest for the same du/dt?
 
 MeanFlow's target needs du/dt = J_u (v, 1, 0), the derivative of the network along the ODE tangent.
-Three exact ways to get it, timed on the same network, batch and tangent:
+Four exact ways to get it, timed on the same network, batch and tangent:
 
-- `func_jvp`: `torch.func.jvp` (what `cmt_bench.methods.meanflow` uses; functorch transform);
+- `func_jvp`: `torch.func.jvp` (functorch transform; what the loss used before `lean`);
 - `dual`: `torch.autograd.forward_ad` dual tensors (the same forward-mode formulas, no transform);
+- `lean`: dual tensors under the lean rules of `cmt_bench.jvp` (what `compiling.total_derivative`
+  runs eagerly since they were measured here);
 - `double_vjp`: reverse mode twice (a VJP with a dummy cotangent w, then its gradient in w), which
   needs only double-backward support.
 
@@ -32,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from step_cost import add_run_args, environment, rotated, setup, sync  # noqa: E402  (the script's folder is on sys.path)
-from cmt_bench import ledger  # noqa: E402
+from cmt_bench import jvp, ledger  # noqa: E402
 
 
 @torch.no_grad()
@@ -57,7 +59,11 @@ def double_vjp(net, z, t, r, v):
     return jv
 
 
-WAYS = {"func_jvp": func_jvp, "dual": dual, "double_vjp": double_vjp}
+def lean(net, z, t, r, v):
+    return jvp.jvp(net, (z, t, r), (v, torch.ones_like(t), None))
+
+
+WAYS = {"func_jvp": func_jvp, "dual": dual, "lean": lean, "double_vjp": double_vjp}
 
 
 def main() -> None:

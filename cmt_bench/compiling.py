@@ -2,24 +2,21 @@
 
 - none: eager PyTorch.
 - step: the network as the loss calls it: its forward and, through AOTAutograd, its backward run
-  as compiled kernels. A forward-mode JVP still runs eagerly on the bare module.
+  as compiled kernels. A forward-mode JVP still runs eagerly on the bare module (jvp.py's lean rules).
 - jvp: step, and the JVP of the MeanFlow-style losses (losses/average_velocity.py) compiled too.
   On a GPU that JVP is bound by the CPU (reports/gpu/README.md: about 190 ms of dispatcher work per
   fashion-UNet step), which is what a compiled graph removes.
 
-Three limits of torch 2.13 shape the JVP here:
+Two limits of torch 2.13 shape the compiled JVP:
 - Dynamo cannot trace forward-mode AD through the native layer / group norm kernels (an internal
   assert in _fw_primal; pytorch/pytorch#197090, #139756), so inside the compiled JVP the norms are
   written out as mean and variance arithmetic: the same function, rounded differently;
 - torch.func.jvp fixes the batch size of its graph, so the batch is padded with zero rows up to one
   of a few sizes (multiples of a quarter of the power of two below it, at most 25% extra) instead
-  of being compiled anew for every count of r != t samples;
-- even eagerly, forward-mode GroupNorm fails on channels-last activations (compute.channels_last),
-  so there too the eager JVP takes the plain norms.
+  of being compiled anew for every count of r != t samples.
 """
 from __future__ import annotations
 
-import contextlib
 from functools import partial
 
 import torch
@@ -27,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from . import jvp
 from .distributed import unwrap
 
 MODES = ("none", "step", "jvp")
@@ -56,21 +54,13 @@ def _jvp(net: nn.Module, z, t, r, v) -> torch.Tensor:
     return torch.func.jvp(net, (z, t, r), (v, torch.ones_like(t), torch.zeros_like(r)))[1]
 
 
-def _channels_last(net: nn.Module) -> bool:
-    return any(p.ndim == 4 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last)
-               for p in net.parameters())
-
-
 def total_derivative(net: nn.Module, z, t, r, v) -> torch.Tensor:
     """du/dt of u(z, r, t) = net(z, t, r) along (dz, dt, dr) = (v, 1, 0), by one forward-mode JVP of
     the bare network (a JVP needs no DDP: it builds no graph); compiled when `net` (what the loss
     was given) is a StepModel under compile mode jvp."""
     compiled = net.jvp if isinstance(net, StepModel) else None
-    if compiled is None:
-        bare = unwrap(net)
-        # torch's forward-mode GroupNorm fails on channels-last tensors (a view in its derivative)
-        with PlainNorms() if _channels_last(bare) else contextlib.nullcontext():
-            return _jvp(bare, z, t, r, v)
+    if compiled is None:  # eager: dual tensors with the lean rules of jvp.py (half torch.func.jvp's time)
+        return jvp.jvp(unwrap(net), (z, t, r), (v, torch.ones_like(t), None))
     n = z.shape[0]
     m = padded_size(n)
     pad = (lambda a: torch.cat([a, a.new_zeros(m - n, *a.shape[1:])])) if m > n else (lambda a: a)
