@@ -41,7 +41,8 @@ class Choices(Section):
 
 class PrunerConfig(Section):
     # median: stop a trial whose in-loop metric is worse than the median of earlier trials at the
-    # same point; successive_halving: keep the best 1/reduction at each rung; none: run every trial out
+    # same point; successive_halving: keep the best 1/reduction at each rung; none: run every trial out,
+    # and score no in-loop points (the pruner is their only reader; each trial's curve still logs its loss)
     kind: Literal["none", "median", "successive_halving"] = "median"
     startup_trials: Annotated[int, Field(ge=0, strict=True)] = 5  # median: trials before pruning starts
     warmup_points: Annotated[int, Field(ge=0, strict=True)] = 1  # median: logged points before a trial can be pruned

@@ -66,8 +66,8 @@ def test_sliced_wasserstein_equal_and_unequal_sizes_agree():
     assert metrics.sliced_wasserstein(a, b) > 0.01
     for m in (1000, 1001, 2000, 2999, 3000):  # the quantile index against numpy's definition
         q = (np.arange(1000) + 0.5) / 1000
-        assert np.array_equal(metrics._quantiles(np.sort(x[:m], axis=0), 1000),
-                              np.quantile(x[:m], q, axis=0, method="inverted_cdf"))
+        assert np.array_equal(metrics._quantiles(np.sort(x[:m].T, axis=1), 1000),
+                              np.quantile(x[:m], q, axis=0, method="inverted_cdf").T)
 
 
 def test_sliced_wasserstein_to_a_fixed_reference_sorts_it_once_for_the_same_number():

@@ -152,6 +152,9 @@ def test_two_workers_on_the_default_sqlite_stores(upstream, tmp_path):
     assert sorted(r.info.run_id for r in runs) == sorted(complete)  # every trial arrived, once
     assert all(r.info.status == "FINISHED" and r.data.metrics["fd_raw_2step_n1000"] == complete[r.info.run_id]
                for r in runs)
+    for r in runs:  # no pruner: each logged point has its loss, but no in-loop score (evaluate.inloop_samples)
+        assert len(client.get_metric_history(r.info.run_id, "loss")) == 32768 // 2048  # a point per 2048 images
+        assert client.get_metric_history(r.info.run_id, "sw_2step_n500") == []
     one = tmp_path / "one.log"
     sh(f"python -m cmt_bench study run pair --workers 1 --storage journal:{one}", repo, env)
     journal = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(one)))

@@ -41,16 +41,17 @@ def posttrain_params(params: Params, method: str) -> dict:
             if k in ("train", method) or (k == "distance" and reads_distance)}
 
 
-def train_posttrain(params: Params, init: str, method: str, seed: int, **stage_kwargs):
+def train_posttrain(params: Params, init: str, method: str, seed: int, *, inloop: bool = True, **stage_kwargs):
     """Post-train one init x method x seed; returns the result and its open tracker. A study trial
-    passes its own checkpoint, run opener and `on_point` hook through `stage_kwargs`."""
+    passes its own checkpoint, run opener and `on_point` hook through `stage_kwargs`, and
+    `inloop=False` where nothing reads its in-loop scores."""
     data_dir = out_dir("data")
     train_x, heldout = datasets.load_split(data_dir, "train"), datasets.load_split(data_dir, "heldout")
     shape, path, cfg = tuple(train_x.shape[1:]), PATHS["linear"](), params.posttrain
     loss = posttrain_loss(params, method, path)  # an unknown method fails before the net is built
     net = initial_net(params, init, method, shape, seed)
     job = Job("posttrain", data=train_x, loss=loss,
-              evaluate=heldout_eval(params, path, heldout, shape, methods.get(method).two_step),
+              evaluate=heldout_eval(params, path, heldout, shape, methods.get(method).two_step) if inloop else None,
               label=f"posttrain {method} ({init} init)",
               on_point=stage_kwargs.pop("on_point", None))
     return train_stage(params, "posttrain", net, job, cfg.train, posttrain_inputs(init, method), init=init,
