@@ -12,6 +12,8 @@ forward-mode GroupNorm fails.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
@@ -31,19 +33,26 @@ def _add(total, term):
     return term if total is None else total if term is None else total + term
 
 
+def _full(tangent, shape):
+    """A tangent of the output's shape (a bias's tangent alone is only its broadcastable part)."""
+    return tangent if tangent.shape == shape else tangent.expand(shape).contiguous()
+
+
 class _Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):
         ctx.set_materialize_grads(False)  # absent tangents arrive as None, not as zero tensors
         ctx.save_for_forward(x, weight)
-        return F.linear(x, weight, bias)
+        out = F.linear(x, weight, bias)
+        ctx.shape = out.shape
+        return out
 
     @staticmethod
     def jvp(ctx, x_t, weight_t, bias_t):
         x, weight = ctx.saved_tensors
         out = None if x_t is None else F.linear(x_t, weight)
         out = _add(out, None if weight_t is None else F.linear(x, weight_t))
-        return _add(out, bias_t)
+        return _full(_add(out, bias_t), ctx.shape)
 
 
 class _Conv2d(torch.autograd.Function):
@@ -52,14 +61,16 @@ class _Conv2d(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.save_for_forward(x, weight)
         ctx.geometry = geometry  # stride, padding, dilation, groups
-        return F.conv2d(x, weight, bias, *geometry)
+        out = F.conv2d(x, weight, bias, *geometry)
+        ctx.shape = out.shape
+        return out
 
     @staticmethod
     def jvp(ctx, x_t, weight_t, bias_t, *_):
         x, weight = ctx.saved_tensors
         out = None if x_t is None else F.conv2d(x_t, weight, None, *ctx.geometry)
         out = _add(out, None if weight_t is None else F.conv2d(x, weight_t, None, *ctx.geometry))
-        return _add(out, None if bias_t is None else bias_t[:, None, None])
+        return _full(_add(out, None if bias_t is None else bias_t[:, None, None]), ctx.shape)
 
 
 def _normalized_tangent(x_t, xhat, rstd, dims):
@@ -80,24 +91,24 @@ class _LayerNorm(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         out, mean, rstd = torch.native_layer_norm(x, shape, weight, bias, eps)
         ctx.save_for_forward((x - mean) * rstd, rstd, weight)
-        ctx.dims = tuple(range(-len(shape), 0))
+        ctx.dims, ctx.shape = tuple(range(-len(shape), 0)), out.shape
         return out
 
     @staticmethod
     def jvp(ctx, x_t, _shape, weight_t, bias_t, _eps):
         xhat, rstd, weight = ctx.saved_tensors
         xhat_t = None if x_t is None else _normalized_tangent(x_t, xhat, rstd, ctx.dims)
-        return _affine_tangent(xhat_t, xhat, weight, weight_t, bias_t)
+        return _full(_affine_tangent(xhat_t, xhat, weight, weight_t, bias_t), ctx.shape)
 
 
 class _GroupNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, groups, weight, bias, eps):
         ctx.set_materialize_grads(False)
-        n, c = x.shape[:2]
-        out, mean, rstd = torch.native_group_norm(x, weight, bias, n, c, x[0, 0].numel(), groups, eps)
+        n, c, pixels = x.shape[0], x.shape[1], math.prod(x.shape[2:])
+        out, mean, rstd = torch.native_group_norm(x, weight, bias, n, c, pixels, groups, eps)
         mean, rstd = mean[..., None], rstd[..., None]  # [n, groups, 1]
-        ctx.save_for_forward((x.reshape(n, groups, -1) - mean) * rstd, rstd, weight)
+        ctx.save_for_forward((x.reshape(n, groups, c // groups * pixels) - mean) * rstd, rstd, weight)
         ctx.shape = x.shape
         return out
 
@@ -107,7 +118,7 @@ class _GroupNorm(torch.autograd.Function):
         shape = ctx.shape
         per_channel = (lambda p: p.reshape(1, shape[1], *[1] * (len(shape) - 2)))
         xhat_t = None if x_t is None else _normalized_tangent(x_t.reshape(xhat.shape), xhat, rstd, -1).reshape(shape)
-        return _affine_tangent(xhat_t, xhat.reshape(shape), weight, weight_t, bias_t, per_channel)
+        return _full(_affine_tangent(xhat_t, xhat.reshape(shape), weight, weight_t, bias_t, per_channel), shape)
 
 
 def _linear(input, weight, bias=None):

@@ -200,9 +200,9 @@ def objective(params: Params, spec: StudySpec, init: str, study_run_id: str):
                 raise optuna.TrialPruned(f"{inloop_key}={logged[inloop_key]:.4g} at {images_seen} images")
 
         try:
-            result, tracker = posttrain_stage.train_posttrain(p, init, spec.method, spec.seed, ckpt=ckpt_dir / "last.pt",
-                                                              open_run=open_run, on_point=on_point if prunes else None,
-                                                              inloop=prunes)
+            result, tracker = posttrain_stage.train_posttrain(
+                p, init, spec.method, spec.seed, ckpt=ckpt_dir / "last.pt", open_run=open_run,
+                on_point=on_point if prunes else None, inloop=prunes)
         except optuna.TrialPruned as exc:
             runs[-1].set_tags({"outcome": "pruned", "pruned_at": str(exc)})
             runs[-1].finish("KILLED")

@@ -34,14 +34,12 @@ LAYERS = {  # name: (function of (x, weight, bias), x, weight, bias)
 
 
 @pytest.mark.parametrize("name", LAYERS)
-@pytest.mark.parametrize("which", ["input", "input and weights", "weights only"])
+@pytest.mark.parametrize("which", ["input", "input and weights", "weights only", "bias only"])
 def test_each_rule_equals_torchs_forward_mode(name, which):
     fn, x, w, b = LAYERS[name]
     tangents = [_randn(*a.shape, seed=10 + i) for i, a in enumerate((x, w, b))]
-    if which == "input":
-        tangents[1] = tangents[2] = None
-    if which == "weights only":
-        tangents[0] = None
+    keep = {"input": [0], "input and weights": [0, 1, 2], "weights only": [1, 2], "bias only": [2]}[which]
+    tangents = [tangent if i in keep else None for i, tangent in enumerate(tangents)]
     given = [i for i, tangent in enumerate(tangents) if tangent is not None]
 
     def of_given(*values):  # fn as a function of the inputs that have a tangent
@@ -53,7 +51,7 @@ def test_each_rule_equals_torchs_forward_mode(name, which):
                                tuple(tangents[i] for i in given))[1]
     lean = jvp.jvp(fn, (x, w, b), tuple(tangents))
     torch.testing.assert_close(lean, reference, rtol=1e-10, atol=1e-10)
-    assert reference.abs().mean() > 0.1  # not vacuous
+    assert lean.shape == reference.shape and reference.abs().mean() > 0.1  # not vacuous
 
 
 def _times(n):
@@ -88,6 +86,14 @@ def test_total_derivative_equals_torch_func_jvp_and_central_differences(kind):
         errors = [((net(z + h * v, t + h, r) - net(z - h * v, t - h, r)) / (2 * h) - dudt).abs().max().item()
                   for h in (1e-2, 1e-3, 1e-4)]
     assert all(a / b > 50 for a, b in zip(errors, errors[1:])) and errors[-1] < 1e-5, errors
+
+
+@pytest.mark.parametrize("kind", ["mlp", "unet"])
+def test_an_empty_batch_has_an_empty_total_derivative(kind):
+    """MeanFlow takes the JVP on the r != t rows only, which a small batch can lack."""
+    net, shape = (small_flow_map_net(), (2,)) if kind == "mlp" else (_unet(), (1, 8, 8))
+    empty = torch.zeros(0, *shape, dtype=F64)
+    assert compiling.total_derivative(net, empty, *_times(0), empty).shape == empty.shape
 
 
 def test_float32_total_derivative_is_torchs_to_rounding():
