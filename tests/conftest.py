@@ -151,6 +151,12 @@ def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def small_unet_config():
+    """The small two-level UNet (attention at the lowest level, 4 norm groups) of the JVP and compile tests."""
+    from cmt_bench.config import NetConfig
+    return NetConfig(kind="unet", channels=16, channel_mult=[1, 2], blocks_per_level=1, attention=True, norm_groups=4)
+
+
 def small_flow_map_net(seed: int = 0) -> torch.nn.Module:
     """A real two-time MLP in float64 for derivative checks, its gap embedding moved off its zero init
     so that the second time counts too."""

@@ -4,7 +4,7 @@ run with its draws on the training device."""
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import gen
+from conftest import gen, small_unet_config
 from torch._dynamo.utils import counters
 
 from cmt_bench import compiling, config, methods, nets
@@ -16,8 +16,7 @@ from cmt_bench.train import Job, train
 
 F64 = torch.float64
 PATH = LinearPath()
-SMALL_UNET = config.NetConfig(kind="unet", channels=16, channel_mult=[1, 2], blocks_per_level=1, attention=True,
-                              norm_groups=4)
+SMALL_UNET = small_unet_config()
 # fp32 compiled kernels fuse and reorder sums: measured differences from eager stay below 1e-6 of the
 # values here; the bound leaves room for other CPUs' vector widths (and a GPU's TF32 convolutions)
 RTOL, ATOL = 1e-4, 1e-6

@@ -4,13 +4,12 @@ total derivative of the MLP and the UNet (contiguous and channels-last) that Mea
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import gen, small_flow_map_net
+from conftest import gen, small_flow_map_net, small_unet_config
 
 from cmt_bench import compiling, config, jvp, nets
 
 F64 = torch.float64
-SMALL_UNET = config.NetConfig(kind="unet", channels=16, channel_mult=[1, 2], blocks_per_level=1, attention=True,
-                              norm_groups=4)
+SMALL_UNET = small_unet_config()
 
 
 def _randn(*shape, seed):
