@@ -97,3 +97,14 @@ def test_default_jobs_are_the_cores_over_the_threads_on_a_cpu():
     cpu = config.override(params, {"compute.threads": 1, "compute.device": "cpu"}, "test")
     assert schedule.default_jobs(cpu) == len(os.sched_getaffinity(0))
     assert schedule.default_jobs(config.override(cpu, {"compute.processes": 2}, "test")) == 1
+
+
+def test_a_cell_takes_its_evaluation_along_into_its_dvc_process():
+    stages = {"starts": [], "posttrain@a": ["starts"], "posttrain@b": ["starts"], "evaluate@a": ["posttrain@a"],
+              "evaluate@b": ["posttrain@b", "features"], "report": ["evaluate@a", "evaluate@b", "posttrain@a"]}
+    pending = ["posttrain@a", "posttrain@b", "evaluate@a", "evaluate@b", "report"]
+    assert schedule._follower("posttrain@a", stages, pending, {"starts"}) == ["evaluate@a"]
+    # evaluate@b also waits on a stage not done yet; the report is not a cell
+    assert schedule._follower("posttrain@b", stages, pending, {"starts"}) == []
+    assert schedule._follower("posttrain@b", stages, pending, {"starts", "features"}) == ["evaluate@b"]
+    assert schedule._follower("evaluate@a", stages, pending, {"starts"}) == []

@@ -39,7 +39,8 @@ def run(params: Params, init: str, method: str, seed: int) -> None:
     net = build_net(params, shape, two_times=True)
     trained = out_dir("posttrain", init, method, seed)
     # the method's 2-step sampler, as the post-training cell recorded it (its in-loop metrics used it)
-    two_step = read_json(trained / "run.json").get("two_step")
+    record = read_json(trained / "run.json")
+    two_step = record.get("two_step")
     if two_step is None:
         raise ValueError(f"{trained / 'run.json'} names no 2-step sampler: it predates them; rerun its "
                          f"post-training (dvc repro {progress.dvc_name('posttrain', init, method, seed)})")
@@ -58,7 +59,7 @@ def run(params: Params, init: str, method: str, seed: int) -> None:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     np.savez_compressed(out / "samples.npz", **samples)
-    posttrain_run = read_json(trained / "run.json")["run_id"]
+    posttrain_run = record["run_id"]
     tracker = Tracker.open(params, "evaluate", init=init, method=method, seed=seed,
                            stage_params={"evaluate": cfg.model_dump(), "sampling": params.sampling.model_dump()})
     tracker.set_tags({"posttrain_run_id": posttrain_run, "samples": str(cfg.samples),

@@ -45,15 +45,18 @@ def train_posttrain(params: Params, init: str, method: str, seed: int, *, inloop
     """Post-train one init x method x seed; returns the result and its open tracker. A study trial
     passes its own checkpoint, run opener and `on_point` hook through `stage_kwargs`, and
     `inloop=False` where nothing reads its in-loop scores."""
+    on_point = stage_kwargs.pop("on_point", None)
+    if on_point is not None and not inloop:
+        raise ValueError("on_point reads the in-loop scores: it needs inloop=True")
     data_dir = out_dir("data")
-    train_x, heldout = datasets.load_split(data_dir, "train"), datasets.load_split(data_dir, "heldout")
+    train_x = datasets.load_split(data_dir, "train")
     shape, path, cfg = tuple(train_x.shape[1:]), PATHS["linear"](), params.posttrain
     loss = posttrain_loss(params, method, path)  # an unknown method fails before the net is built
     net = initial_net(params, init, method, shape, seed)
-    job = Job("posttrain", data=train_x, loss=loss,
-              evaluate=heldout_eval(params, path, heldout, shape, methods.get(method).two_step) if inloop else None,
-              label=f"posttrain {method} ({init} init)",
-              on_point=stage_kwargs.pop("on_point", None))
+    evaluate = heldout_eval(params, path, datasets.load_split(data_dir, "heldout"), shape,
+                            methods.get(method).two_step) if inloop else None
+    job = Job("posttrain", data=train_x, loss=loss, evaluate=evaluate, label=f"posttrain {method} ({init} init)",
+              on_point=on_point)
     return train_stage(params, "posttrain", net, job, cfg.train, posttrain_inputs(init, method), init=init,
                        method=method, seed=seed, stage_params={"posttrain": posttrain_params(params, method),
                                                                "init": init, "method": method, "seed": seed},
