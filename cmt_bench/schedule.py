@@ -29,6 +29,11 @@ SIDE_BY_SIDE = ("midtrain", "posttrain", "evaluate")  # the stages whose cells d
 DVC_STAGE_LINES = re.compile(r"(Running stage '[^']+':|> .*|Updating lock file '[^']+'|)")
 
 
+def is_cell(stage: str) -> bool:
+    """Whether a stage (DVC's name, `stage@item` for a matrix item) may run beside others."""
+    return stage.split("@")[0] in SIDE_BY_SIDE
+
+
 def default_jobs(params: Params) -> int:
     """Cores over compute.threads on a CPU run; 1 where the thread count is left to torch, under DDP
     or on a GPU (one device, which a cell keeps busy)."""
@@ -86,7 +91,7 @@ def repro(dvc_args: list[str], env: dict) -> int:
 def _follower(name: str, stages: dict[str, list[str]], pending: list[str], done: set[str]) -> list[str]:
     """The one side-by-side stage waiting on `name` alone (a cell's evaluation after its post-training),
     to run in the same DVC process: DVC's start-up and repository scan, about 2 s, paid once for both."""
-    waiting = [n for n in pending if name in stages[n] and n.split("@")[0] in SIDE_BY_SIDE]
+    waiting = [n for n in pending if name in stages[n] and is_cell(n)]
     if len(waiting) == 1 and set(stages[waiting[0]]) - done == {name}:
         return waiting
     return []
@@ -110,13 +115,12 @@ def run(jobs: int, env: dict) -> int:
         while pending or running:
             ready = [n for n in pending if all(d in done for d in stages[n])]
             if not failed and all(cell for _, _, cell, _ in running):
-                for name in [n for n in ready if n.split("@")[0] in SIDE_BY_SIDE][:jobs - len(running)]:
+                for name in [n for n in ready if is_cell(n)][:jobs - len(running)]:
                     start([name, *_follower(name, stages, pending, done)], cell=True)
                 if not running and ready:  # the stages that need the machine alone, as one dvc repro
                     batch = []
                     for name in pending:
-                        if name.split("@")[0] not in SIDE_BY_SIDE and all(d in done or d in batch
-                                                                           for d in stages[name]):
+                        if not is_cell(name) and all(d in done or d in batch for d in stages[name]):
                             batch.append(name)
                     start(batch, cell=False)
             if not running:

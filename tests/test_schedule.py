@@ -58,7 +58,7 @@ def test_cells_ran_side_by_side_and_nothing_beside_the_other_stages(repo, monkey
 
     def overlapping(a, b):
         return spans[a][0] < spans[b][1] and spans[b][0] < spans[a][1]
-    cells = [n for n in spans if n.split("@")[0] in schedule.SIDE_BY_SIDE]
+    cells = [n for n in spans if schedule.is_cell(n)]
     assert any(overlapping(a, b) for a in cells for b in cells if a < b and a.startswith("posttrain")
                and b.startswith("posttrain"))
     alone = [n for n in spans if n.split("@")[0] in ("data", "features", "pretrain", "trajectories")]
