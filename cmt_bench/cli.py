@@ -110,7 +110,7 @@ def _run_ablation(params: config.Params, spec, args) -> int:
 
 
 def _deps(write: bool) -> int:
-    """Compare (or make equal) dvc.yaml's code dependencies with what each stage imports."""
+    """Check (or rewrite) dvc.yaml's code dependencies: each stage on its file of the code stage."""
     from . import codedeps
     dvc_yaml = Path("dvc.yaml")
     if write:
@@ -120,13 +120,13 @@ def _deps(write: bool) -> int:
         return 0
     wrong = codedeps.mismatches(dvc_yaml)
     for stage, (lacks, extra) in wrong.items():
-        print(f"{stage}: " + "; ".join(part for part in (lacks and f"runs but does not depend on {', '.join(lacks)}",
-                                                         extra and f"depends on but does not run {', '.join(extra)}")
+        print(f"{stage}: " + "; ".join(part for part in (lacks and f"lacks {', '.join(lacks)}",
+                                                         extra and f"should not list {', '.join(extra)}")
                                        if part), file=sys.stderr)
     if wrong:
-        print("error: dvc.yaml's code dependencies are stale: run `cmt-bench deps --write`", file=sys.stderr)
+        print("error: dvc.yaml's code dependencies are wrong: run `cmt-bench deps --write`", file=sys.stderr)
         return 1
-    print("dvc.yaml: every stage depends on exactly the code it runs")
+    print("dvc.yaml: every stage depends on the code it runs (its file of the code stage)")
     return 0
 
 
@@ -176,7 +176,8 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--stand-in-teacher", default=None, metavar="FOLDER",
                     help="a diffusers model folder (config.json suffices) whose architecture is timed in place of "
                          "an imported teacher that is not on this machine")
-    dep = sub.add_parser("deps", help="the code each dvc.yaml stage runs (its import closure) against its deps")
+    dep = sub.add_parser("deps", help="check that each dvc.yaml stage depends on its file of the code stage "
+                                      "(the sha256 of each module it runs)")
     dep.add_argument("--write", action="store_true", help="rewrite dvc.yaml's code dependencies to match")
     sub.add_parser("summary", help="print the report's short summary")
     pre = sub.add_parser("preset", help="write params.yaml from experiments/NAME.yaml")

@@ -1,22 +1,29 @@
 """The code each DVC stage runs: the package modules its entry module imports, found by reading the
 sources (`ast`), top-level and function-level imports alike, transitively.
 
-`dvc.yaml` lists them as each stage's code dependencies, so editing any module a stage runs makes
-DVC rerun it, and editing one it does not (a report-only module, say) leaves it alone.
-`cmt-bench deps` compares dvc.yaml with this, `cmt-bench deps --write` rewrites dvc.yaml's
-code lines, and a test keeps them equal.
+The `code` stage (the first in dvc.yaml) depends on the whole package folder and writes one file per
+stage, `artifacts/code/<stage>.json`, with the sha256 of each module that stage runs; each stage
+depends on its own file. So editing any module a stage runs makes DVC rerun it, and editing one it
+does not (a report-only module, say) leaves it alone: DVC compares a dependency by content, and that
+stage's file comes out the same. One file per stage instead of its modules listed in dvc.yaml keeps
+dvc.lock small, which DVC parses and rewrites around every stage it runs (1,850 module entries of 10k
+lines took ~1.6 s per stage). The imports are read when the pipeline runs, so they cannot go stale;
+`cmt-bench deps` checks that each stage in dvc.yaml depends on its file.
 
 Two rules beyond plain imports:
 - the registries (`cmt_bench/methods/`, `cmt_bench/inits/`) import every module of their package;
   `config` imports the registries to validate each method's parameter section, which cannot change
   what a stage computes unless the stage runs that method. So a registry counts only its own
   `__init__`, except where a stage uses its members: post-training cells depend on their own
-  method's and init's module (`${item.method}`, `${item.init}`) and on what every registered member
-  imports; the studies and the report depend on the whole registry folders, so a new member reruns
-  them too, and the starts stage (every cell's starting weights) on the whole inits folder.
+  method's and init's module directly in dvc.yaml (`${item.method}`, `${item.init}`: DVC cannot give
+  matrix cells different files) and on what every registered member imports; the studies and the
+  report hash the whole registry folders, so a new member reruns them too, and the starts stage
+  (every cell's starting weights) the whole inits folder.
 - a pipeline stage enters through `python -m cmt_bench.stages` (`stages/__main__`, `stages/run`); the
   studies and the report through `python -m cmt_bench` (`__main__`, `cli`), of which only the
   top-level imports count: its function-level ones belong to other commands.
+
+    python -m cmt_bench.codedeps artifacts/code   # the code stage's command
 """
 from __future__ import annotations
 
@@ -129,22 +136,36 @@ def files(modules) -> list[str]:
     return sorted(module_file(m).relative_to(SOURCE.parent).as_posix() for m in modules)
 
 
+def _folder_files(registry: str) -> list[str]:
+    """Every source file of a registry's folder: a new member changes the list."""
+    folder = module_file(registry).parent
+    return sorted(p.relative_to(SOURCE.parent).as_posix() for p in folder.glob("*.py"))
+
+
 def stage_code(stage: str) -> list[str]:
-    """The code dependencies of a dvc.yaml stage (a matrix stage's `${item...}` entries included)."""
+    """The package files whose bytes a dvc.yaml stage's digest holds (registry folders in full where
+    the stage runs every member; a matrix stage's `${item...}` modules are in `item_code`)."""
     entries, registries = STAGES[stage]
     modules = closure(entries, registries)
-    if _whole(registries):  # the folders, which a new member changes, instead of today's members
+    if _whole(registries):
         folders = [r for r in _whole(registries) if r in modules]
         modules -= {m for r in folders for m in [r, *members(r)]}
-        return files(modules) + sorted(module_file(r).parent.relative_to(SOURCE.parent).as_posix() for r in folders)
-    item = []
-    if registries == "item":  # what any member imports, and the cell's own member
+        return sorted(set(files(modules)).union(*(_folder_files(r) for r in folders)))
+    if registries == "item":  # what any member imports (the cell's own member is in item_code)
         for registry in REGISTRIES:
             if registry in modules:
                 for member in members(registry):
                     modules |= closure(direct_imports(member), "item") - {member}
-                item.append(ITEM_DEPS[registry])
-    return files(modules) + item
+    return files(modules)
+
+
+def item_code(stage: str) -> list[str]:
+    """A matrix stage's own registry members, as dvc.yaml names them (`${item.method}`...)."""
+    entries, registries = STAGES[stage]
+    if registries != "item":
+        return []
+    modules = closure(entries, registries)
+    return [ITEM_DEPS[r] for r in REGISTRIES if r in modules]
 
 
 def code_hash(modules) -> str:
@@ -156,23 +177,52 @@ def code_hash(modules) -> str:
     return digest.hexdigest()[:12]
 
 
-# --- dvc.yaml ------------------------------------------------------------------------------------
+# --- the code stage and dvc.yaml -------------------------------------------------------------------
+
+CODE_STAGE = "code"
+DIGESTS = "artifacts/code"  # the code stage's output: one <stage>.json per stage
+
+
+def digest_file(stage: str) -> str:
+    return f"{DIGESTS}/{stage}.json"
+
+
+def write_digests(folder: Path) -> None:
+    """The code stage: for each stage, {file: sha256} of the code it runs (sorted, so the bytes change
+    only when that code does)."""
+    import json
+    folder.mkdir(parents=True, exist_ok=True)
+    for stage in STAGES:
+        sources = {path: hashlib.sha256((SOURCE.parent / path).read_bytes()).hexdigest()
+                   for path in stage_code(stage)}
+        (folder / f"{stage}.json").write_text(json.dumps(sources, indent=1, sort_keys=True) + "\n")
+
+
+def dvc_code(stage: str) -> list[str]:
+    """A stage's code dependencies as dvc.yaml lists them: the package folder for the code stage, else
+    the stage's digest file and its matrix item's own modules."""
+    if stage == CODE_STAGE:
+        return [PACKAGE]
+    return [digest_file(stage), *item_code(stage)]
+
 
 def _is_code(dep: str) -> bool:
-    return dep.startswith(f"{PACKAGE}/")
+    return dep == PACKAGE or dep.startswith((f"{PACKAGE}/", f"{DIGESTS}/"))
 
 
 def mismatches(dvc_yaml: Path) -> dict[str, tuple[list[str], list[str]]]:
-    """Per stage of dvc.yaml: (code it lacks, code it lists but does not run); empty where they agree."""
+    """Per stage of dvc.yaml: (code dependencies it lacks, ones it should not list); empty where right."""
     import yaml
     stages = yaml.safe_load(dvc_yaml.read_text())["stages"]
     out = {}
+    for name in [n for n in (CODE_STAGE, *STAGES) if n not in stages]:
+        out[name] = ([f"<no stage {name!r} in dvc.yaml>"], [])
     for name, stage in stages.items():
-        if name not in STAGES:
+        if name != CODE_STAGE and name not in STAGES:
             out[name] = ([f"<no entry for stage {name!r} in cmt_bench/codedeps.py STAGES>"], [])
             continue
-        listed = {d for d in stage.get("deps", []) if isinstance(d, str) and _is_code(d)}
-        expected = set(stage_code(name))
+        listed = {d for d in stage.get("deps") or [] if isinstance(d, str) and _is_code(d)}
+        expected = set(dvc_code(name))
         if listed != expected:
             out[name] = (sorted(expected - listed), sorted(listed - expected))
     return out
@@ -189,10 +239,10 @@ def write(dvc_yaml: Path) -> list[str]:
     doc = rt.load(dvc_yaml.read_text())
     changed = []
     for name, stage in doc["stages"].items():
-        if name not in STAGES:
+        if name != CODE_STAGE and name not in STAGES:
             raise KeyError(f"dvc.yaml stage {name!r} has no entry in cmt_bench/codedeps.py STAGES")
-        old = list(stage.get("deps", []))
-        new = [d for d in old if not (isinstance(d, str) and _is_code(d))] + stage_code(name)
+        old = list(stage.get("deps") or [])
+        new = [d for d in old if not (isinstance(d, str) and _is_code(d))] + dvc_code(name)
         if new != old:
             seq = CommentedSeq(new)
             seq.fa.set_block_style()
@@ -202,3 +252,14 @@ def write(dvc_yaml: Path) -> list[str]:
         with dvc_yaml.open("w") as f:
             rt.dump(doc, f)
     return changed
+
+
+if __name__ == "__main__":
+    import sys
+    import time
+
+    from . import progress
+    started = time.time()
+    with progress.stage(CODE_STAGE, started):
+        write_digests(Path(sys.argv[1]))
+        progress.note(f"the modules of {len(STAGES)} stages hashed")

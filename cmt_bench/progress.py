@@ -17,7 +17,7 @@ from . import warm
 from .layout import TIMINGS
 
 # stage kinds in pipeline order, with how the summary names them
-KINDS = {"data": "data", "features": "features", "pretrain": "teacher (pre-training)",
+KINDS = {"code": "code digests", "data": "data", "features": "features", "pretrain": "teacher (pre-training)",
          "trajectories": "trajectories", "midtrain": "mid-training", "starts": "starting weights",
          "posttrain": "post-training", "evaluate": "final evaluation", "studies": "studies",
          "study_index": "study index", "report": "report"}

@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 
+from .codedeps import CODE_STAGE
 from .config import Params
 from .progress import NO_BARS
 
@@ -46,20 +47,24 @@ def default_jobs(params: Params) -> int:
 
 
 def pipeline() -> tuple[dict[str, list[str]], set[str]]:
-    """{stage: the stages it depends on} of dvc.yaml, dependencies first, and the stages that must
-    run: those `dvc status` finds changed (or never run) and every stage downstream of one."""
+    """{stage: the stages it depends on} of dvc.yaml, dependencies first, and the stages `dvc status`
+    finds changed (or never run)."""
     import networkx as nx
     from dvc.repo import Repo
     with Repo() as repo:
         graph = repo.index.graph  # an edge goes from a stage to a stage it depends on
         stages = {s.addressing: [d.addressing for d in graph.successors(s)]
                   for s in reversed(list(nx.topological_sort(graph)))}
-        changed = set(repo.status())
+        return stages, set(repo.status())
+
+
+def downstream(stages: dict[str, list[str]], changed: set[str]) -> set[str]:
+    """The changed stages and every stage that depends on one, directly or not."""
     stale: set[str] = set()
     for name, deps in stages.items():
         if name in changed or stale.intersection(deps):
             stale.add(name)
-    return stages, stale
+    return stale
 
 
 def _dvc(args: list[str], env: dict, lock: threading.Lock) -> tuple[subprocess.Popen, threading.Thread]:
@@ -100,7 +105,12 @@ def _follower(name: str, stages: dict[str, list[str]], pending: list[str], done:
 def run(jobs: int, env: dict) -> int:
     """Reproduce the whole pipeline with up to `jobs` cells at once; the first failing DVC process's
     exit code (the cells already running finish and are recorded), else 0."""
-    stages, stale = pipeline()  # a stage with nothing changed upstream is not even asked (a DVC process each)
+    stages, changed = pipeline()
+    if CODE_STAGE in changed and changed != set(stages):  # an edit: what it stales follows from the digests
+        if code := repro(["-s", CODE_STAGE], env):
+            return code
+        stages, changed = pipeline()
+    stale = downstream(stages, changed)  # a stage with nothing changed upstream is not even asked
     pending, done, running, failed = [n for n in stages if n in stale], set(stages) - stale, [], 0
     lock = threading.Lock()
 

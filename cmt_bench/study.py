@@ -270,9 +270,9 @@ def _reap(studies: dict[str, optuna.Study], params: Params, url: str) -> bool:
 
 
 def _quiet_trials() -> None:
-    """On a terminal the study's bar replaces Optuna's line per trial and each trial's own bar."""
-    if progress.live():
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
+    """No line per trial from Optuna (its storage, trials.csv and MLflow hold each trial's value and
+    parameters) nor a bar per trial: the study's bar on a terminal, its closing line in a log."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     progress.no_bars()
 
 
@@ -302,8 +302,7 @@ def run_study(params: Params, spec: StudySpec, workers: int = 1, url: str | None
               params_file: str = "params.yaml") -> dict[str, optuna.Study]:
     """Run a study to its trial count with `workers` processes on this machine, then write its results."""
     url = storage_url(params, url)
-    if progress.live():
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # nor its line per study created (prepare)
     studies = prepare(params, spec, url)
     with _trials_bar(spec, studies):
         if workers == 1:

@@ -53,14 +53,17 @@ def make_repo(repo: Path, preset: str, overrides: dict | None = None,
 
 
 def stale_after_editing(repo: Path, env: dict, rel: str) -> set[str]:
-    """The stages `dvc status` lists after appending a comment to the file `rel` (restored after)."""
+    """The stages `dvc status` lists after appending a comment to the file `rel` and rerunning the code
+    stage (each stage's digest of its modules), as `cmt-bench repro` does first; restored after."""
     path = repo / rel
     original = path.read_text()
     try:
         path.write_text(original + "# edited\n")
+        sh("dvc repro -s code", repo, env)
         return set(json.loads(sh("dvc status --json", repo, env)))
     finally:
         path.write_text(original)
+        sh("dvc repro -s code", repo, env)
 
 
 def require_fashion() -> None:
