@@ -220,18 +220,17 @@ def main(argv: list[str] | None = None, started: float | None = None) -> int:
     if args.command == "plan":
         from . import plan
         return plan.main(params, args.steps, args.budget_hours, args.shape, args.stand_in_teacher, args.batch)
-    if args.command in ("report", "summary"):
+    if args.command == "report":
         from . import report
-        if args.command == "report":
-            try:
-                with progress.stage("report", started):
-                    report.build(params)
-            except (LookupError, FileNotFoundError) as exc:  # a missing stage output or run: say which
-                print(f"error: {exc}", file=sys.stderr)
-                return 1
-        print(report.summary(params))
-        if args.command == "summary":
-            print("\n".join([*report.mlflow_links(params), *progress.summary_lines()]))
+        try:
+            with progress.stage("report", started):
+                report.build(params)
+        except (LookupError, FileNotFoundError) as exc:  # a missing stage output or run: say which
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    if args.command in ("report", "summary"):
+        from . import summary
+        print("\n".join(summary.lines(params, links=args.command == "summary")))
         return 0
     if args.command in ("study", "studies"):
         return _run_studies(params, specs, args, started)

@@ -386,36 +386,11 @@ def build(params: Params) -> Path:
     write_json(out / "claims.json", {f"claim{c['id']}_{c.get('study', c['method'])}":
                                      {**{k: v for k, v in c.items() if k not in NOT_METRICS},
                                       "verdict": claim_text.verdict(c)} for c in verdicts})
+    client = client_for(params)
+    experiment_id = client.get_experiment_by_name(params.tracking.experiment).experiment_id
+    mlflow_view.install(client, experiment_id, res.key, params.preset, res.methods)
+    # what `cmt-bench summary` prints (summary.py), so it needs no MLflow client nor this module
     write_json(out / "summary.json", {"metric": res.metric, "noise_floor": res.floor,
-                                      "summary": summary_lines(params, res, verdicts)})
-    client = client_for(params)
-    mlflow_view.install(client, client.get_experiment_by_name(params.tracking.experiment).experiment_id,
-                        res.key, params.preset, res.methods)
+                                      "summary": summary_lines(params, res, verdicts),
+                                      "mlflow_views": {"experiment_id": experiment_id, "methods": list(res.methods)}})
     return out
-
-
-def mlflow_links(params: Params) -> list[str]:
-    """Where to see the comparison in MLflow's UI (the views the report stage saved)."""
-    client = client_for(params)
-    exp = client.get_experiment_by_name(params.tracking.experiment)
-    saved = exp.tags if exp is not None else {}
-    methods = [m for m in params.posttrain.methods if mlflow_view.view_tag(params.preset, m) in saved]
-    if not methods:
-        return []
-    uri = client.tracking_uri
-    if uri.startswith("http"):
-        base, start = uri, []
-    else:
-        base = mlflow_view.DEFAULT_UI
-        start = [f"  mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri {uri}"]
-    return ["MLflow (curves per init against device-hours and images seen):", *start,
-            *(f"  {label(m)}: {mlflow_view.url(base, exp.experiment_id, params.preset, m)}"
-              for m in methods)]
-
-
-def summary(params: Params) -> str:
-    path = report_dir(params.preset) / "summary.json"
-    if not path.exists():
-        return f"no report yet at {path}: run `dvc repro`"
-    lines = read_json(path)["summary"]
-    return "\n".join([f"report: {report_dir(params.preset) / 'report.md'}", *lines])
