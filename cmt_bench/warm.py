@@ -31,8 +31,9 @@ IMPORT_TIME_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
                    "PYTHONHASHSEED", "PYTHONPATH")
 COLD = -1  # the server's answer when the command must run in a fresh interpreter
 forked = False  # True in a command the server runs
-WARM_MODULES = ("torch", "numpy", "pandas", "mlflow.tracking", "optuna", "cmt_bench.cli", "cmt_bench.study",
-                "cmt_bench.report", *(f"cmt_bench.stages.{s}" for s in
+# torch._dynamo: a process's first optimizer imports it, which took ~1 s of every training stage
+WARM_MODULES = ("torch", "torch._dynamo", "numpy", "pandas", "mlflow.tracking", "optuna", "cmt_bench.cli",
+                "cmt_bench.study", "cmt_bench.report", *(f"cmt_bench.stages.{s}" for s in
                                       ("data", "features", "pretrain", "trajectories", "midtrain", "starts",
                                        "posttrain", "evaluate")))
 
