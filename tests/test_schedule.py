@@ -108,3 +108,26 @@ def test_a_cell_takes_its_evaluation_along_into_its_dvc_process():
     assert schedule._follower("posttrain@b", stages, pending, {"starts"}) == []
     assert schedule._follower("posttrain@b", stages, pending, {"starts", "features"}) == ["evaluate@b"]
     assert schedule._follower("evaluate@a", stages, pending, {"starts"}) == []
+
+
+def test_after_an_edit_the_code_stage_runs_first_and_only_what_it_stales_follows(repo):
+    """`cmt-bench repro` after editing a report-only module: the code stage, then the report alone; no
+    cell is handed to DVC only to be skipped (before the digests are rewritten, everything downstream
+    of `code` looks stale)."""
+    repo, env, _ = repo
+    sh("dvc repro", repo, env)  # up to date first (a test above reran a cell, which stales its evaluation)
+    html = repo / "cmt_bench/html.py"
+    original = html.read_text()
+    before = _cells(repo)
+    try:
+        html.write_text(original + "# edited\n")
+        out = subprocess.run([sys.executable, "-m", "cmt_bench", "repro", "--jobs", "2"], cwd=repo, env=env,
+                             capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        after = _cells(repo)
+        assert {name for name in after if after[name] != before.get(name)} == {"code", "report"}
+        assert "didn't change" not in out.stdout + out.stderr
+        assert "Data and pipelines are up to date" in sh("dvc status", repo, env)
+    finally:
+        html.write_text(original)
+        sh("dvc repro", repo, env)
