@@ -54,5 +54,7 @@ toy: $(VENV)/installed plots-template
 	cmt-bench repro
 	@cmt-bench summary
 
+# Test files over the cores (at most 4: a test may run a pipeline with cells side by side); a file's
+# tests stay in one process, which runs its module fixtures once.
 test: setup
-	python -m pytest -q
+	python -m pytest -q --numprocesses auto --maxprocesses 4 --dist loadfile

@@ -2,7 +2,9 @@
 per method, post-training and final evaluation per init x method x seed) run `jobs` at a time, each
 as its own `dvc repro -s CELL` (a post-training cell takes its evaluation along into the same one);
 the other stages run one `dvc repro` at a time with nothing beside them, since they feed everything
-after them or use the cores themselves (a study's workers).
+after them or use the cores themselves (a study's workers). A DVC process takes up to CELLS_PER_PROCESS
+cells in turn: DVC's start-up and repository scan are paid once for them, and the lanes, which start
+their batches together, drift apart instead of waiting on DVC's lock at the same moments cell after cell.
 
 Every stage still runs through DVC, so its outputs, run cache and dvc.lock entry are what one `dvc
 repro` writes: DVC releases its repository lock while a stage's command runs, and `--wait-for-lock`
@@ -20,12 +22,14 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 from .codedeps import CODE_STAGE
 from .config import Params
 from .progress import NO_BARS
 
 SIDE_BY_SIDE = ("midtrain", "posttrain", "evaluate")  # the stages whose cells depend on the others only
+CELLS_PER_PROCESS = 3  # few enough that the lanes still end together (a toy cell takes ~30 s)
 # what `dvc repro` prints per stage; each stage prints its own closing line (progress.py)
 DVC_STAGE_LINES = re.compile(r"(Running stage '[^']+':|> .*|Updating lock file '[^']+'|)")
 
@@ -55,6 +59,8 @@ def pipeline() -> tuple[dict[str, list[str]], set[str]]:
         graph = repo.index.graph  # an edge goes from a stage to a stage it depends on
         stages = {s.addressing: [d.addressing for d in graph.successors(s)]
                   for s in reversed(list(nx.topological_sort(graph)))}
+        if not Path("dvc.lock").exists():  # a first run: every stage is new (`dvc status` takes ~2 s to say so)
+            return stages, set(stages)
         return stages, set(repo.status())
 
 
@@ -102,6 +108,20 @@ def _follower(name: str, stages: dict[str, list[str]], pending: list[str], done:
     return []
 
 
+def batches(ready: list[str], stages: dict[str, list[str]], pending: list[str], done: set[str], jobs: int,
+            free: int) -> list[list[str]]:
+    """The DVC processes to start on `free` idle lanes of `jobs`: each up to CELLS_PER_PROCESS of the
+    ready cells, a share of them (so the last ones spread over the lanes), each with its follower."""
+    cells = [n for n in ready if is_cell(n)]
+    if not cells or free < 1:
+        return []
+    size = min(CELLS_PER_PROCESS, -(-len(cells) // jobs))
+    out = []
+    for first in range(0, min(len(cells), free * size), size):
+        out.append([m for name in cells[first:first + size] for m in (name, *_follower(name, stages, pending, done))])
+    return out
+
+
 def run(jobs: int, env: dict) -> int:
     """Reproduce the whole pipeline with up to `jobs` cells at once; the first failing DVC process's
     exit code (the cells already running finish and are recorded), else 0."""
@@ -125,8 +145,8 @@ def run(jobs: int, env: dict) -> int:
         while pending or running:
             ready = [n for n in pending if all(d in done for d in stages[n])]
             if not failed and all(cell for _, _, cell, _ in running):
-                for name in [n for n in ready if is_cell(n)][:jobs - len(running)]:
-                    start([name, *_follower(name, stages, pending, done)], cell=True)
+                for names in batches(ready, stages, pending, done, jobs, jobs - len(running)):
+                    start(names, cell=True)
                 if not running and ready:  # the stages that need the machine alone, as one dvc repro
                     batch = []
                     for name in pending:

@@ -110,6 +110,23 @@ def test_a_cell_takes_its_evaluation_along_into_its_dvc_process():
     assert schedule._follower("evaluate@a", stages, pending, {"starts"}) == []
 
 
+def test_a_dvc_process_takes_a_share_of_the_ready_cells_each_with_its_evaluation():
+    cells = [f"posttrain@{c}" for c in "abcdefgh"]
+    stages = {"starts": [], **{c: ["starts"] for c in cells},
+              **{c.replace("posttrain", "evaluate"): [c] for c in cells}, "report": ["starts"]}
+    pending = [n for n in stages if n != "starts"]
+    ready = [*cells, "report"]
+    first, second = schedule.batches(ready, stages, pending, {"starts"}, jobs=2, free=2)
+    assert first == ["posttrain@a", "evaluate@a", "posttrain@b", "evaluate@b", "posttrain@c", "evaluate@c"]
+    assert second[0] == "posttrain@d" and len(second) == 2 * schedule.CELLS_PER_PROCESS == 6
+    # one lane free: one process; the last cells spread over the lanes; a stage that is not a cell waits
+    assert len(schedule.batches(ready, stages, pending, {"starts"}, jobs=2, free=1)) == 1
+    assert schedule.batches(cells[-2:], stages, pending, {"starts"}, jobs=2, free=2) == [
+        ["posttrain@g", "evaluate@g"], ["posttrain@h", "evaluate@h"]]
+    assert schedule.batches(["report"], stages, pending, {"starts"}, jobs=2, free=2) == []
+    assert schedule.batches(cells, stages, pending, {"starts"}, jobs=2, free=0) == []
+
+
 def test_after_an_edit_the_code_stage_runs_first_and_only_what_it_stales_follows(repo):
     """`cmt-bench repro` after editing a report-only module: the code stage, then the report alone; no
     cell is handed to DVC only to be skipped (before the digests are rewritten, everything downstream
