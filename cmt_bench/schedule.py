@@ -1,10 +1,9 @@
 """`cmt-bench repro` with matrix cells side by side: the pipeline's independent cells (mid-training
-per method, post-training and final evaluation per init x method x seed) run `jobs` at a time, each
-as its own `dvc repro -s CELL` (a post-training cell takes its evaluation along into the same one);
-the other stages run one `dvc repro` at a time with nothing beside them, since they feed everything
-after them or use the cores themselves (a study's workers). A DVC process takes up to CELLS_PER_PROCESS
-cells in turn: DVC's start-up and repository scan are paid once for them, and the lanes, which start
-their batches together, drift apart instead of waiting on DVC's lock at the same moments cell after cell.
+per method, post-training and final evaluation per init x method x seed) run `jobs` at a time, up to
+CELLS_PER_PROCESS of them in turn per `dvc repro -s CELL...` (a post-training cell takes its evaluation
+along into the same one), so DVC's start-up and repository scan are paid once for them
+(benchmarks/cell_batches.py); the other stages run one `dvc repro` at a time with nothing beside them,
+since they feed everything after them or use the cores themselves (a study's workers).
 
 Every stage still runs through DVC, so its outputs, run cache and dvc.lock entry are what one `dvc
 repro` writes: DVC releases its repository lock while a stage's command runs, and `--wait-for-lock`
