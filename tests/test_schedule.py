@@ -1,5 +1,5 @@
 """`cmt-bench repro --jobs 2` (cmt_bench/schedule.py): a real smoke pipeline with its matrix cells two
-at a time, each through its own `dvc repro -s`; DVC's record must be what one `dvc repro` leaves, and
+at a time, up to three in turn per `dvc repro -s`; DVC's record must be what one `dvc repro` leaves, and
 a cell's weights what it gets alone."""
 import json
 import os
