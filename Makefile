@@ -54,7 +54,8 @@ toy: $(VENV)/installed plots-template
 	cmt-bench repro
 	@cmt-bench summary
 
-# Test files over the cores (at most 4: a test may run a pipeline with cells side by side); a file's
-# tests stay in one process, which runs its module fixtures once.
+# Test files over the cores this process may use (nproc; at most 4, since a test may run a pipeline with
+# cells side by side); a file's tests stay in one process, which runs its module fixtures once.
+TEST_PROCESSES ?= $(shell n=$$(nproc); echo $$(( n < 4 ? n : 4 )))
 test: setup
-	python -m pytest -q --numprocesses auto --maxprocesses 4 --dist loadfile
+	python -m pytest -q --numprocesses $(TEST_PROCESSES) --dist loadfile
