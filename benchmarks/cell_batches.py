@@ -1,6 +1,6 @@
 """How many cells should one DVC process run? `cmt-bench repro` hands a lane's cells to DVC a few at a
 time (cmt_bench/schedule.py CELLS_PER_PROCESS); one per process pays DVC's start-up and repository
-scan per cell, and starts the two lanes' cells, and their waits on DVC's lock, at the same moments.
+scan per cell.
 
 One toy repo (this repository's HEAD, studies off, `--budget` post-training images per cell) is
 reproduced up to the starts stage once; then, per rep and per setting, a copy of it runs the post-
@@ -9,7 +9,7 @@ own code (the settings alternate, the first rotating each rep). Reported per set
 of that command, the training steps' device-seconds inside it (the cells' ledgers), and the overhead,
 wall minus steps over the lanes; the ratio of walls is the median over reps, measured in this one run.
 
-    python benchmarks/cell_batches.py [--settings 1,3] [--reps 2] [--budget 300000]
+    python benchmarks/cell_batches.py [--settings 1,3] [--reps 2] [--budget 200000]
 
 Writes benchmarks/results/cell_batches.json.
 """
@@ -29,6 +29,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from cmt_bench import config  # noqa: E402
+
 SETTING = re.compile(r"^CELLS_PER_PROCESS = \d+", re.M)
 
 
@@ -42,12 +46,9 @@ def prepare(base: Path, budget: int, env: dict) -> None:
     """A clone of HEAD with the toy's parameters (studies off, `budget` images per cell), reproduced up
     to the starts stage."""
     sh(["git", "clone", "-q", str(ROOT), str(base)], ROOT, env)
-    overrides = {"studies": {"specs": []}, "posttrain": {"train": {"budget_images": budget}}}
-    merge = ("import json, sys, yaml; from pathlib import Path; from cmt_bench.config import deep_merge, to_yaml, "
-             "validate; p = Path('params.yaml'); "
-             "p.write_text(to_yaml(validate(deep_merge(yaml.safe_load(p.read_text()), json.loads(sys.argv[1])))))")
-    sh([sys.executable, "-m", "cmt_bench", "preset", "toy"], base, env)
-    sh([sys.executable, "-c", merge, json.dumps(overrides)], base, env)
+    params = config.override(config.preset("toy", base), {"studies.specs": [], "posttrain.train.budget_images": budget},
+                             "benchmarks/cell_batches.py")
+    (base / "params.yaml").write_text(config.to_yaml(params))
     sh(["dvc", "repro", "starts", "study_index"], base, env)
 
 
@@ -75,7 +76,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--settings", default="1,3")
     ap.add_argument("--reps", type=int, default=2)
-    ap.add_argument("--budget", type=int, default=300_000, help="post-training images per cell")
+    ap.add_argument("--budget", type=int, default=200_000, help="post-training images per cell")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/cell_batches.json")
     args = ap.parse_args()
     settings = [int(s) for s in args.settings.split(",")]
