@@ -53,15 +53,17 @@ def _repro(argv: list[str]) -> int:
         print(f"error: --jobs {jobs} runs the whole pipeline with its cells side by side; with dvc repro's own "
               f"arguments ({' '.join(dvc_args)}) use --jobs 1", file=sys.stderr)
         return 2
-    if jobs is None:
+    if jobs is None and not dvc_args:
         try:
-            jobs = 1 if dvc_args else schedule.default_jobs(config.load("params.yaml"))
+            params = config.load("params.yaml")
         except config.ParamsError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
     if not plan.confirm_budget():
         return 3
-    with warm.server() as env:
+    with warm.server() as env:  # it imports while torch (for the default jobs) and DVC's graph load here
+        if jobs is None:
+            jobs = 1 if dvc_args else schedule.default_jobs(params)
         return schedule.run(jobs, env) if jobs > 1 else schedule.repro(dvc_args, env)
 
 

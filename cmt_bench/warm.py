@@ -31,8 +31,12 @@ IMPORT_TIME_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
                    "PYTHONHASHSEED", "PYTHONPATH")
 COLD = -1  # the server's answer when the command must run in a fresh interpreter
 forked = False  # True in a command the server runs
-# torch._dynamo: a process's first optimizer imports it, which took ~1 s of every training stage
-WARM_MODULES = ("torch", "torch._dynamo", "numpy", "pandas", "mlflow.tracking", "optuna", "cmt_bench.cli",
+# torch._dynamo: a process's first optimizer imports it, which took ~1 s of every training stage; MLflow's
+# SQL store, its SQLite dialect, the FLOP counter and the JVP decompositions load lazily on first use,
+# which took 0.9 s of every evaluate stage and 1.5 s of a MeanFlow cell (python -X importtime)
+WARM_MODULES = ("torch", "torch._dynamo", "torch._decomp.decompositions_for_jvp", "torch.utils.flop_counter",
+                "numpy", "pandas", "mlflow.tracking", "mlflow.store.tracking.sqlalchemy_store",
+                "sqlalchemy.dialects.sqlite", "optuna", "cmt_bench.cli",
                 "cmt_bench.study", "cmt_bench.report", *(f"cmt_bench.stages.{s}" for s in
                                       ("data", "features", "pretrain", "trajectories", "midtrain", "starts",
                                        "posttrain", "evaluate")))
@@ -45,6 +49,10 @@ def run(module: str, argv: list[str], started: float) -> int | None:
     path = os.environ.get(ENV)
     if not path:
         return None
+    while not os.path.exists(path):  # the server is still importing (server() removes the folder if it died)
+        if not os.path.isdir(os.path.dirname(path)):
+            return None
+        time.sleep(0.05)
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         conn.connect(path)
@@ -70,16 +78,21 @@ def run(module: str, argv: list[str], started: float) -> int | None:
 
 @contextmanager
 def server(cwd: str | Path | None = None):
-    """A warm server for the commands run inside the block; yields the environment to give them,
-    once it listens (after its imports, a few seconds) or has failed to start (then without it)."""
+    """A warm server for the commands run inside the block; yields the environment to give them at
+    once: while the server imports (a few seconds), the block goes on (DVC starts, the first stages'
+    dependencies are hashed) and a command waits for it; if the server dies, its folder goes and the
+    commands run in fresh interpreters."""
     folder = tempfile.mkdtemp(prefix="cmt_bench_warm_")
     path = os.path.join(folder, "socket")
     proc = subprocess.Popen([sys.executable, "-c", "import sys; from cmt_bench.warm import serve; serve(sys.argv[1])",
                              path], stdin=subprocess.DEVNULL, cwd=cwd)
+
+    def remove_when_gone() -> None:
+        proc.wait()
+        shutil.rmtree(folder, ignore_errors=True)
+    threading.Thread(target=remove_when_gone, daemon=True).start()
     try:
-        while not os.path.exists(path) and proc.poll() is None:
-            time.sleep(0.05)
-        yield {**os.environ, ENV: path} if proc.poll() is None else dict(os.environ)
+        yield {**os.environ, ENV: path}
     finally:
         proc.terminate()
         proc.wait()
