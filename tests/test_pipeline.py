@@ -405,16 +405,6 @@ def test_repro_runs_stages_in_a_warm_interpreter_with_the_same_results(repo):
     sh("python -m cmt_bench repro", repo, env)  # the report reads the new runs: the pipeline is whole again
 
 
-def test_a_warm_command_that_exits_with_a_message_prints_it(tmp_path, monkeypatch, capsys):
-    """As in a fresh interpreter, SystemExit('...') in a command the warm server runs reaches stderr, exit 1."""
-    (tmp_path / "exits_with_message.py").write_text(
-        "def main(argv, started):\n    raise SystemExit('error: a clear message')\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setitem(warm.ENTRY, "exits", "exits_with_message")
-    assert warm._main("exits", [], 0.0) == 1
-    assert "error: a clear message" in capsys.readouterr().err
-
-
 def _plan_rows(text: str) -> dict[str, list[str]]:
     """The plan's table: stage -> [runs, steps/run, s/step, device-hours, wall time, FLOPs]."""
     rows = {}

@@ -29,3 +29,13 @@ def test_commands_run_in_fresh_interpreters_when_the_server_dies(monkeypatch):
         started = time.monotonic()
         assert warm.run("cmt_bench", ["check"], time.time()) is None
         assert time.monotonic() - started < 10
+
+
+def test_a_warm_command_that_exits_with_a_message_prints_it(tmp_path, monkeypatch, capsys):
+    """As in a fresh interpreter, SystemExit('...') in a command the warm server runs reaches stderr, exit 1."""
+    (tmp_path / "exits_with_message.py").write_text(
+        "def main(argv, started):\n    raise SystemExit('error: a clear message')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(warm.ENTRY, "exits", "exits_with_message")
+    assert warm._main("exits", [], 0.0) == 1
+    assert "error: a clear message" in capsys.readouterr().err
