@@ -14,6 +14,9 @@ timed apart, timestamping every line DVC prints as it arrives. Afterwards it spl
 - the studies: the trials' training-step seconds (each trial run's `device_hours`) within the stage;
 - what came before the first stage and after the last (DVC start-up, `cmt-bench summary`).
 
+`posttrain_steps_s_per_million_images` (per method) is how fast this machine trained in the run:
+compare it between runs before comparing their minutes.
+
 `efficiency` is the training-step device-seconds (pipeline and study trials) over the wall seconds
 after the install. Writes benchmarks/results/pipeline.json (rows per stage, totals per category) and
 prints a table.
@@ -91,6 +94,7 @@ def split(work: Path, walls: dict[str, float]) -> tuple[list[dict], float]:
             row["run_s"] = (info.end_time - info.start_time) / 1000
             if "ledger" in runs[name]:  # a training or ODE stage (evaluation has none)
                 row["steps_s"] = runs[name]["ledger"]["seconds"]
+                row["images"] = runs[name]["ledger"]["images_seen"]
         rows.append(row)
     experiment = client.get_experiment_by_name("cmt_bench")
     trials = client.search_runs([experiment.experiment_id], "tags.stage = 'study_trial'", max_results=50000)
@@ -103,6 +107,17 @@ def category(stage: str) -> str:
     training = base in ("pretrain", "midtrain", "posttrain")
     return {"evaluate": "final evaluation", "studies": "studies", "study_index": "report", "report": "report"}.get(
         base, "training stages" if training else "data, features, trajectories, starts")
+
+
+def per_million_images(rows: list[dict]) -> dict[str, float]:
+    """{method: the post-training cells' step seconds per million images} (cells are posttrain@INIT-METHOD-SEED)."""
+    seconds, images = defaultdict(float), defaultdict(float)
+    for row in rows:
+        if row["stage"].startswith("posttrain@") and "images" in row:
+            method = row["stage"].split("@")[1].rsplit("-", 2)[1]
+            seconds[method] += row["steps_s"]
+            images[method] += row["images"]
+    return {m: 1e6 * seconds[m] / images[m] for m in sorted(seconds)}
 
 
 def summarise(install_s: float, toy_s: float, rows: list[dict], before_s: float, after_s: float,
@@ -138,6 +153,9 @@ def summarise(install_s: float, toy_s: float, rows: list[dict], before_s: float,
         "evaluate_s_per_cell": totals["final evaluation"] / max(1, sum(category(r["stage"]) == "final evaluation"
                                                                        for r in rows)),
         "study_trials_steps_s": trial_steps,
+        # the machine's speed in this run, to compare runs on different days: training-step seconds per
+        # million images of the post-training cells (two side by side), per method (ect, meanflow)
+        "posttrain_steps_s_per_million_images": per_million_images(rows),
         "stages": rows,
     }
 
@@ -182,6 +200,8 @@ def main() -> None:
     print(f"  training stages: {t['count']}, steps {t['steps_s']:.0f} s, rest of their runs {t['in_run_other_s']:.0f} s, "
           f"fixed {t['fixed_s']:.0f} s ({t['fixed_s_per_stage']:.1f} s each); study trials' steps {trial_steps:.0f} s; "
           f"stage seconds / wall {result['stage_seconds_over_wall']:.2f}")
+    speed = ", ".join(f"{m} {s:.1f} s" for m, s in result["posttrain_steps_s_per_million_images"].items())
+    print(f"  post-training steps per million images: {speed}")
     print(args.out)
 
 
