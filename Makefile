@@ -38,10 +38,10 @@ $(PLOTS_TEMPLATE): cmt_bench/plots_template.py | $(VENV)/installed
 	  || echo "warning: could not build $@ (needs npm); dvc plots show will need a network" >&2
 
 # torch first and pinned: it installs the local CPU build instead of a multi-GB CUDA download.
-# The rest through uv (pinned in constraints.txt, as everything is): it installs in parallel and compiles
-# the bytecode on both cores, where pip took 2 min for the same versions (README, "The first run");
-# torch's bytecode with compileall likewise (pip compiles its 2,000 files one at a time; one of them is
-# Python 3.12 syntax that pip skips silently).
+# Without its dependencies and its bytecode: uv installs everything else (torch's dependencies too,
+# all pinned in constraints.txt) in parallel and compiles their bytecode on all cores, where pip took
+# 2 min for the same versions (README); torch's bytecode with compileall likewise (pip compiles its
+# 2,000 files one at a time; one of them is Python 3.12 syntax, which pip skips silently).
 # torch-fidelity without its dependencies: it declares torchvision, which would pull a CUDA torch and
 # has no build that loads beside torch 2.13.0+cpu (cmt_bench/fidelity.py stands in for it). lpips the
 # same way: its linear heads file is what distance.lpips_weights reads, and tests/test_lpips.py checks
@@ -49,7 +49,7 @@ $(PLOTS_TEMPLATE): cmt_bench/plots_template.py | $(VENV)/installed
 UV := $(BIN)/uv pip install -q --python $(BIN)/python --compile-bytecode -c constraints.txt
 $(VENV)/installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check --no-compile -c constraints.txt torch==2.13.0 uv
+	$(BIN)/pip install -q --disable-pip-version-check --no-compile --no-deps -c constraints.txt torch==2.13.0 uv
 	$(BIN)/python -m compileall -q -j 0 -x py312_intrinsics $(VENV)/lib/python3*/site-packages/torch
 	$(UV) -e '.[test]'
 	$(UV) --no-deps torch-fidelity lpips
