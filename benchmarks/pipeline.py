@@ -95,6 +95,7 @@ def split(work: Path, walls: dict[str, float]) -> tuple[list[dict], float]:
             if "ledger" in runs[name]:  # a training or ODE stage (evaluation has none)
                 row["steps_s"] = runs[name]["ledger"]["seconds"]
                 row["images"] = runs[name]["ledger"]["images_seen"]
+                row["method"] = runs[name].get("method")
         rows.append(row)
     experiment = client.get_experiment_by_name("cmt_bench")
     trials = client.search_runs([experiment.experiment_id], "tags.stage = 'study_trial'", max_results=50000)
@@ -110,13 +111,12 @@ def category(stage: str) -> str:
 
 
 def per_million_images(rows: list[dict]) -> dict[str, float]:
-    """{method: the post-training cells' step seconds per million images} (cells are posttrain@INIT-METHOD-SEED)."""
+    """{method: the post-training cells' step seconds per million images}."""
     seconds, images = defaultdict(float), defaultdict(float)
     for row in rows:
         if row["stage"].startswith("posttrain@") and "images" in row:
-            method = row["stage"].split("@")[1].rsplit("-", 2)[1]
-            seconds[method] += row["steps_s"]
-            images[method] += row["images"]
+            seconds[row["method"]] += row["steps_s"]
+            images[row["method"]] += row["images"]
     return {m: 1e6 * seconds[m] / images[m] for m in sorted(seconds)}
 
 
