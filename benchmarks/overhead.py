@@ -39,7 +39,7 @@ from cmt_bench import config, data, losses, nets  # noqa: E402
 from cmt_bench.ledger import Ledger, device_name  # noqa: E402
 from cmt_bench.paths import LinearPath  # noqa: E402
 from cmt_bench.tracking import Tracker  # noqa: E402
-from cmt_bench.train import Job, quiet, train  # noqa: E402
+from cmt_bench.train import Job, make_optimizer, quiet, train  # noqa: E402
 
 TARGET = 1.03
 STAGE = "pretrain"  # the flow-matching stage; its loss is the one benchmarked
@@ -74,7 +74,7 @@ def loss_fn(params):
 def run_bare(params, cfg, x, steps: int) -> float:
     net, loss = fresh_net(params, tuple(x.shape[1:])), loss_fn(params)
     ema = copy.deepcopy(net).requires_grad_(False)
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, foreach=True)  # as train() does
+    opt = make_optimizer(net, cfg)  # as train() does
     ema_p, net_p = list(ema.parameters()), list(net.parameters())
     gen = torch.Generator().manual_seed(0)
     start = time.perf_counter()

@@ -39,7 +39,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cmt_bench import compiling, config, data, distributed, ledger, losses, methods, nets  # noqa: E402
+from cmt_bench import compiling, config, data, distributed, ledger, losses, methods, nets, train  # noqa: E402
 from cmt_bench.distributed import autocast  # noqa: E402
 from cmt_bench.paths import LinearPath  # noqa: E402
 
@@ -101,7 +101,7 @@ def setup(preset: str, shape_arg: str | None, device_name: str):
     device = distributed.device(device_name)
     torch.manual_seed(0)
     net = nets.build(shape, params.net, two_times=True).to(device)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-4, foreach=True)
+    opt = train.make_optimizer(net, params.posttrain.train)  # as training makes it
     x = torch.randn(params.posttrain.train.batch_size, *shape).to(device)
     return params, net, opt, x, step_fns(params, net)
 

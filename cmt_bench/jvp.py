@@ -8,7 +8,7 @@ the textbook rules instead, each term only for an input that has a tangent (a we
 gets its term); every other op keeps torch's formula. Measured on the toy MLP's MeanFlow JVP
 (benchmarks/jvp_cost.py): about half the time of torch.func.jvp, the same derivative to float64
 round-off (tests/test_jvp.py). They also work on channels-last activations, where torch's own
-forward-mode GroupNorm fails.
+forward-mode GroupNorm fails. F.linear's rule is linear.py's (its products take that module's route).
 """
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from .linear import add_present as _add, linear_rule
+
 
 def jvp(fn, primals: tuple, tangents: tuple) -> torch.Tensor:
     """The tangent of fn(*primals) along `tangents` (None: no tangent), by dual tensors under LeanRules.
@@ -28,31 +30,9 @@ def jvp(fn, primals: tuple, tangents: tuple) -> torch.Tensor:
         return fwAD.unpack_dual(fn(*duals)).tangent
 
 
-def _add(total, term):
-    """Sum of the terms present (None: absent)."""
-    return term if total is None else total if term is None else total + term
-
-
 def _full(tangent, shape):
     """A tangent of the output's shape (a bias's tangent alone is only its broadcastable part)."""
     return tangent if tangent.shape == shape else tangent.expand(shape).contiguous()
-
-
-class _Linear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        ctx.set_materialize_grads(False)  # absent tangents arrive as None, not as zero tensors
-        ctx.save_for_forward(x, weight)
-        out = F.linear(x, weight, bias)
-        ctx.shape = out.shape
-        return out
-
-    @staticmethod
-    def jvp(ctx, x_t, weight_t, bias_t):
-        x, weight = ctx.saved_tensors
-        out = None if x_t is None else F.linear(x_t, weight)
-        out = _add(out, None if weight_t is None else F.linear(x, weight_t))
-        return _full(_add(out, bias_t), ctx.shape)
 
 
 class _Conv2d(torch.autograd.Function):
@@ -121,10 +101,6 @@ class _GroupNorm(torch.autograd.Function):
         return _full(_affine_tangent(xhat_t, xhat.reshape(shape), weight, weight_t, bias_t, per_channel), shape)
 
 
-def _linear(input, weight, bias=None):
-    return _Linear.apply(input, weight, bias)
-
-
 def _conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     return _Conv2d.apply(input, weight, bias, stride, padding, dilation, groups)
 
@@ -139,7 +115,7 @@ def _group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
 
 class LeanRules(TorchFunctionMode):
     """F.linear, F.conv2d and the two norms with the rules above; any other op unchanged."""
-    RULES = {F.linear: _linear, F.conv2d: _conv2d, F.layer_norm: _layer_norm, F.group_norm: _group_norm}
+    RULES = {F.linear: linear_rule, F.conv2d: _conv2d, F.layer_norm: _layer_norm, F.group_norm: _group_norm}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         return self.RULES.get(func, func)(*args, **(kwargs or {}))

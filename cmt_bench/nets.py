@@ -12,6 +12,7 @@ import math
 import torch
 from torch import nn
 
+from .linear import Linear
 from .schema import NetConfig
 
 
@@ -22,7 +23,7 @@ class FourierTime(nn.Module):
         super().__init__()
         # not persistent: the frequencies come from the config, not from a checkpoint
         self.register_buffer("freqs", torch.exp(torch.linspace(0, math.log(max_freq), features // 2)), persistent=False)
-        self.mlp = nn.Sequential(nn.Linear(2 * (features // 2), out), nn.SiLU(), nn.Linear(out, out))
+        self.mlp = nn.Sequential(Linear(2 * (features // 2), out), nn.SiLU(), Linear(out, out))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         angles = t.reshape(-1, 1) * self.freqs
@@ -54,7 +55,7 @@ class ResidualBlock(nn.Module):
     def __init__(self, width: int):
         super().__init__()
         self.norm = nn.LayerNorm(width)
-        self.lin1, self.lin2 = nn.Linear(width, width), nn.Linear(width, width)
+        self.lin1, self.lin2 = Linear(width, width), Linear(width, width)
 
     def forward(self, h: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         return h + self.lin2(nn.functional.silu(self.lin1(nn.functional.silu(self.norm(h) + cond))))
@@ -65,10 +66,10 @@ class FlowMapMLP(nn.Module):
 
     def __init__(self, dim: int, cfg: NetConfig, two_times: bool = True):
         super().__init__()
-        self.inp = nn.Linear(dim, cfg.hidden)
+        self.inp = Linear(dim, cfg.hidden)
         self.time = TimeConditioning(cfg, cfg.hidden, two_times)
         self.blocks = nn.ModuleList(ResidualBlock(cfg.hidden) for _ in range(cfg.depth))
-        self.out = nn.Sequential(nn.LayerNorm(cfg.hidden), nn.SiLU(), nn.Linear(cfg.hidden, dim))
+        self.out = nn.Sequential(nn.LayerNorm(cfg.hidden), nn.SiLU(), Linear(cfg.hidden, dim))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, s: torch.Tensor | None = None) -> torch.Tensor:
         cond = self.time(x, t, s)

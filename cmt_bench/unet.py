@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .linear import Linear
 from .schema import NetConfig
 from .nets import TimeConditioning
 
@@ -26,7 +27,7 @@ class ResBlock(nn.Module):
     def __init__(self, c_in: int, c_out: int, emb: int, cfg: NetConfig):
         super().__init__()
         self.norm1, self.conv1 = _norm(c_in, cfg.norm_groups), nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.emb = nn.Linear(emb, c_out)
+        self.emb = Linear(emb, c_out)
         self.norm2, self.conv2 = _norm(c_out, cfg.norm_groups), nn.Conv2d(c_out, c_out, 3, padding=1)
         self.dropout = nn.Dropout(cfg.dropout)
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()

@@ -1,0 +1,128 @@
+"""Linear layers whose larger float32 matrix products on the CPU run in oneDNN instead of MKL.
+
+torch multiplies float32 matrices on the CPU with MKL, which on AMD processors runs its AVX2 code;
+oneDNN, which torch ships as well, picks its code by the instruction set alone. On this project's
+machines (AMD EPYC, Zen 5, AVX-512) oneDNN computed the toy network's 512 x 128 x 128 product in
+about half MKL's time, but pays some 20 us per call that MKL does not: products below ONEDNN_MACS
+multiply-adds stay with MKL (benchmarks/linear_cost.py measures both per shape, and the training step).
+
+`Linear` is nn.Linear with that forward (same parameters, same state dict). Its backward and its
+forward-mode JVP (jvp.py's lean rule: a term only for an input that carries a tangent) take the same
+route per product, so a layer's function is F.linear's rounded as the chosen library rounds it.
+Everywhere else (CUDA, other dtypes, autocast, torch.compile) it is F.linear itself.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import flop_registry, register_flop_formula
+
+# measured (benchmarks/linear_cost.py): oneDNN ahead from 512 x 32 x 128 (2^21 multiply-adds) upwards,
+# behind on 512 x 2 x 128 and 16 x 128 x 128
+ONEDNN_MACS = 1 << 21
+
+try:
+    _onednn_linear = torch.ops.mkldnn._linear_pointwise.default if torch.backends.mkldnn.is_available() else None
+except (AttributeError, RuntimeError):  # a build without oneDNN
+    _onednn_linear = None
+
+
+def _onednn_flops(input_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
+    """FlopCounterMode's count for the oneDNN product: 2 M K N, as for aten.addmm, so the ledger
+    counts the same FLOPs whichever library multiplies."""
+    return 2 * math.prod(input_shape[:-1]) * input_shape[-1] * weight_shape[0]
+
+
+if _onednn_linear is not None and torch.ops.mkldnn._linear_pointwise not in flop_registry:
+    register_flop_formula(torch.ops.mkldnn._linear_pointwise)(_onednn_flops)
+
+
+def _on_cpu_float32(*tensors) -> bool:
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+
+
+def _product(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """a [M, K] @ weight [N, K]^T (+ bias): oneDNN for a large enough CPU float32 product, else F.linear."""
+    macs = a.shape[0] * a.shape[1] * weight.shape[0]
+    if (_onednn_linear is not None and macs >= ONEDNN_MACS and _on_cpu_float32(a, weight)
+            and not torch.compiler.is_compiling()):
+        return _onednn_linear(a, weight, bias, "none", [], "")
+    return F.linear(a, weight, bias)
+
+
+def add_present(total, term):
+    """Sum of the terms present (None: absent); tangent rules add their terms with it."""
+    return term if total is None else total if term is None else total + term
+
+
+class _Linear(torch.autograd.Function):
+    """F.linear on [..., K] inputs with every product through `_product`; its JVP is the lean rule."""
+
+    @staticmethod
+    def forward(x, weight, bias):
+        return _product(x.reshape(-1, x.shape[-1]), weight, bias).reshape(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # apart from forward, as torch.func's transforms need
+        x, weight, bias = inputs
+        ctx.set_materialize_grads(False)  # absent gradients and tangents arrive as None
+        x2 = x.reshape(-1, x.shape[-1])
+        ctx.save_for_backward(x2, weight)
+        ctx.save_for_forward(x2, weight)
+        ctx.has_bias, ctx.x_shape = bias is not None, x.shape
+
+    @staticmethod
+    def backward(ctx, grad):
+        if grad is None:
+            return None, None, None
+        x2, weight = ctx.saved_tensors
+        g2 = grad.reshape(-1, weight.shape[0])
+        need_x, need_w, need_b = ctx.needs_input_grad
+        grad_x = _product(g2, weight.t()).reshape(ctx.x_shape) if need_x else None
+        grad_w = _product(g2.t(), x2.t()) if need_w else None
+        grad_b = g2.sum(0) if need_b and ctx.has_bias else None
+        return grad_x, grad_w, grad_b
+
+    @staticmethod
+    def jvp(ctx, x_t, weight_t, bias_t):
+        x2, weight = ctx.saved_tensors
+        shape = (*ctx.x_shape[:-1], weight.shape[0])
+        out = None if x_t is None else _product(x_t.reshape(-1, x2.shape[1]), weight)
+        out = add_present(out, None if weight_t is None else _product(x2, weight_t))
+        out = add_present(None if out is None else out.reshape(shape), bias_t)
+        return out if out.shape == shape else out.expand(shape).contiguous()  # a bias's tangent alone
+
+
+def linear_rule(input, weight, bias=None):
+    """F.linear as `_Linear` on any device (what jvp.LeanRules puts in F.linear's place)."""
+    return _Linear.apply(input, weight, bias)
+
+
+@contextlib.contextmanager
+def torch_only():
+    """Every product by F.linear, as nn.Linear computes it: the baseline of the benchmark and tests."""
+    global _onednn_linear
+    saved, _onednn_linear = _onednn_linear, None
+    try:
+        yield
+    finally:
+        _onednn_linear = saved
+
+
+def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, with its CPU float32 products routed as the module docstring says."""
+    if (_onednn_linear is not None and input.dim() >= 2 and _on_cpu_float32(input, weight)
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
+        return _Linear.apply(input, weight, bias)
+    return F.linear(input, weight, bias)
+
+
+class Linear(nn.Linear):
+    """nn.Linear computed by `linear`."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return linear(input, self.weight, self.bias)

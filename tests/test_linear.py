@@ -1,0 +1,115 @@
+"""cmt_bench/linear.py: which library multiplies each product, and that the layer is F.linear's function
+either way: values, both gradients, the bias's, the JVP and the counted FLOPs, for products above and
+below the oneDNN threshold, batched and non-contiguous inputs; the formulas themselves in float64
+(gradcheck, forward and backward)."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from cmt_bench import jvp, linear, nets
+from cmt_bench.ledger import count_flops
+
+pytestmark = pytest.mark.skipif(linear._onednn_linear is None, reason="this torch build has no oneDNN")
+
+
+class _Ops(TorchDispatchMode):
+    """The names of the dispatcher ops that run inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def _products(work) -> list[str]:
+    with _Ops() as ops:
+        work()
+    return [n for n in ops.names if n.split(".")[-1] in ("_linear_pointwise", "addmm", "mm", "linear", "matmul")]
+
+
+CASES = {  # name: (input shape, out features, bias, transposed input)
+    "large (oneDNN)": ((512, 128), 128, True, False),
+    "small (torch)": ((512, 2), 128, True, False),
+    "batched 3-D": ((4, 130, 128), 96, True, False),
+    "no bias": ((512, 64), 128, False, False),
+    "non-contiguous input": ((128, 512), 128, True, True),
+}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_values_and_gradients_are_f_linears(name):
+    shape, out, has_bias, transposed = CASES[name]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=g)
+    x = (x.t() if transposed else x).requires_grad_()
+    w = torch.randn(out, x.shape[-1], generator=g, requires_grad=True)
+    b = torch.randn(out, generator=g, requires_grad=True) if has_bias else None
+    inputs = [a for a in (x, w, b) if a is not None]
+    y, y_ref = linear.linear(x, w, b), F.linear(x, w, b)
+    upstream = torch.randn(y_ref.shape, generator=g)
+    grads, grads_ref = torch.autograd.grad(y, inputs, upstream), torch.autograd.grad(y_ref, inputs, upstream)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-4)
+    for a, a_ref in zip(grads, grads_ref):  # the weight's gradient sums 512 rows: float32 round-off
+        torch.testing.assert_close(a, a_ref, rtol=1e-5, atol=1e-3)
+    assert y.shape == y_ref.shape and y.abs().mean() > 1 and all(a.abs().mean() > 1 for a in grads)
+
+
+def test_the_large_products_run_in_onednn_forward_and_backward_and_the_small_ones_in_torch():
+    g = torch.Generator().manual_seed(0)
+    big_x, big_w = torch.randn(512, 128, generator=g), torch.randn(128, 128, generator=g, requires_grad=True)
+    small_x, small_w = torch.randn(512, 2, generator=g), torch.randn(128, 2, generator=g, requires_grad=True)
+    assert _products(lambda: linear.linear(big_x.requires_grad_(), big_w).sum().backward()) == \
+        ["mkldnn._linear_pointwise"] * 3  # forward, the input's gradient, the weight's
+    assert "mkldnn._linear_pointwise" not in _products(lambda: linear.linear(small_x, small_w).sum().backward())
+    with linear.torch_only():
+        assert "mkldnn._linear_pointwise" not in _products(lambda: linear.linear(big_x, big_w).sum().backward())
+    assert "mkldnn._linear_pointwise" not in _products(lambda: linear.linear(big_x.double(), big_w.double().detach()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert "mkldnn._linear_pointwise" not in _products(lambda: linear.linear(big_x, big_w.detach()))
+
+
+def test_formulas_pass_gradcheck_forward_and_backward():
+    """float64 takes F.linear's products, so this checks _Linear's backward and JVP formulas."""
+    g = torch.Generator().manual_seed(0)
+    args = [torch.randn(*s, generator=g, dtype=torch.float64, requires_grad=True) for s in ((3, 6, 5), (4, 5), (4,))]
+    assert torch.autograd.gradcheck(linear.linear_rule, args)
+    assert torch.autograd.gradcheck(linear.linear_rule, args, check_forward_ad=True, check_backward_ad=False,
+                                    check_undefined_grad=False)
+
+
+def test_jvp_through_the_onednn_route_equals_torchs_nn_linear():
+    """The toy network's JVP in float32, routed, against the same weights in plain nn.Linear layers
+    under torch.func.jvp: equal to float32 round-off."""
+    torch.manual_seed(0)
+    routed = nets.build((2,), nets.NetConfig(), two_times=True)
+    for p in routed.parameters():  # off the zero inits, so every layer counts
+        torch.nn.init.normal_(p, std=0.1)
+    g = torch.Generator().manual_seed(1)
+    z, v = torch.randn(512, 2, generator=g), torch.randn(512, 2, generator=g)
+    t = torch.rand(512, generator=g)
+    r = t * torch.rand(512, generator=g)
+    tangents = (v, torch.ones_like(t), None)
+    assert "mkldnn._linear_pointwise" in _products(lambda: jvp.jvp(routed, (z, t, r), tangents))
+    lean = jvp.jvp(routed, (z, t, r), tangents)
+    with linear.torch_only():
+        reference = torch.func.jvp(routed, (z, t, r), (v, torch.ones_like(t), torch.zeros_like(r)))[1]
+    torch.testing.assert_close(lean, reference, rtol=1e-4, atol=1e-5)
+    assert lean.abs().mean() > 0.1
+
+
+def test_flops_are_counted_alike_on_either_route():
+    """The ledger's FLOPs (and so every verdict) do not depend on which library multiplied."""
+    torch.manual_seed(0)
+    net = nets.build((2,), nets.NetConfig(), two_times=True)
+    x, t = torch.randn(512, 2), torch.rand(512)
+
+    def step():
+        net(x, t, t * 0.5).square().mean().backward()
+    routed = count_flops(step)
+    with linear.torch_only():
+        plain = count_flops(step)
+    assert routed == plain > 0
