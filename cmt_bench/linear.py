@@ -46,9 +46,11 @@ def _on_cpu_float32(*tensors) -> bool:
 
 
 def _product(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """a [M, K] @ weight [N, K]^T (+ bias): oneDNN for a large enough CPU float32 product, else F.linear."""
+    """a [M, K] @ weight [N, K]^T (+ bias): oneDNN for a large enough CPU float32 product, else F.linear,
+    which also takes a product autograd records (a backward with create_graph: oneDNN's has no derivative)."""
     macs = a.shape[0] * a.shape[1] * weight.shape[0]
-    if (_onednn_linear is not None and macs >= ONEDNN_MACS and _on_cpu_float32(a, weight)
+    recorded = torch.is_grad_enabled() and (a.requires_grad or weight.requires_grad)
+    if (_onednn_linear is not None and macs >= ONEDNN_MACS and _on_cpu_float32(a, weight) and not recorded
             and not torch.compiler.is_compiling()):
         return _onednn_linear(a, weight, bias, "none", [], "")
     return F.linear(a, weight, bias)

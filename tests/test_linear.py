@@ -72,6 +72,21 @@ def test_the_large_products_run_in_onednn_forward_and_backward_and_the_small_one
         assert "mkldnn._linear_pointwise" not in _products(lambda: linear.linear(big_x, big_w.detach()))
 
 
+def test_a_double_backward_differentiates_the_backward():
+    """create_graph=True (benchmarks/jvp_cost.py's double VJP): the backward's products are recorded, so
+    they run in F.linear, and the second derivative is nn.Linear's."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 128, generator=g, requires_grad=True)
+    w = torch.randn(128, 128, generator=g, requires_grad=True)
+    v = torch.randn(512, 128, generator=g)
+
+    def second(fn):
+        (gx,) = torch.autograd.grad(torch.tanh(fn(x, w)).sum(), x, create_graph=True)
+        return torch.autograd.grad((gx * v).sum(), w)[0]
+    torch.testing.assert_close(second(linear.linear), second(F.linear), rtol=1e-4, atol=1e-3)
+    assert second(F.linear).abs().mean() > 1
+
+
 def test_formulas_pass_gradcheck_forward_and_backward():
     """float64 takes F.linear's products, so this checks _Linear's backward and JVP formulas."""
     g = torch.Generator().manual_seed(0)
