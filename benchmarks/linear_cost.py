@@ -1,6 +1,7 @@
-"""What cmt_bench/linear.py buys: a matrix product by oneDNN against MKL (torch's F.linear) per
-shape, and a toy training step with the network's products routed by linear.py against every
-product by F.linear, each with Adam fused (what training uses) and foreach (what it used before).
+"""What cmt_bench/linear.py's oneDNN route buys on this machine: a matrix product by oneDNN against MKL
+(torch's F.linear) per shape, and a toy training step with the network's products routed to oneDNN
+(compute.matmul onednn) against every product by F.linear (torch), each with Adam fused (what training
+uses) and foreach (what it used before). The output says which route compute.matmul auto takes here.
 
 Products: the toy MLP's shapes (batch 512) and a few around them, each the median of reps of N calls
 on one thread, interleaved. Steps: `benchmarks/step_cost.py`'s step (network, batch, method settings)
@@ -8,14 +9,13 @@ per method; the cells alternate within each rep (order rotated per rep) and ever
 over reps of cell / baseline in the same rep, measured in this one run. This machine's speed drifts
 within minutes; only ratios measured together mean anything.
 
-    python benchmarks/linear_cost.py [--steps 20] [--reps 12] [--methods flow_matching,ect,meanflow]
+    python benchmarks/linear_cost.py [--steps 20] [--reps 12] [--methods flow_matching,ect,meanflow] [--out F]
 
-Writes benchmarks/results/linear_cost.json.
+Writes benchmarks/results/linear_cost.json (the committed one: Zen 5, AVX-512; linear_cost_zen2.json: Zen 2).
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import statistics
 import sys
@@ -40,7 +40,7 @@ def product_times(reps: int, calls: int) -> list[dict]:
     rows = []
     for m, k, n in SHAPES:
         x, w, b = torch.randn(m, k), torch.randn(n, k), torch.randn(n)
-        fns = {"torch": lambda: F.linear(x, w, b), "onednn": lambda: linear._onednn_linear(x, w, b, "none", [], "")}
+        fns = {"torch": lambda: F.linear(x, w, b), "onednn": lambda: linear.ONEDNN(x, w, b, "none", [], "")}
         times = {name: [] for name in fns}
         for rep in range(reps):
             for name in rotated(list(fns), rep):
@@ -55,24 +55,24 @@ def product_times(reps: int, calls: int) -> list[dict]:
         row["routed_to"] = "onednn" if m * k * n >= linear.ONEDNN_MACS else "torch"
         rows.append(row)
         print(f"{m} x {k} x {n}: torch {row['torch_us']:.1f} us, oneDNN {row['onednn_us']:.1f} us, "
-              f"x{row['onednn_over_torch']:.2f} (routed to {row['routed_to']})")
+              f"x{row['onednn_over_torch']:.2f} (the onednn route sends it to {row['routed_to']})")
     return rows
 
 
 def step_times(methods: list[str], steps: int, reps: int) -> list[dict]:
-    """Per method, ms per step of the four cells (products routed | all F.linear) x (Adam fused | foreach),
+    """Per method, ms per step of the four cells (products onednn | torch) x (Adam fused | foreach),
     and each cell's ratio to the old step (all F.linear, foreach) within a rep."""
     params, net, _, x, _ = setup("toy", None, "cpu")
     fns, gen = step_fns(params, net), generator(x.device)
     opts = {"fused": train.make_optimizer(net, params.posttrain.train),
             "foreach": torch.optim.Adam(net.parameters(), lr=params.posttrain.train.lr, foreach=True)}
-    cells = [(route, adam) for route in ("routed", "torch") for adam in ("fused", "foreach")]
+    cells = [(route, adam) for route in ("onednn", "torch") for adam in ("fused", "foreach")]
     rows = []
     for method in methods:
         times = {cell: [] for cell in cells}
         for rep in range(reps):
             for route, adam in rotated(cells, rep):
-                with (linear.torch_only() if route == "torch" else contextlib.nullcontext()):
+                with linear.routed(route):
                     for _ in range(3):
                         train_step(fns[method], opts[adam], x, gen, "fp32")
                     start = time.perf_counter()
@@ -108,10 +108,11 @@ def main() -> None:
     ap.add_argument("--methods", default="flow_matching,ect,meanflow")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "linear_cost.json")
     args = ap.parse_args()
-    if linear._onednn_linear is None:
+    if linear.ONEDNN is None:
         ap.error("this torch build has no oneDNN (torch.backends.mkldnn): linear.py routes everything to F.linear")
     torch.set_num_threads(1)
-    out = {"environment": {**environment(), "cpu": cpu_model()}, "onednn_macs": linear.ONEDNN_MACS, "steps": args.steps, "reps": args.reps,
+    out = {"environment": {**environment(), "cpu": cpu_model()}, "onednn_macs": linear.ONEDNN_MACS,
+           "auto_route": linear.resolve("auto"), "steps": args.steps, "reps": args.reps,
            "products": product_times(args.reps, args.calls),
            "steps_per_method": step_times(args.methods.split(","), args.steps, args.reps)}
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -228,6 +228,11 @@ class ComputeConfig(Section):
     # count changes the order of float sums. With a count set, `cmt-bench repro` runs the matrix
     # cells (mid-training, post-training, evaluation) cores / threads at a time (schedule.py)
     threads: PositiveInt | None = None
+    # Which library multiplies the linear layers' float32 matrices on a CPU (linear.py): auto
+    # (oneDNN on AMD processors with AVX-512, where it was measured faster; else torch's MKL), torch,
+    # or onednn. The two round differently, so the route is part of a result: a run's `matmul` tag
+    # records the one taken. Set torch or onednn for the same numbers on every machine.
+    matmul: Literal["auto", "torch", "onednn"] = "auto"
 
 
 class ReportConfig(Section):

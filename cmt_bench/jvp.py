@@ -19,7 +19,7 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from .linear import add_present as _add, linear_rule
+from .linear import add_present as _add, full as _full, linear_rule
 
 
 def jvp(fn, primals: tuple, tangents: tuple) -> torch.Tensor:
@@ -28,11 +28,6 @@ def jvp(fn, primals: tuple, tangents: tuple) -> torch.Tensor:
     with torch.no_grad(), fwAD.dual_level(), LeanRules():
         duals = [p if t is None else fwAD.make_dual(p, t) for p, t in zip(primals, tangents)]
         return fwAD.unpack_dual(fn(*duals)).tangent
-
-
-def _full(tangent, shape):
-    """A tangent of the output's shape (a bias's tangent alone is only its broadcastable part)."""
-    return tangent if tangent.shape == shape else tangent.expand(shape).contiguous()
 
 
 class _Conv2d(torch.autograd.Function):

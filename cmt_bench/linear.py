@@ -1,10 +1,17 @@
-"""Linear layers whose larger float32 matrix products on the CPU run in oneDNN instead of MKL.
+"""Linear layers whose larger float32 matrix products on the CPU may run in oneDNN instead of MKL.
 
 torch multiplies float32 matrices on the CPU with MKL, which on AMD processors runs its AVX2 code;
-oneDNN, which torch ships as well, picks its code by the instruction set alone. On this project's
-machines (AMD EPYC, Zen 5, AVX-512) oneDNN computed the toy network's 512 x 128 x 128 product in
-about half MKL's time, but pays some 20 us per call that MKL does not: products below ONEDNN_MACS
-multiply-adds stay with MKL (benchmarks/linear_cost.py measures both per shape, and the training step).
+oneDNN, which torch ships as well, picks its code by the instruction set alone. Which one is faster
+depends on the machine (benchmarks/results/linear_cost*.json: the toy training step with fused Adam,
+oneDNN's route over MKL's):
+- AMD EPYC Zen 5 (AVX-512): oneDNN computed the 512 x 128 x 128 product in about half MKL's time;
+  steps 0.92 x (ECT), 0.95 x (flow matching), 1.03 x (MeanFlow);
+- AMD EPYC Zen 2 (AVX2): oneDNN 0.91 x on that product alone, but steps 1.28, 1.27 and 1.25 x
+  (and ~1.2 x with oneDNN in the forward only).
+So `compute.matmul` auto (the default) takes oneDNN on AMD processors with AVX-512 only; `torch` and
+`onednn` force a route (the two round differently, so the route is part of a result and a stage's
+MLflow run records it as its `matmul` tag). oneDNN pays some 20 us per call that MKL does not:
+products below ONEDNN_MACS multiply-adds stay with MKL on either route.
 
 `Linear` is nn.Linear with that forward (same parameters, same state dict). Its backward and its
 forward-mode JVP (jvp.py's lean rule: a term only for an input that carries a tangent) take the same
@@ -21,14 +28,53 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import flop_registry, register_flop_formula
 
-# measured (benchmarks/linear_cost.py): oneDNN ahead from 512 x 32 x 128 (2^21 multiply-adds) upwards,
+# measured on Zen 5 (benchmarks/linear_cost.py): oneDNN ahead from 512 x 32 x 128 (2^21 multiply-adds) upwards,
 # behind on 512 x 2 x 128 and 16 x 128 x 128
 ONEDNN_MACS = 1 << 21
 
+ROUTES = ("auto", "torch", "onednn")  # compute.matmul
+
 try:
-    _onednn_linear = torch.ops.mkldnn._linear_pointwise.default if torch.backends.mkldnn.is_available() else None
+    ONEDNN = torch.ops.mkldnn._linear_pointwise.default if torch.backends.mkldnn.is_available() else None
 except (AttributeError, RuntimeError):  # a build without oneDNN
-    _onednn_linear = None
+    ONEDNN = None
+
+
+def onednn_pays() -> bool:
+    """auto's choice: whether this is a machine where oneDNN was measured faster (AMD with AVX-512)."""
+    if ONEDNN is None or not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        return False
+    try:
+        with open("/proc/cpuinfo") as info:
+            return any(line.startswith("vendor_id") and "AuthenticAMD" in line for line in info)
+    except OSError:
+        return False
+
+
+def resolve(route: str) -> str:
+    """compute.matmul `route` as this machine runs it: torch or onednn."""
+    if route not in ROUTES:
+        raise ValueError(f"compute.matmul: {route!r}; allowed: {', '.join(ROUTES)}")
+    if route == "onednn" and ONEDNN is None:
+        raise ValueError("compute.matmul: 'onednn', but this torch build has no oneDNN (torch.backends.mkldnn); "
+                         "use auto or torch")
+    return "onednn" if route == "onednn" or (route == "auto" and onednn_pays()) else "torch"
+
+
+_onednn_linear = ONEDNN if resolve("auto") == "onednn" else None  # the route in force in this process
+
+
+def use(route: str) -> str:
+    """Route this process's products as compute.matmul `route` says; returns the route taken."""
+    global _onednn_linear
+    taken = resolve(route)
+    _onednn_linear = ONEDNN if taken == "onednn" else None
+    return taken
+
+
+def route() -> str:
+    """The route in force: torch or onednn."""
+    return "torch" if _onednn_linear is None else "onednn"
 
 
 def _onednn_flops(input_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
@@ -37,12 +83,14 @@ def _onednn_flops(input_shape, weight_shape, *args, out_shape=None, **kwargs) ->
     return 2 * math.prod(input_shape[:-1]) * input_shape[-1] * weight_shape[0]
 
 
-if _onednn_linear is not None and torch.ops.mkldnn._linear_pointwise not in flop_registry:
+if ONEDNN is not None and torch.ops.mkldnn._linear_pointwise not in flop_registry:
     register_flop_formula(torch.ops.mkldnn._linear_pointwise)(_onednn_flops)
 
 
-def _on_cpu_float32(*tensors) -> bool:
-    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+def _onednn_may_take(*tensors) -> bool:
+    """Whether the route is oneDNN and these are CPU float32 tensors outside torch.compile."""
+    return (_onednn_linear is not None and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+            and not torch.compiler.is_compiling())
 
 
 def _product(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -50,8 +98,7 @@ def _product(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
     which also takes a product autograd records (a backward with create_graph: oneDNN's has no derivative)."""
     macs = a.shape[0] * a.shape[1] * weight.shape[0]
     recorded = torch.is_grad_enabled() and (a.requires_grad or weight.requires_grad)
-    if (_onednn_linear is not None and macs >= ONEDNN_MACS and _on_cpu_float32(a, weight) and not recorded
-            and not torch.compiler.is_compiling()):
+    if macs >= ONEDNN_MACS and not recorded and _onednn_may_take(a, weight):
         return _onednn_linear(a, weight, bias, "none", [], "")
     return F.linear(a, weight, bias)
 
@@ -59,6 +106,11 @@ def _product(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
 def add_present(total, term):
     """Sum of the terms present (None: absent); tangent rules add their terms with it."""
     return term if total is None else total if term is None else total + term
+
+
+def full(tangent, shape):
+    """A tangent of the output's shape (a bias's tangent alone is only its broadcastable part)."""
+    return tangent if tangent.shape == shape else tangent.expand(shape).contiguous()
 
 
 class _Linear(torch.autograd.Function):
@@ -95,8 +147,7 @@ class _Linear(torch.autograd.Function):
         shape = (*ctx.x_shape[:-1], weight.shape[0])
         out = None if x_t is None else _product(x_t.reshape(-1, x2.shape[1]), weight)
         out = add_present(out, None if weight_t is None else _product(x2, weight_t))
-        out = add_present(None if out is None else out.reshape(shape), bias_t)
-        return out if out.shape == shape else out.expand(shape).contiguous()  # a bias's tangent alone
+        return full(add_present(None if out is None else out.reshape(shape), bias_t), shape)
 
 
 def linear_rule(input, weight, bias=None):
@@ -105,10 +156,11 @@ def linear_rule(input, weight, bias=None):
 
 
 @contextlib.contextmanager
-def torch_only():
-    """Every product by F.linear, as nn.Linear computes it: the baseline of the benchmark and tests."""
+def routed(route: str):
+    """Products routed as compute.matmul `route` says inside (torch: as nn.Linear computes them)."""
     global _onednn_linear
-    saved, _onednn_linear = _onednn_linear, None
+    saved = _onednn_linear
+    use(route)
     try:
         yield
     finally:
@@ -117,8 +169,7 @@ def torch_only():
 
 def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, with its CPU float32 products routed as the module docstring says."""
-    if (_onednn_linear is not None and input.dim() >= 2 and _on_cpu_float32(input, weight)
-            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
+    if input.dim() >= 2 and not torch.is_autocast_enabled("cpu") and _onednn_may_take(input, weight):
         return _Linear.apply(input, weight, bias)
     return F.linear(input, weight, bias)
 

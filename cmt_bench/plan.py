@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from . import data as datasets
-from . import distributed, losses, solvers
+from . import distributed, linear, losses, solvers
 from .config import Params, load
 from .ledger import Ledger, count_flops, device_name
 from .paths import PATHS
@@ -149,6 +149,7 @@ def project(params: Params, steps: int = STEPS, shape: tuple[int, ...] | None = 
         teacher_cfg = params.pretrain.teacher.model_copy(update={"path": stand_in_teacher, "format": "diffusers",
                                                                  "time_embedding": diffusers_embedding})
         params = params.model_copy(update={"pretrain": params.pretrain.model_copy(update={"teacher": teacher_cfg})})
+    linear.use(params.compute.matmul)  # timed on the products' route the stages take
     started = time.perf_counter()
     if shape is None:
         train_x = datasets.as_float(datasets.make_splits(params.data, params.seed)[0])

@@ -1,6 +1,6 @@
 """Checks of the machine against params.yaml that every command runs before any work: a device
-this machine lacks, too many CUDA processes, a missing Inception weights file, imported teacher or
-LPIPS weights file."""
+this machine lacks, too many CUDA processes, oneDNN products without oneDNN, a missing Inception
+weights file, imported teacher or LPIPS weights file."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -24,6 +24,16 @@ def check_device(params: config.Params, source: str) -> None:
     if dev.type == "cuda" and compute.processes > gpus:
         raise config.ParamsError(f"{source}: compute.processes: {compute.processes} processes on CUDA need one GPU each; "
                                  f"this machine has {gpus}; allowed here: 1 to {gpus}, or compute.device: cpu")
+
+
+def check_matmul(params: config.Params, source: str) -> None:
+    """compute.matmul onednn needs a torch build with oneDNN (auto falls back to torch's products)."""
+    if params.compute.matmul == "onednn":
+        from . import linear
+        try:
+            linear.resolve("onednn")
+        except ValueError as exc:
+            raise config.ParamsError(f"{source}: {exc}") from None
 
 
 def check_inception_weights(params: config.Params, source: str) -> None:
@@ -74,6 +84,7 @@ def check_lpips_weights(params: config.Params, source: str) -> None:
 
 def check(params: config.Params, source: str) -> None:
     check_device(params, source)
+    check_matmul(params, source)
     check_inception_weights(params, source)
     check_teacher(params, source)
     check_lpips_weights(params, source)

@@ -26,7 +26,7 @@ from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrial
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
-from . import codedeps, inits, methods, progress
+from . import codedeps, inits, linear, methods, progress
 from .config import Params, fingerprint
 from .data import sha256, write_json
 from .layout import FEATURES as FEATURES_DIR
@@ -244,6 +244,7 @@ def run_worker(params: Params, spec: StudySpec, url: str, worker: int = 0) -> No
     """Run trials of each init's study until it has `spec.trials` finished ones (creating the study
     if this worker is the first), each on studies.threads torch threads."""
     torch.set_num_threads(params.studies.threads)
+    linear.use(params.compute.matmul)
     _quiet_trials()
     for init, study in prepare(params, spec, url).items():
         study.sampler, study.pruner = _sampler(spec, init, worker), _pruner(spec)

@@ -57,6 +57,7 @@ BAD = {
     "precision": ("compute: {precision: fp16}\n", ["compute.precision", "'fp32'", "'bf16'"]),
     "compile": ("compute: {compile: full}\n", ["compute.compile", "'none'", "'step'", "'jvp'"]),
     "draws": ("compute: {draws: gpu}\n", ["compute.draws", "'device'", "'host'"]),
+    "matmul": ("compute: {matmul: blas}\n", ["compute.matmul", "'auto'", "'torch'", "'onednn'"]),
     "channels_last_for_points": ("compute: {channels_last: true}\n", ["compute.channels_last", "net.kind is 'mlp'"]),
     "no_levels": ("net: {kind: unet, channel_mult: []}\n", ["net.channel_mult", "at least one level"]),
 }

@@ -1,16 +1,23 @@
 """cmt_bench/linear.py: which library multiplies each product, and that the layer is F.linear's function
 either way: values, both gradients, the bias's, the JVP and the counted FLOPs, for products above and
 below the oneDNN threshold, batched and non-contiguous inputs; the formulas themselves in float64
-(gradcheck, forward and backward)."""
+(gradcheck, forward and backward); compute.matmul's routes, what auto takes, and bad values refused.
+Every test runs on the oneDNN route (whatever auto would take on this machine) unless it says otherwise."""
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from cmt_bench import jvp, linear, nets
+from cmt_bench import config, jvp, linear, nets, preflight
 from cmt_bench.ledger import count_flops
 
-pytestmark = pytest.mark.skipif(linear._onednn_linear is None, reason="this torch build has no oneDNN")
+pytestmark = pytest.mark.skipif(linear.ONEDNN is None, reason="this torch build has no oneDNN")
+
+
+@pytest.fixture(autouse=True)
+def onednn_route():
+    with linear.routed("onednn"):
+        yield
 
 
 class _Ops(TorchDispatchMode):
@@ -65,7 +72,7 @@ def test_the_large_products_run_in_onednn_forward_and_backward_and_the_small_one
     assert _products(lambda: linear.linear(big_x.requires_grad_(), big_w).sum().backward()) == \
         ["mkldnn._linear_pointwise"] * 3  # forward, the input's gradient, the weight's
     assert "mkldnn._linear_pointwise" not in _products(lambda: linear.linear(small_x, small_w).sum().backward())
-    with linear.torch_only():
+    with linear.routed("torch"):
         assert "mkldnn._linear_pointwise" not in _products(lambda: linear.linear(big_x, big_w).sum().backward())
     assert "mkldnn._linear_pointwise" not in _products(lambda: linear.linear(big_x.double(), big_w.double().detach()))
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -110,7 +117,7 @@ def test_jvp_through_the_onednn_route_equals_torchs_nn_linear():
     tangents = (v, torch.ones_like(t), None)
     assert "mkldnn._linear_pointwise" in _products(lambda: jvp.jvp(routed, (z, t, r), tangents))
     lean = jvp.jvp(routed, (z, t, r), tangents)
-    with linear.torch_only():
+    with linear.routed("torch"):
         reference = torch.func.jvp(routed, (z, t, r), (v, torch.ones_like(t), torch.zeros_like(r)))[1]
     torch.testing.assert_close(lean, reference, rtol=1e-4, atol=1e-5)
     assert lean.abs().mean() > 0.1
@@ -125,6 +132,45 @@ def test_flops_are_counted_alike_on_either_route():
     def step():
         net(x, t, t * 0.5).square().mean().backward()
     routed = count_flops(step)
-    with linear.torch_only():
+    with linear.routed("torch"):
         plain = count_flops(step)
     assert routed == plain > 0
+
+
+def test_the_route_is_what_compute_matmul_says_and_is_restored_after():
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(512, 128, generator=g), torch.randn(128, 128, generator=g)
+    assert linear.route() == "onednn" and "mkldnn._linear_pointwise" in _products(lambda: linear.linear(x, w))
+    with linear.routed("torch"):
+        assert linear.route() == "torch"
+        ops = _products(lambda: linear.linear(x, w))
+        assert "aten.mm" in ops and "mkldnn._linear_pointwise" not in ops
+        with linear.routed("auto"):
+            assert linear.route() == ("onednn" if linear.onednn_pays() else "torch")
+        assert linear.route() == "torch"
+    assert linear.route() == "onednn"
+
+
+def test_auto_takes_onednn_on_amd_with_avx512_only(monkeypatch):
+    with open("/proc/cpuinfo") as info:
+        amd = "AuthenticAMD" in info.read()
+    for capability, expected in (("AVX2", False), ("DEFAULT", False), ("AVX512", amd)):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+        assert linear.onednn_pays() is expected
+        assert linear.resolve("auto") == ("onednn" if expected else "torch")
+        assert linear.resolve("torch") == "torch" and linear.resolve("onednn") == "onednn"
+
+
+def test_bad_routes_are_refused_naming_the_key_and_the_allowed_values(monkeypatch, tmp_path):
+    with pytest.raises(ValueError, match=r"compute.matmul: 'blas'; allowed: auto, torch, onednn"):
+        linear.use("blas")
+    assert linear.route() == "onednn"  # a refused value changes nothing
+    monkeypatch.setattr(linear, "ONEDNN", None)  # a torch build without oneDNN
+    assert linear.resolve("auto") == "torch"
+    path = tmp_path / "params.yaml"
+    path.write_text("compute: {matmul: onednn}\n")
+    with pytest.raises(config.ParamsError, match=r"params.yaml: compute.matmul: 'onednn', but this torch build has "
+                                                  r"no oneDNN.*use auto or torch"):
+        preflight.check(config.load(path), str(path))
+    path.write_text("compute: {matmul: auto}\n")
+    preflight.check(config.load(path), str(path))

@@ -2,6 +2,7 @@
 import json
 
 from conftest import make_repo, mlflow_runs, require_fashion, sh
+from cmt_bench import linear
 
 TINY_NET = {"channels": 8, "channel_mult": [1, 2], "norm_groups": 4, "time_features": 8}
 
@@ -53,3 +54,4 @@ def test_fashion_preset_runs_its_first_stages(tmp_path):
     pretrain = next(r for r in runs if r.data.tags.get("stage") == "pretrain")
     assert pretrain.info.status == "FINISHED" and pretrain.data.metrics["images_seen"] == 64
     assert pretrain.data.tags["precision"] == "fp32"  # the preset asks for bf16, which is for CUDA: a CPU stays fp32
+    assert pretrain.data.tags["matmul"] == linear.resolve("auto")  # the route compute.matmul auto took here

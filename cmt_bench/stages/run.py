@@ -14,7 +14,7 @@ from .. import config, preflight, progress
 
 STAGES = ("data", "features", "pretrain", "trajectories", "midtrain", "starts", "posttrain", "evaluate")
 TRAINING = ("pretrain", "midtrain", "posttrain")
-THREADED = ("pretrain", "trajectories", "midtrain", "posttrain", "evaluate")  # those that read compute.threads
+THREADED = ("pretrain", "trajectories", "midtrain", "posttrain", "evaluate")  # those that read compute.threads, .matmul
 
 
 def add_arguments(sub) -> None:
@@ -53,9 +53,13 @@ def main(argv: list[str] | None = None, started: float | None = None) -> int:
     shared = args.command in TRAINING or (args.command == "evaluate" and params.evaluate.fid_samples)
     if shared and params.compute.processes > 1 and "WORLD_SIZE" not in os.environ:
         return _relaunch_under_torchrun(params.compute.processes, argv)
-    if params.compute.threads and args.command in THREADED:
+    if args.command in THREADED:
         import torch
-        torch.set_num_threads(params.compute.threads)
+
+        from ..linear import use
+        use(params.compute.matmul)
+        if params.compute.threads:
+            torch.set_num_threads(params.compute.threads)
     from .. import distributed
     run = importlib.import_module(f"{__package__}.{args.command}").run
     seed = (params.posttrain.seeds[0] if args.seed is None else args.seed) if args.command in ("posttrain", "evaluate") \
