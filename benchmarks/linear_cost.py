@@ -28,6 +28,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))  # step_cost puts the repo on the path too
 
+from machine import cpu_model  # noqa: E402
 from step_cost import environment, generator, rotated, setup, step_fns, train_step  # noqa: E402
 
 from cmt_bench import linear, train  # noqa: E402
@@ -87,17 +88,6 @@ def step_times(methods: list[str], steps: int, reps: int) -> list[dict]:
             print(f"{method} products {route}, Adam {adam}: {rows[-1]['ms_per_step']:.2f} ms, "
                   f"x{rows[-1]['ratio_to_torch_foreach']:.3f}")
     return rows
-
-
-def cpu_model() -> str:
-    """The processor as /proc/cpuinfo names it, with its family (AMD's 26 is Zen 5)."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()[:30]
-    except OSError:
-        return "unknown"
-    info = {key.strip(): value.strip() for key, value in (line.split(":", 1) for line in lines if ":" in line)}
-    avx512 = "avx512f" in info.get("flags", "").split()
-    return f"{info.get('model name', '?')} (family {info.get('cpu family', '?')}, AVX-512: {avx512})"
 
 
 def main() -> None:

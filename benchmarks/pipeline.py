@@ -15,7 +15,8 @@ timed apart, timestamping every line DVC prints as it arrives. Afterwards it spl
 - what came before the first stage and after the last (DVC start-up, `cmt-bench summary`).
 
 `posttrain_steps_s_per_million_images` (per method) is how fast this machine trained in the run:
-compare it between runs before comparing their minutes.
+compare it between runs before comparing their minutes. `cpu` names the processor that ran it and
+`matmul` the products' route the training runs took (their MLflow `matmul` tag, compute.matmul).
 
 `efficiency` is the training-step device-seconds (pipeline and study trials) over the wall seconds
 after the install. Writes benchmarks/results/pipeline.json (rows per stage, totals per category) and
@@ -37,6 +38,8 @@ import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
+
+from machine import cpu_model  # benchmarks/ is on the path: this script's folder
 
 ROOT = Path(__file__).resolve().parents[1]
 DONE_LINE = re.compile(r"^done\s+(\S+)\s+([\d.]+) (s|min)\b")  # progress.Stage.close
@@ -77,21 +80,23 @@ def dvc_name(run: dict) -> str:
     return stage_name(run["stage"], *cell)
 
 
-def split(work: Path, walls: dict[str, float]) -> tuple[list[dict], float]:
-    """Per-stage rows (wall, MLflow run duration, training-step seconds) and the study trials'
-    training-step seconds, read from the clone's artifacts and MLflow store."""
+def split(work: Path, walls: dict[str, float]) -> tuple[list[dict], float, list[str]]:
+    """Per-stage rows (wall, MLflow run duration, training-step seconds), the study trials'
+    training-step seconds and the products' routes the runs took, read from the clone's artifacts
+    and MLflow store."""
     from mlflow.tracking import MlflowClient
     client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
     runs = {dvc_name(r): r for r in (json.loads(p.read_text()) for p in (work / "artifacts").rglob("run.json"))}
-    rows = []
+    rows, routes = [], set()
     for name, wall in walls.items():
         row = {"stage": name, "wall_s": wall}
         timing = work / "logs" / "stages" / f"{name}.json"  # the stage process's own time, imports included
         if timing.exists():
             row["process_s"] = json.loads(timing.read_text())["seconds"]
         if name in runs:
-            info = client.get_run(runs[name]["run_id"]).info
-            row["run_s"] = (info.end_time - info.start_time) / 1000
+            run = client.get_run(runs[name]["run_id"])
+            row["run_s"] = (run.info.end_time - run.info.start_time) / 1000
+            routes.add(run.data.tags.get("matmul"))
             if "ledger" in runs[name]:  # a training or ODE stage (evaluation has none)
                 row["steps_s"] = runs[name]["ledger"]["seconds"]
                 row["images"] = runs[name]["ledger"]["images_seen"]
@@ -100,7 +105,8 @@ def split(work: Path, walls: dict[str, float]) -> tuple[list[dict], float]:
     experiment = client.get_experiment_by_name("cmt_bench")
     trials = client.search_runs([experiment.experiment_id], "tags.stage = 'study_trial'", max_results=50000)
     trial_steps = sum(r.data.metrics.get("device_hours", 0.0) * 3600 for r in trials)
-    return rows, trial_steps
+    routes.update(r.data.tags.get("matmul") for r in trials)
+    return rows, trial_steps, sorted(r for r in routes if r)
 
 
 def category(stage: str) -> str:
@@ -182,13 +188,16 @@ def main() -> None:
             # what `make toy` installs (`make setup` adds what only the tests need)
             install_s, _ = run_timed(["make", ".venv/installed", "plots-template"], work, env, log)
             toy_s, lines = run_timed(["make", "toy"], work, env, log)
-        timings = {"install_s": install_s, "toy_s": toy_s, "lines": lines}
+        timings = {"install_s": install_s, "toy_s": toy_s, "lines": lines, "cpu": cpu_model()}
         (work / "first_run.json").write_text(json.dumps(timings))
     install_s, toy_s, lines = timings["install_s"], timings["toy_s"], timings["lines"]
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=work, capture_output=True, text=True).stdout.strip()
     walls, before_s, after_s = stage_walls(lines, toy_s)
-    rows, trial_steps = split(work, walls)
+    rows, trial_steps, routes = split(work, walls)
+    # a run from before the file kept its processor: this one's (analyse it on the machine that ran it)
+    cpu = timings.get("cpu") or cpu_model()
     result = {"commit": commit, "workdir": str(work), "cpus": os.cpu_count(), "machine": platform.platform(),
+              "cpu": cpu, "matmul": routes,
               **summarise(install_s, toy_s, rows, before_s, after_s, trial_steps)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -1,0 +1,16 @@
+"""Which processor a benchmark ran on: this project's machine changes between sessions (AMD EPYC
+Zen 5 with AVX-512, Zen 2 without), and its speed with it."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def cpu_model() -> str:
+    """The processor as /proc/cpuinfo names it, with its family (AMD's 23 is Zen 2, 26 Zen 5)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()[:30]
+    except OSError:
+        return "unknown"
+    info = {key.strip(): value.strip() for key, value in (line.split(":", 1) for line in lines if ":" in line)}
+    avx512 = "avx512f" in info.get("flags", "").split()
+    return f"{info.get('model name', '?')} (family {info.get('cpu family', '?')}, AVX-512: {avx512})"
