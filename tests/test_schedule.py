@@ -1,6 +1,7 @@
 """`cmt-bench repro --jobs 2` (cmt_bench/schedule.py): a real smoke pipeline with its matrix cells two
 at a time, up to three in turn per `dvc repro -s`; DVC's record must be what one `dvc repro` leaves, and
-a cell's weights what it gets alone."""
+a cell's weights what it gets alone. Its products' route is forced to oneDNN (compute.matmul), whatever
+`auto` would take on this machine, and every training run must say so."""
 import json
 import os
 import subprocess
@@ -8,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import make_repo, sh
+from conftest import make_repo, mlflow_runs, sh
 
 from cmt_bench import config, progress, schedule
 
@@ -16,7 +17,7 @@ from cmt_bench import config, progress, schedule
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
     repo, env = make_repo(tmp_path_factory.mktemp("schedule"), "smoke",
-                          {"posttrain": {"seeds": [0, 1]}, "compute": {"threads": 1}})
+                          {"posttrain": {"seeds": [0, 1]}, "compute": {"threads": 1, "matmul": "onednn"}})
     out = subprocess.run([sys.executable, "-m", "cmt_bench", "repro", "--jobs", "2"], cwd=repo, env=env,
                          capture_output=True, text=True, timeout=1800)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -35,6 +36,13 @@ def test_every_stage_ran_once_and_dvc_records_them_all(repo):
     assert set(stages) == set(timed) and len(stages) == len(set(stages)), set(stages) ^ set(timed)
     assert "Running stage" not in log  # DVC's per-stage lines are left out, as in one dvc repro
     assert "didn't change, skipping" not in log  # each DVC process looked at its own stages only
+
+
+def test_every_training_run_took_the_products_route_compute_matmul_forces(repo):
+    repo, _, _ = repo
+    _, runs = mlflow_runs(repo)
+    trained = [r for r in runs if r.data.tags.get("stage") in ("pretrain", "midtrain", "posttrain")]
+    assert len(trained) >= 5 and {r.data.tags.get("matmul") for r in trained} == {"onednn"}
 
 
 def schedule_names(repo, env):
