@@ -18,6 +18,7 @@ Two limits of torch 2.13 shape the compiled JVP:
 from __future__ import annotations
 
 from functools import partial
+from typing import get_args
 
 import torch
 import torch.nn.functional as F
@@ -26,8 +27,9 @@ from torch.overrides import TorchFunctionMode
 
 from . import jvp
 from .distributed import unwrap
+from .schema import CompileMode
 
-MODES = ("none", "step", "jvp")
+MODES = get_args(CompileMode)
 
 
 class StepModel(nn.Module):

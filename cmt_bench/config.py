@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field, ValidationError, ValidationInfo, create_m
 from . import inits as init_registry
 from . import methods as method_registry
 from .layout import EXPERIMENTS
-from .schema import (Distance, NetConfig, PositiveFloat, PositiveInt, Probability, Section, TeacherFile,  # noqa: F401
+from .schema import (CompileMode, Distance, MatmulRoute, NetConfig, PositiveFloat, PositiveInt, Probability, Section, TeacherFile,  # noqa: F401
                      TimeSampling)
 
 # what the registries hold (cmt_bench/inits/, cmt_bench/methods/): one module each
@@ -218,7 +218,7 @@ class ComputeConfig(Section):
     # torch.compile of the training step (compiling.py): none (eager), step (the network's forward
     # and backward), jvp (step, and the forward-mode JVP of MeanFlow-style losses). Compiled kernels
     # round differently from eager ones (tests bound it), so the mode is part of a run's parameters.
-    compile: Literal["none", "step", "jvp"] = "none"
+    compile: CompileMode = "none"
     # Where each step's batch indices, noise and times are drawn: device (on the training device, so
     # a GPU step copies nothing from the host) or host (the CPU: one seed then gives the same draws on
     # any device). On a CPU both are the same numbers.
@@ -232,7 +232,7 @@ class ComputeConfig(Section):
     # (oneDNN on AMD processors with AVX-512, where it was measured faster; else torch's MKL), torch,
     # or onednn. The two round differently, so the route is part of a result: a run's `matmul` tag
     # records the one taken. Set torch or onednn for the same numbers on every machine.
-    matmul: Literal["auto", "torch", "onednn"] = "auto"
+    matmul: MatmulRoute = "auto"
 
 
 class ReportConfig(Section):

@@ -7,7 +7,8 @@ oneDNN's route over MKL's):
 - AMD EPYC Zen 5 (AVX-512): oneDNN computed the 512 x 128 x 128 product in about half MKL's time;
   steps 0.92 x (ECT), 0.95 x (flow matching), 1.03 x (MeanFlow);
 - AMD EPYC Zen 2 (AVX2): oneDNN 0.91 x on that product alone, but steps 1.28, 1.27 and 1.25 x
-  (and ~1.2 x with oneDNN in the forward only).
+  (and ~1.2 x with oneDNN in the forward only);
+- Intel Xeon (family 6, model 207; AVX-512): oneDNN 1.12 x on that product, steps 1.56, 1.46 and 1.28 x.
 So `compute.matmul` auto (the default) takes oneDNN on AMD processors with AVX-512 only; `torch` and
 `onednn` force a route (the two round differently, so the route is part of a result and a stage's
 MLflow run records it as its `matmul` tag). oneDNN pays some 20 us per call that MKL does not:
@@ -22,17 +23,20 @@ from __future__ import annotations
 
 import contextlib
 import math
+from typing import get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import flop_registry, register_flop_formula
 
+from .schema import MatmulRoute
+
 # measured on Zen 5 (benchmarks/linear_cost.py): oneDNN ahead from 512 x 32 x 128 (2^21 multiply-adds) upwards,
 # behind on 512 x 2 x 128 and 16 x 128 x 128
 ONEDNN_MACS = 1 << 21
 
-ROUTES = ("auto", "torch", "onednn")  # compute.matmul
+ROUTES = get_args(MatmulRoute)  # compute.matmul
 
 try:
     ONEDNN = torch.ops.mkldnn._linear_pointwise.default if torch.backends.mkldnn.is_available() else None
@@ -75,6 +79,12 @@ def use(route: str) -> str:
 def route() -> str:
     """The route in force: torch or onednn."""
     return "torch" if _onednn_linear is None else "onednn"
+
+
+def route_for(device: torch.device) -> str:
+    """The route a network's products take on `device` (a run's `matmul` tag): the one in force on a
+    CPU; torch's own library on any other device, which the route never applies to."""
+    return route() if device.type == "cpu" else "torch"
 
 
 def _onednn_flops(input_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:

@@ -13,6 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 PositiveInt = Annotated[int, Field(gt=0, strict=True)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 Probability = Annotated[float, Field(gt=0, lt=1)]
+CompileMode = Literal["none", "step", "jvp"]  # compute.compile (compiling.py)
+MatmulRoute = Literal["auto", "torch", "onednn"]  # compute.matmul (linear.py)
 
 # an imported teacher (teacher_import, teacher_conversion): its file formats, what it predicts, and
 # each noise schedule with the constants it takes (teacher_conversion checks its classes agree)

@@ -151,6 +151,18 @@ def test_the_route_is_what_compute_matmul_says_and_is_restored_after():
     assert linear.route() == "onednn"
 
 
+def test_a_runs_matmul_tag_names_the_route_only_where_it_applies():
+    """On another device (meta here, CUDA in a run) the products are torch's whatever the route: the tag
+    says torch, not the CPU's route."""
+    x, w = torch.randn(512, 128, device="meta"), torch.randn(128, 128, device="meta")
+    ops = _products(lambda: linear.linear(x, w))
+    assert ops and "mkldnn._linear_pointwise" not in ops
+    assert linear.route_for(torch.device("meta")) == "torch" == linear.route_for(torch.device("cuda"))
+    assert linear.route_for(torch.device("cpu")) == "onednn"
+    with linear.routed("torch"):
+        assert linear.route_for(torch.device("cpu")) == "torch"
+
+
 def test_auto_takes_onednn_on_amd_with_avx512_only(monkeypatch):
     with open("/proc/cpuinfo") as info:
         amd = "AuthenticAMD" in info.read()

@@ -87,7 +87,7 @@ def train_stage(params: Params, stage: str, net, job: Job, train_cfg, inputs: li
                                    stage_params=stage_params)
         if run_id is None:
             tracker.set_tags({"device": ledger.device, "world_size": ledger.world_size, "precision": precision,
-                              "compile": compute.compile, "draws": compute.draws, "matmul": linear.route(),
+                              "compile": compute.compile, "draws": compute.draws, "matmul": linear.route_for(dev),
                               "device_hours_measures": "wall time of training steps x devices; "
                                                        "excludes in-loop evaluation and checkpoint I/O",
                               "flops_measures": FLOPS_MEASURES + f"; mean of {FLOP_PROBES} probe steps, times steps"})
