@@ -16,8 +16,8 @@ from pydantic import BaseModel, Field, ValidationError, ValidationInfo, create_m
 from . import inits as init_registry
 from . import methods as method_registry
 from .layout import EXPERIMENTS
-from .schema import (CompileMode, Distance, MatmulRoute, NetConfig, PositiveFloat, PositiveInt, Probability, Section, TeacherFile,  # noqa: F401
-                     TimeSampling)
+from .schema import (CompileMode, Distance, MatmulRoute, NetConfig, PositiveFloat, PositiveInt,  # noqa: F401
+                     Probability, Section, TeacherFile, TimeSampling)
 
 # what the registries hold (cmt_bench/inits/, cmt_bench/methods/): one module each
 INITS = init_registry.names()
