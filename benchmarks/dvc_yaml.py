@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import io
 import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
+from dvc.utils.serialize._yaml import dumps_yaml, parse_yaml, parse_yaml_for_update
 from ruamel.yaml import YAML
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,19 +35,15 @@ def has_clib() -> bool:
     return importlib.util.find_spec("_ruamel_yaml") is not None  # ruamel.yaml.clib's module
 
 
-def cells(text: str) -> dict:
-    """name -> a function doing it once, as DVC does (dvc/utils/serialize/_yaml.py)."""
-    rt = YAML(typ="rt").load(text)
-
-    def dump() -> None:
-        yaml = YAML()
-        yaml.default_flow_style = False
-        yaml.dump(rt, io.StringIO())
+def cells(text: str, path: str) -> dict:
+    """name -> a function doing it once through DVC's own functions (dvc/utils/serialize/_yaml.py),
+    and its plain load forced to pure Python as it runs without the C extension."""
+    rt = parse_yaml_for_update(text, path)
     out = {"safe load, pure Python": lambda: YAML(typ="safe", pure=True).load(text),
-           "round-trip load": lambda: YAML(typ="rt").load(text),
-           "round-trip dump": dump}
-    if has_clib():
-        out["safe load, C (ruamel.yaml.clib)"] = lambda: YAML(typ="safe").load(text)
+           "round-trip load": lambda: parse_yaml_for_update(text, path),
+           "round-trip dump": lambda: dumps_yaml(rt)}
+    if has_clib():  # DVC's plain load takes the C loader by itself where it is installed
+        out["safe load, C (ruamel.yaml.clib)"] = lambda: parse_yaml(text, path)
     return out
 
 
@@ -58,7 +54,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "dvc_yaml.json")
     args = ap.parse_args()
     text = args.lock.read_text()
-    work = cells(text)
+    work = cells(text, str(args.lock))
     for fn in work.values():  # warm-up: imports, the first parser
         fn()
     times = {name: [] for name in work}

@@ -137,6 +137,7 @@ def summarise(install_s: float, toy_s: float, rows: list[dict], before_s: float,
     trained = [r for r in rows if "steps_s" in r and category(r["stage"]) == "training stages"]
     steps = sum(r["steps_s"] for r in trained)
     fixed = sum(r.get("process_s", r["wall_s"]) - r["run_s"] for r in trained)
+    spread = (steps + trial_steps) / cores  # every training step, one thread each, over all cores
     return {
         "total_minutes": (install_s + toy_s) / 60,
         "install_minutes": install_s / 60,
@@ -145,8 +146,8 @@ def summarise(install_s: float, toy_s: float, rows: list[dict], before_s: float,
         # the least this content can take on this machine: the install, then every training step (one
         # thread each) spread evenly over the cores with nothing else; what the run took above it is
         # what scheduling, evaluation, logging and start-up cost
-        "floor_minutes": (install_s + (steps + trial_steps) / cores) / 60,
-        "above_floor_minutes": (toy_s - (steps + trial_steps) / cores) / 60,
+        "floor_minutes": (install_s + spread) / 60,
+        "above_floor_minutes": (toy_s - spread) / 60,
         "seconds": {
             "install": install_s,
             **dict(totals),
@@ -207,11 +208,12 @@ def main() -> None:
     result = {"commit": commit, "workdir": str(work), "cpus": os.cpu_count(), "machine": platform.platform(),
               "cpu": cpu, "matmul": routes,
               **summarise(install_s, toy_s, rows, before_s, after_s, trial_steps, os.cpu_count())}
+    cores = result["cpus"]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"first make toy: {result['total_minutes']:.1f} min ({result['install_minutes']:.1f} install), "
           f"efficiency {result['efficiency']:.2f}; its training steps alone need {result['floor_minutes']:.1f} min "
-          f"with the install ({os.cpu_count()} cores), the rest took {result['above_floor_minutes']:.1f} min")
+          f"with the install ({cores} cores), the rest took {result['above_floor_minutes']:.1f} min")
     for name, s in result["seconds"].items():
         print(f"  {name:45s} {s / 60:6.1f} min")
     t = result["training_stages"]
