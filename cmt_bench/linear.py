@@ -3,13 +3,15 @@
 torch multiplies float32 matrices on the CPU with MKL, which on AMD processors runs its AVX2 code;
 oneDNN, which torch ships as well, picks its code by the instruction set alone. Which one is faster
 depends on the machine (benchmarks/results/linear_cost*.json: the toy training step with fused Adam,
-oneDNN's route over MKL's):
-- AMD EPYC Zen 5 (AVX-512): oneDNN computed the 512 x 128 x 128 product in about half MKL's time;
-  steps 0.92 x (ECT), 0.95 x (flow matching), 1.03 x (MeanFlow);
-- AMD EPYC Zen 2 (AVX2): oneDNN 0.91 x on that product alone, but steps 1.28, 1.27 and 1.25 x
-  (and ~1.2 x with oneDNN in the forward only);
-- Intel Xeon (family 6, model 207; AVX-512): oneDNN 1.12 x on that product, steps 1.56, 1.46 and 1.28 x.
-So `compute.matmul` auto (the default) takes oneDNN on AMD processors with AVX-512 only; `torch` and
+oneDNN's route over MKL's, paired within each rep):
+- AMD EPYC Zen 5 (family 26, AVX-512): oneDNN computed the 512 x 128 x 128 product in about half MKL's
+  time; steps 0.90 x (ECT), 0.96 x (flow matching), 1.05 x (MeanFlow);
+- AMD EPYC Zen 4 (family 25, AVX-512 on 256-bit units): oneDNN 0.99 x on that product, steps 1.29, 1.31
+  and 1.26 x;
+- AMD EPYC Zen 2 (family 23, AVX2): oneDNN 0.91 x on that product, steps 1.27, 1.26 and 1.25 x;
+- Intel Xeon (family 6, model 207; AVX-512): oneDNN 1.12 x on that product, steps 1.78, 1.64 and 1.38 x.
+So `compute.matmul` auto (the default) takes oneDNN on the processors where it was measured faster
+(ONEDNN_FASTER: Zen 5) and MKL everywhere else, unmeasured ones included; `torch` and
 `onednn` force a route (the two round differently, so the route is part of a result and a stage's
 MLflow run records it as its `matmul` tag). oneDNN pays some 20 us per call that MKL does not:
 products below ONEDNN_MACS multiply-adds stay with MKL on either route.
@@ -44,15 +46,27 @@ except (AttributeError, RuntimeError):  # a build without oneDNN
     ONEDNN = None
 
 
-def onednn_pays() -> bool:
-    """auto's choice: whether this is a machine where oneDNN was measured faster (AMD with AVX-512)."""
-    if ONEDNN is None or not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
-        return False
+# (vendor, family) of the processors whose toy steps oneDNN's route made faster (benchmarks/linear_cost.py):
+# AMD's family 26 is Zen 5; not Zen 4 (25), Zen 2 (23) nor Intel's family 6
+ONEDNN_FASTER = {("AuthenticAMD", 26)}
+
+
+def processor() -> tuple[str, int]:
+    """(vendor, family) of this machine's processor as /proc/cpuinfo names it; ("", -1) where unknown."""
     try:
         with open("/proc/cpuinfo") as info:
-            return any(line.startswith("vendor_id") and "AuthenticAMD" in line for line in info)
-    except OSError:
-        return False
+            first = info.read().split("\n\n")[0]  # the first processor's block
+        fields = {key.strip(): value.strip() for key, value in
+                  (line.split(":", 1) for line in first.splitlines() if ":" in line)}
+        return fields["vendor_id"], int(fields["cpu family"])
+    except (OSError, KeyError, ValueError):
+        return "", -1
+
+
+def onednn_pays() -> bool:
+    """auto's choice: whether this is a processor where oneDNN was measured faster, with AVX-512."""
+    return (ONEDNN is not None and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+            and processor() in ONEDNN_FASTER)
 
 
 def resolve(route: str) -> str:

@@ -163,14 +163,25 @@ def test_a_runs_matmul_tag_names_the_route_only_where_it_applies():
         assert linear.route_for(torch.device("cpu")) == "torch"
 
 
-def test_auto_takes_onednn_on_amd_with_avx512_only(monkeypatch):
-    with open("/proc/cpuinfo") as info:
-        amd = "AuthenticAMD" in info.read()
-    for capability, expected in (("AVX2", False), ("DEFAULT", False), ("AVX512", amd)):
+def test_auto_takes_onednn_only_on_a_measured_processor_with_avx512(monkeypatch):
+    """Zen 5 (AMD family 26) with AVX-512: oneDNN; Zen 4, Zen 2, Intel, an unknown processor or no AVX-512:
+    MKL (torch). The forced routes stay what they say."""
+    cases = [(("AuthenticAMD", 26), "AVX512", True), (("AuthenticAMD", 26), "AVX2", False),
+             (("AuthenticAMD", 26), "DEFAULT", False), (("AuthenticAMD", 25), "AVX512", False),
+             (("AuthenticAMD", 23), "AVX2", False), (("GenuineIntel", 6), "AVX512", False), (("", -1), "AVX512", False)]
+    for cpu, capability, expected in cases:
+        monkeypatch.setattr(linear, "processor", lambda: cpu)
         monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
-        assert linear.onednn_pays() is expected
+        assert linear.onednn_pays() is expected, (cpu, capability)
         assert linear.resolve("auto") == ("onednn" if expected else "torch")
         assert linear.resolve("torch") == "torch" and linear.resolve("onednn") == "onednn"
+
+
+def test_the_processor_is_read_from_proc_cpuinfo():
+    vendor, family = linear.processor()
+    with open("/proc/cpuinfo") as info:
+        text = info.read()
+    assert vendor and vendor in text and f"cpu family\t: {family}" in text
 
 
 def test_bad_routes_are_refused_naming_the_key_and_the_allowed_values(monkeypatch, tmp_path):
