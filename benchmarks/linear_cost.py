@@ -11,7 +11,8 @@ within minutes; only ratios measured together mean anything.
 
     python benchmarks/linear_cost.py [--steps 20] [--reps 12] [--methods flow_matching,ect,meanflow] [--out F]
 
-Writes benchmarks/results/linear_cost.json (the committed one: Zen 5, AVX-512; linear_cost_zen2.json: Zen 2).
+Writes benchmarks/results/linear_cost.json (the committed one: Zen 5, AVX-512; linear_cost_zen4.json,
+linear_cost_zen2.json and linear_cost_intel.json: the other machines, with --out).
 """
 from __future__ import annotations
 
