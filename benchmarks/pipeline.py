@@ -205,10 +205,10 @@ def main() -> None:
     rows, trial_steps, routes = split(work, walls)
     # a run from before the file kept its processor: this one's (analyse it on the machine that ran it)
     cpu = timings.get("cpu") or cpu_model()
-    result = {"commit": commit, "workdir": str(work), "cpus": os.cpu_count(), "machine": platform.platform(),
+    cores = os.cpu_count()
+    result = {"commit": commit, "workdir": str(work), "cpus": cores, "machine": platform.platform(),
               "cpu": cpu, "matmul": routes,
-              **summarise(install_s, toy_s, rows, before_s, after_s, trial_steps, os.cpu_count())}
-    cores = result["cpus"]
+              **summarise(install_s, toy_s, rows, before_s, after_s, trial_steps, cores)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"first make toy: {result['total_minutes']:.1f} min ({result['install_minutes']:.1f} install), "
