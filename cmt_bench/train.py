@@ -10,7 +10,9 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
+import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -58,6 +60,9 @@ class Job:
     # draw(n, generator, device) -> n examples made on `device` (on the clock), from the generator only
     draw: Callable[[int, torch.Generator, torch.device], torch.Tensor] | None = None
     teacher_nfe_per_example: int = 0  # teacher evaluations `draw` spends per example (the ledger counts them)
+    # a stage that runs with nothing beside it (the teacher's): its in-loop evaluation may run on a core
+    # the steps leave idle (a CPU with more cores than torch threads), on a copy of the EMA weights
+    evaluate_beside: bool = False
 
     def batch(self, data: torch.Tensor | None, n: int, gen: torch.Generator, device: torch.device) -> torch.Tensor:
         """n examples on `device`: drawn from `data` (on the generator's device) or made by `draw`."""
@@ -73,6 +78,18 @@ class Result:
     ledger: Ledger
     steps: int
     history: list[dict] = field(default_factory=list)
+
+
+def _beside(job: Job, device: torch.device, world: World) -> ThreadPoolExecutor | None:
+    """A thread for job's in-loop evaluation where it may run beside the steps (Job.evaluate_beside): a
+    CPU with a core to spare, one process, no callback waiting on each point. It keeps the torch threads
+    of the steps, so it computes what the steps' thread would."""
+    threads = torch.get_num_threads()
+    if not (job.evaluate_beside and job.evaluate is not None and job.on_point is None and device.type == "cpu"
+            and world.size == 1 and len(os.sched_getaffinity(0)) > threads):
+        return None
+    return ThreadPoolExecutor(1, thread_name_prefix=f"{job.stage}-evaluate", initializer=torch.set_num_threads,
+                              initargs=(threads,))
 
 
 def _ema_update(ema_params: list, net_params: list, decay: float) -> None:
@@ -171,22 +188,38 @@ def train(net: nn.Module, job: Job, cfg: TrainConfig, *, seed: int, ckpt_path: P
     # after loading: DDP starts from identical weights on every rank
     model = compiling.for_step(wrap(net, world), compile)
 
+    beside = _beside(job, device, world)
+    pending: list = []  # (step, values, the evaluation running beside the steps) of the point not yet logged
+
     def log_point(loss_mean: float | None) -> None:
         if not world.main:
             return
         values = {**ledger.metrics(), "step": float(step)}
         if loss_mean is not None:
             values["loss"] = loss_mean
+        if beside is not None:  # logged once it is done, before the next point or checkpoint
+            finish_point()
+            pending.append((step, values, beside.submit(job.evaluate, copy.deepcopy(ema))))
+            return
         if job.evaluate is not None:
             values.update(job.evaluate(ema))
-        tracker.log_metrics(step, values)
+        logged(step, values)
+
+    def logged(at: int, values: dict) -> None:
+        tracker.log_metrics(at, values)
         result.history.append(values)
         if job.on_point is not None:
             job.on_point(ledger.images_seen, values)
 
+    def finish_point() -> None:
+        while pending:
+            at, values, scores = pending.pop()
+            logged(at, {**values, **scores.result()})
+
     def save() -> None:
         if not world.main:
             return
+        finish_point()  # a checkpoint follows every point before it, as without the thread
         checkpoint.save(ckpt_path, {
             "fingerprint": fingerprint, "step": step, "run_id": tracker.run_id, "seconds": ledger.seconds,
             "images_seen": ledger.images_seen, "flops": ledger.flops, "teacher_nfe": ledger.teacher_nfe,
@@ -233,16 +266,20 @@ def train(net: nn.Module, job: Job, cfg: TrainConfig, *, seed: int, ckpt_path: P
                 loss_sum, loss_n = 0.0, 0
             if last or _crossed(before, ledger.images_seen, cfg.checkpoint_every_images):
                 save()
+        finish_point()
         if not world.same_everywhere(net_params):
             raise RanksDiverged(f"{job.stage}: the {world.size} processes ended with different weights "
                                 f"(a gradient bypassed DDP's synchronisation)")
     except (NonFiniteLoss, RanksDiverged) as exc:
         if tracker is not None:
+            finish_point()
             tracker.set_tags({"failure": str(exc)})
             tracker.finish("FAILED")
         raise
     finally:
         bar.close()
+        if beside is not None:
+            beside.shutdown(cancel_futures=True)
     if tracker is not None and world.size > 1:
         tracker.set_tags({"ranks_identical_weights": "true"})
     return result, tracker

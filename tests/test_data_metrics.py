@@ -85,3 +85,21 @@ def test_sliced_wasserstein_to_a_fixed_reference_sorts_it_once_for_the_same_numb
         fresh = np.sqrt(((np.quantile(a @ dirs, q, axis=0, method="inverted_cdf")
                           - np.quantile(reference @ dirs, q, axis=0, method="inverted_cdf")) ** 2).mean())
         assert sw(a) == pytest.approx(fresh, rel=1e-15) and sw(a) == metrics.sliced_wasserstein(a, reference, 64, 7)
+
+
+def test_scorers_of_one_held_out_split_share_its_sorted_projections():
+    """A study worker builds a Scorer per trial: the second one over an equal split (another array with
+    the same values) reuses the first's sorted projections and scores exactly as a fresh SW does; another
+    split, or other projections, gets its own."""
+    from cmt_bench import scoring
+    from cmt_bench.config import Params
+    rng = np.random.default_rng(5)
+    held, samples = rng.standard_normal((3000, 2)).astype(np.float32), rng.standard_normal((1000, 2)) + 0.2
+    params = Params.model_validate({"evaluate": {"sw_projections": 32, "seed": 4}})
+    first = scoring.Scorer(params, held).sliced_wasserstein
+    again = scoring.Scorer(params, held.copy())
+    assert again.sliced_wasserstein is first
+    assert again({"1step": samples})["sw_1step_n1000"] == metrics.sliced_wasserstein(samples, held, 32, 4)
+    assert scoring.Scorer(params, held + 1).sliced_wasserstein is not first
+    other = Params.model_validate({"evaluate": {"sw_projections": 16, "seed": 4}})
+    assert scoring.Scorer(other, held).sliced_wasserstein.dirs.shape == (2, 16)

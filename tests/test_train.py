@@ -5,6 +5,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -129,6 +130,40 @@ def test_checkpoint_of_other_params_is_not_resumed(tracked, tmp_path, capsys):
     assert again.history == [] and "resuming" in capsys.readouterr().err
     other, _ = _run(params, _toy_job(), ckpt, fp="b")
     assert len(other.history) == len(first.history) and "starting afresh" in capsys.readouterr().err
+
+
+def test_an_evaluation_beside_the_steps_logs_what_one_between_them_logs(tracked, tmp_path):
+    """Job.evaluate_beside (the teacher's stage, which runs alone) evaluates on another thread while the
+    steps go on: the same points with the same values in the history and in MLflow, the same weights."""
+    params, client = tracked
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs a core beside the steps' thread")
+    noise = torch.randn(64, 2, generator=torch.Generator().manual_seed(1))
+    threads, runs = torch.get_num_threads(), {}
+    torch.set_num_threads(1)  # one thread for the steps, as compute.threads 1: a core to spare
+    try:
+        for beside in (False, True):
+            on_main = set()
+
+            def evaluate(ema):
+                on_main.add(threading.current_thread() is threading.main_thread())
+                with torch.no_grad():
+                    return {"score": float(ema(noise, torch.full((64,), 0.5)).pow(2).mean())}
+            torch.manual_seed(0)  # the job's data
+            job = _toy_job()
+            job.evaluate, job.evaluate_beside = evaluate, beside
+            result, tracker = _run(params, job, tmp_path / f"beside_{beside}" / "last.pt")
+            tracker.finish()
+            runs[beside] = result, tracker.run_id, on_main
+    finally:
+        torch.set_num_threads(threads)
+    (between, between_id, on_main_between), (beside, beside_id, on_main_beside) = runs[False], runs[True]
+    assert on_main_between == {True} and on_main_beside == {False}
+    untimed = lambda result: [{k: v for k, v in h.items() if k != "device_hours"} for h in result.history]  # noqa: E731
+    assert len(between.history) == 6 and untimed(beside) == untimed(between)
+    curve = lambda run_id: [(m.step, m.value) for m in client.get_metric_history(run_id, "score")]  # noqa: E731
+    assert curve(beside_id) == curve(between_id) and len(curve(beside_id)) == 6
+    assert all(torch.equal(a, b) for a, b in zip(between.ema.state_dict().values(), beside.ema.state_dict().values()))
 
 
 def _linear_run(params, tmp_path, dropout: float):

@@ -38,7 +38,7 @@ def run(params: Params) -> None:
     net = seeded_net(params.seed, params, shape, False, "pretrain")
     job = Job("pretrain", data=train_x,
               loss=lambda n, x, g, seen: losses.flow_matching_loss(n, path, x, g, cfg.t_sampling),
-              evaluate=evaluate, label="pretrain (teacher)")
+              evaluate=evaluate, label="pretrain (teacher)", evaluate_beside=True)  # it runs alone (schedule.py)
     result, tracker = train_stage(params, "pretrain", net, job, cfg.train, [data_dir / "manifest.json"],
                                   method_tag="flow_matching",
                                   stage_params={"pretrain": cfg.model_dump(), "net": params.net.model_dump()})
