@@ -151,7 +151,7 @@ def summarise(install_s: float, toy_s: float, rows: list[dict], before_s: float,
         "seconds": {
             "install": install_s,
             **dict(totals),
-            "before first stage (make, check, DVC start)": before_s,
+            "before first stage (make, DVC start)": before_s,
             "after last stage (summary)": after_s,
         },
         "training_stages": {

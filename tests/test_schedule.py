@@ -36,6 +36,8 @@ def test_every_stage_ran_once_and_dvc_records_them_all(repo):
     assert set(stages) == set(timed) and len(stages) == len(set(stages)), set(stages) ^ set(timed)
     assert "Running stage" not in log  # DVC's per-stage lines are left out, as in one dvc repro
     assert "didn't change, skipping" not in log  # each DVC process looked at its own stages only
+    # the end of `make toy`: what `cmt-bench summary` prints, from this process
+    assert "report: reports/smoke/report.md" in log and "where the time went" in log
 
 
 def test_every_training_run_took_the_products_route_compute_matmul_forces(repo):
@@ -117,6 +119,16 @@ def test_jobs_are_refused_before_work_when_they_cannot_apply(repo):
         out = subprocess.run([sys.executable, "-m", "cmt_bench", "repro", *args], cwd=repo, env=env,
                              capture_output=True, text=True, timeout=600)
         assert out.returncode == 2 and message in out.stderr, out.stderr
+    params, before = repo / "params.yaml", _cells(repo)
+    kept = params.read_text()
+    try:  # a whole run checks params.yaml as `cmt-bench check` does, before DVC starts
+        params.write_text(kept.replace("matmul: onednn", "matmul: fastest"))
+        out = subprocess.run([sys.executable, "-m", "cmt_bench", "repro"], cwd=repo, env=env, capture_output=True,
+                             text=True, timeout=600)
+    finally:
+        params.write_text(kept)
+    assert out.returncode == 2 and "compute.matmul" in out.stderr and "fastest" in out.stderr, out.stderr
+    assert _cells(repo) == before
 
 
 def test_default_jobs_are_the_cores_over_the_threads_on_a_cpu():
