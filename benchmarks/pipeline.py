@@ -12,7 +12,10 @@ timed apart, timestamping every line DVC prints as it arrives. Afterwards it spl
   (in-loop evaluation, checkpoints, logging), and what the stage's process took outside its run
   is its fixed cost (imports, data load);
 - the studies: the trials' training-step seconds (each trial run's `device_hours`) within the stage;
-- what came before the first stage and after the last (DVC start-up, `cmt-bench summary`).
+- what came before the first stage and after the last (DVC start-up, `cmt-bench summary`);
+- `idle`: the core-seconds no stage process used between the first stage's start and the last one's
+  end (each stage's process counts one core, a study its workers; threads inside a process, such as
+  the teacher's evaluation beside its steps, are not seen), and the longest spans with a core idle.
 
 `posttrain_steps_s_per_million_images` (per method) is how fast this machine trained in the run:
 compare it between runs before comparing their minutes. `cpu` names the processor that ran it and
@@ -112,6 +115,35 @@ def split(work: Path, walls: dict[str, float]) -> tuple[list[dict], float, list[
     return rows, trial_steps, sorted(r for r in routes if r)
 
 
+def idle(work: Path, cores: int, top: int = 8) -> dict:
+    """Idle core-seconds between the first stage's start and the last one's end, from the stages'
+    own timings (logs/stages: start = finished - seconds), and the `top` longest spans with a core idle."""
+    spans = []
+    for path in (work / "logs" / "stages").glob("*.json"):
+        timing = json.loads(path.read_text())
+        spec = timing["stage"].partition("@")[2]
+        study = work / "artifacts" / "studies" / spec / "study.json"
+        weight = json.loads(study.read_text())["workers"] if timing["stage"].startswith("studies@") and study.exists() else 1
+        spans.append((timing["finished"] - timing["seconds"], timing["finished"], weight, timing["stage"]))
+    edges = sorted({t for s in spans for t in s[:2]})
+    total, gaps = 0.0, []
+    for a, b in zip(edges, edges[1:]):
+        running = [s for s in spans if s[0] < b and s[1] > a]
+        free = max(0, cores - sum(s[2] for s in running))
+        total += free * (b - a)
+        if free:
+            names = sorted(s[3] for s in running)
+            if gaps and gaps[-1]["end"] == a and gaps[-1]["running"] == names and gaps[-1]["idle_cores"] == free:
+                gaps[-1]["end"] = b
+            else:
+                gaps.append({"start": a, "end": b, "idle_cores": free, "running": names})
+    t0 = edges[0] if edges else 0.0
+    longest = sorted(gaps, key=lambda g: g["idle_cores"] * (g["end"] - g["start"]), reverse=True)[:top]
+    return {"core_seconds": total, "window_s": (edges[-1] - t0) if edges else 0.0,
+            "longest": [{"from_s": g["start"] - t0, "seconds": g["end"] - g["start"], "idle_cores": g["idle_cores"],
+                         "running": g["running"]} for g in longest]}
+
+
 def category(stage: str) -> str:
     base = stage.split("@")[0]
     training = base in ("pretrain", "midtrain", "posttrain")
@@ -208,7 +240,8 @@ def main() -> None:
     cores = os.cpu_count()
     result = {"commit": commit, "workdir": str(work), "cpus": cores, "machine": platform.platform(),
               "cpu": cpu, "matmul": routes,
-              **summarise(install_s, toy_s, rows, before_s, after_s, trial_steps, cores)}
+              **summarise(install_s, toy_s, rows, before_s, after_s, trial_steps, cores),
+              "idle": idle(work, cores)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"first make toy: {result['total_minutes']:.1f} min ({result['install_minutes']:.1f} install), "
@@ -222,6 +255,11 @@ def main() -> None:
           f"stage seconds / wall {result['stage_seconds_over_wall']:.2f}")
     speed = ", ".join(f"{m} {s:.1f} s" for m, s in result["posttrain_steps_s_per_million_images"].items())
     print(f"  post-training steps per million images: {speed}")
+    gaps = result["idle"]
+    print(f"  idle: {gaps['core_seconds']:.0f} core-seconds of {cores} x {gaps['window_s']:.0f} s; longest:")
+    for g in gaps["longest"]:
+        print(f"    at {g['from_s']:6.1f} s for {g['seconds']:5.1f} s, {g['idle_cores']} core(s) idle beside "
+              f"{', '.join(g['running']) or 'nothing'}")
     print(args.out)
 
 
