@@ -115,16 +115,21 @@ def split(work: Path, walls: dict[str, float]) -> tuple[list[dict], float, list[
     return rows, trial_steps, sorted(r for r in routes if r)
 
 
+def _cores_held(work: Path, stage: str) -> int:
+    """A study's workers (its study.json), one core for any other stage."""
+    base, _, spec = stage.partition("@")
+    study = work / "artifacts" / "studies" / spec / "study.json"
+    return json.loads(study.read_text())["workers"] if base == "studies" and study.exists() else 1
+
+
 def idle(work: Path, cores: int, top: int = 8) -> dict:
     """Idle core-seconds between the first stage's start and the last one's end, from the stages'
     own timings (logs/stages: start = finished - seconds), and the `top` longest spans with a core idle."""
     spans = []
     for path in (work / "logs" / "stages").glob("*.json"):
         timing = json.loads(path.read_text())
-        spec = timing["stage"].partition("@")[2]
-        study = work / "artifacts" / "studies" / spec / "study.json"
-        weight = json.loads(study.read_text())["workers"] if timing["stage"].startswith("studies@") and study.exists() else 1
-        spans.append((timing["finished"] - timing["seconds"], timing["finished"], weight, timing["stage"]))
+        spans.append((timing["finished"] - timing["seconds"], timing["finished"], _cores_held(work, timing["stage"]),
+                      timing["stage"]))
     edges = sorted({t for s in spans for t in s[:2]})
     total, gaps = 0.0, []
     for a, b in zip(edges, edges[1:]):

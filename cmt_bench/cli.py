@@ -32,26 +32,38 @@ def _study_specs(params: config.Params, args) -> list:
     return specs
 
 
+def split_jobs(argv: list[str]) -> tuple[int | None, list[str]]:
+    """`cmt-bench repro`'s arguments as (--jobs or None, the rest for dvc repro); -j N, -jN, --jobs N and
+    --jobs=N as argparse takes them. ValueError for a count below 1, or above 1 beside dvc repro's arguments."""
+    jobs, dvc_args = None, []
+    it = iter(argv)
+    for arg in it:
+        if arg in ("-j", "--jobs"):
+            value = next(it, "")
+        elif arg.startswith(("--jobs=", "-j")):
+            value = arg.removeprefix("--jobs=") if arg.startswith("--jobs=") else arg[2:]
+        else:
+            dvc_args.append(arg)
+            continue
+        if not value.isdigit() or int(value) < 1:
+            raise ValueError(f"--jobs: a whole number >= 1 (got {value!r})")
+        jobs = int(value)
+    if jobs is not None and jobs > 1 and dvc_args:
+        raise ValueError(f"--jobs {jobs} runs the whole pipeline with its cells side by side; with dvc repro's "
+                         f"own arguments ({' '.join(dvc_args)}) use --jobs 1")
+    return jobs, dvc_args
+
+
 def _repro(argv: list[str]) -> int:
     """dvc repro with its per-stage lines left out (its other output, warnings and errors pass), its
     stages run by a warm interpreter (warm.py) and, for the whole pipeline, its matrix cells `--jobs`
     at a time (schedule.py); with $CMT_BENCH_BUDGET_HOURS set, only after the projected cost
     (plan.py) fits it or a person confirms it."""
     from . import plan, schedule, warm
-    jobs, dvc_args = None, []
-    it = iter(argv)
-    for arg in it:
-        if arg in ("-j", "--jobs") or arg.startswith("--jobs="):
-            value = arg.partition("=")[2] if "=" in arg else next(it, "")
-            if not value.isdigit() or int(value) < 1:
-                print(f"error: --jobs: a whole number >= 1 (got {value!r})", file=sys.stderr)
-                return 2
-            jobs = int(value)
-        else:
-            dvc_args.append(arg)
-    if jobs is not None and jobs > 1 and dvc_args:
-        print(f"error: --jobs {jobs} runs the whole pipeline with its cells side by side; with dvc repro's own "
-              f"arguments ({' '.join(dvc_args)}) use --jobs 1", file=sys.stderr)
+    try:
+        jobs, dvc_args = split_jobs(argv)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     whole = not dvc_args  # the whole pipeline: params checked before DVC starts, the summary at the end
     if whole:

@@ -189,9 +189,10 @@ def train(net: nn.Module, job: Job, cfg: TrainConfig, *, seed: int, ckpt_path: P
     model = compiling.for_step(wrap(net, world), compile)
 
     beside = _beside(job, device, world)
-    pending: list = []  # (step, values, the evaluation running beside the steps) of the point not yet logged
+    pending = None  # (step, values, the evaluation running beside the steps): the point not yet logged
 
     def log_point(loss_mean: float | None) -> None:
+        nonlocal pending
         if not world.main:
             return
         values = {**ledger.metrics(), "step": float(step)}
@@ -199,7 +200,7 @@ def train(net: nn.Module, job: Job, cfg: TrainConfig, *, seed: int, ckpt_path: P
             values["loss"] = loss_mean
         if beside is not None:  # logged once it is done, before the next point or checkpoint
             finish_point()
-            pending.append((step, values, beside.submit(job.evaluate, copy.deepcopy(ema))))
+            pending = (step, values, beside.submit(job.evaluate, copy.deepcopy(ema)))
             return
         if job.evaluate is not None:
             values.update(job.evaluate(ema))
@@ -212,8 +213,9 @@ def train(net: nn.Module, job: Job, cfg: TrainConfig, *, seed: int, ckpt_path: P
             job.on_point(ledger.images_seen, values)
 
     def finish_point() -> None:
-        while pending:
-            at, values, scores = pending.pop()
+        nonlocal pending
+        if pending is not None:
+            (at, values, scores), pending = pending, None
             logged(at, {**values, **scores.result()})
 
     def save() -> None:

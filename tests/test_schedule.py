@@ -131,6 +131,18 @@ def test_jobs_are_refused_before_work_when_they_cannot_apply(repo):
     assert _cells(repo) == before
 
 
+def test_jobs_are_read_in_every_spelling_argparse_takes():
+    from cmt_bench.cli import split_jobs
+    for argv in (["-j", "2"], ["-j2"], ["--jobs", "2"], ["--jobs=2"]):
+        assert split_jobs(argv) == (2, []), argv
+    assert split_jobs(["-j1", "-f", "-s", "data"]) == (1, ["-f", "-s", "data"])
+    assert split_jobs(["-s", "data"]) == (None, ["-s", "data"])
+    for argv, message in ((["-j0"], "got '0'"), (["-jx"], "got 'x'"), (["-j"], "got ''"),
+                          (["-j2", "-s", "data"], "--jobs 2 runs the whole pipeline")):
+        with pytest.raises(ValueError, match=message):
+            split_jobs(argv)
+
+
 def test_default_jobs_are_the_cores_over_the_threads_on_a_cpu():
     params = config.preset("smoke")
     assert schedule.default_jobs(params) == 1  # threads left to torch: one stage at a time
