@@ -76,6 +76,7 @@ def _repro(argv: list[str]) -> int:
     if not plan.confirm_budget():
         return 3
     with warm.server() as env:  # it imports while torch (for the default jobs) and DVC's graph load here
+        env = {**env, progress.SUMMARY_AT_END: "1"} if whole else env
         if jobs is None:
             jobs = schedule.default_jobs(params) if whole else 1
         code = schedule.run(jobs, env) if jobs > 1 else schedule.repro(dvc_args, env)
@@ -250,7 +251,8 @@ def main(argv: list[str] | None = None, started: float | None = None) -> int:
             return 1
     if args.command in ("report", "summary"):
         from . import summary
-        print("\n".join(summary.lines(params, links=args.command == "summary")))
+        if args.command == "summary" or not os.environ.get(progress.SUMMARY_AT_END):  # else the run ends with it
+            print("\n".join(summary.lines(params, links=args.command == "summary")))
         return 0
     if args.command in ("study", "studies"):
         return _run_studies(params, specs, args, started)

@@ -28,6 +28,9 @@ def in_ci() -> bool:
 
 
 NO_BARS = "CMT_BENCH_NO_BARS"  # set where stages run side by side: two bars cannot share a terminal line
+# set by a whole `cmt-bench repro`, which ends with the summary: the report stage then prints nothing of
+# it, so the table and verdicts are not printed twice
+SUMMARY_AT_END = "CMT_BENCH_SUMMARY_AT_END"
 _bars = True  # off in a study worker: the study shows one bar for all its trials
 
 

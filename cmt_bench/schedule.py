@@ -31,6 +31,36 @@ SIDE_BY_SIDE = ("midtrain", "posttrain", "evaluate")  # the stages whose cells d
 CELLS_PER_PROCESS = 3  # few enough that the lanes still end together (a toy cell takes ~30 s)
 # what `dvc repro` prints per stage; each stage prints its own closing line (progress.py)
 DVC_STAGE_LINES = re.compile(r"(Running stage '[^']+':|> .*|Updating lock file '[^']+'|)")
+# the advice every `dvc repro` process ends with (git add, autostage, push): printed once, at the end
+DVC_ADVICE_LINES = re.compile(r"(To track the changes with git, run:|\s+git add .+|To enable auto staging, run:|"
+                              r"\s+dvc config core\.autostage true|Use `dvc push` to send your updates to remote storage\.)")
+
+
+class Advice:
+    """DVC's closing advice from every process of a run, kept to print once: its lines in order of first
+    appearance, the files of its `git add` lines merged."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.files: list[str] = []
+
+    def take(self, line: str) -> bool:
+        """Keep `line` if it is advice (and say so)."""
+        if not DVC_ADVICE_LINES.fullmatch(line):
+            return False
+        if line.split()[:2] == ["git", "add"]:
+            self.files += [f for f in line.split()[2:] if f not in self.files]
+            line = "\tgit add"
+        if line not in self.lines:
+            self.lines.append(line)
+        return True
+
+    def text(self) -> str:
+        return "\n".join(f"{line} {' '.join(self.files)}" if line == "\tgit add" else line for line in self.lines)
+
+    def print(self) -> None:
+        if self.lines:
+            print(self.text(), flush=True)
 
 
 def is_cell(stage: str) -> bool:
@@ -72,14 +102,16 @@ def downstream(stages: dict[str, list[str]], changed: set[str]) -> set[str]:
     return stale
 
 
-def _dvc(args: list[str], env: dict, lock: threading.Lock) -> tuple[subprocess.Popen, threading.Thread]:
-    """A DVC process whose output a thread copies to ours, without its per-stage lines."""
+def _dvc(args: list[str], env: dict, lock: threading.Lock,
+         advice: Advice) -> tuple[subprocess.Popen, threading.Thread]:
+    """A DVC process whose output a thread copies to ours, without its per-stage lines and with its
+    closing advice kept in `advice`."""
     proc = subprocess.Popen(["dvc", *args], stdout=subprocess.PIPE, text=True, bufsize=1, env=env)
 
     def forward() -> None:
         for line in proc.stdout:
-            if not DVC_STAGE_LINES.fullmatch(line.rstrip("\n")):
-                with lock:
+            with lock:
+                if not DVC_STAGE_LINES.fullmatch(line.rstrip("\n")) and not advice.take(line.rstrip("\n")):
                     sys.stdout.write(line)
                     sys.stdout.flush()
     thread = threading.Thread(target=forward, daemon=True)
@@ -87,14 +119,18 @@ def _dvc(args: list[str], env: dict, lock: threading.Lock) -> tuple[subprocess.P
     return proc, thread
 
 
-def repro(dvc_args: list[str], env: dict) -> int:
-    """One `dvc repro DVC_ARGS`, as DVC runs it (one stage at a time)."""
-    proc, thread = _dvc(["repro", *dvc_args], env, threading.Lock())
+def repro(dvc_args: list[str], env: dict, advice: Advice | None = None) -> int:
+    """One `dvc repro DVC_ARGS`, as DVC runs it (one stage at a time); its closing advice printed at
+    the end, or kept in `advice` for the caller to print."""
+    kept = Advice() if advice is None else advice
+    proc, thread = _dvc(["repro", *dvc_args], env, threading.Lock(), kept)
     try:
         code = proc.wait()
     except KeyboardInterrupt:  # DVC got the same SIGINT: let it stop its stage
         code = proc.wait()
     thread.join()
+    if advice is None:
+        kept.print()
     return code
 
 
@@ -123,10 +159,19 @@ def batches(ready: list[str], stages: dict[str, list[str]], pending: list[str], 
 
 def run(jobs: int, env: dict) -> int:
     """Reproduce the whole pipeline with up to `jobs` cells at once; the first failing DVC process's
-    exit code (the cells already running finish and are recorded), else 0."""
+    exit code (the cells already running finish and are recorded), else 0. DVC's closing advice, which
+    each of its processes prints, comes once at the end."""
+    advice = Advice()
+    try:
+        return _run(jobs, env, advice)
+    finally:
+        advice.print()
+
+
+def _run(jobs: int, env: dict, advice: Advice) -> int:
     stages, changed = pipeline()
     if CODE_STAGE in changed and changed != set(stages):  # an edit: what it stales follows from the digests
-        if code := repro(["-s", CODE_STAGE], env):
+        if code := repro(["-s", CODE_STAGE], env, advice):
             return code
         stages, changed = pipeline()
     stale = downstream(stages, changed)  # a stage with nothing changed upstream is not even asked
@@ -135,7 +180,7 @@ def run(jobs: int, env: dict) -> int:
 
     def start(names: list[str], cell: bool) -> None:
         proc, forward = _dvc(["--wait-for-lock", "repro", "-s", *names],
-                             {**env, NO_BARS: "1"} if cell else env, lock)
+                             {**env, NO_BARS: "1"} if cell else env, lock, advice)
         running.append((proc, names, cell, forward))
         for name in names:
             pending.remove(name)

@@ -6,6 +6,7 @@ checkpoint reopens its own run and skips metric steps that were already logged (
 """
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import time
@@ -15,6 +16,10 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
+
+# MLflow announces a new SQL store's tables and migrations at INFO, between the stages' progress lines;
+# its warnings still show
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 
 from .config import Params, fingerprint, flatten  # noqa: E402
 

@@ -36,8 +36,13 @@ def test_every_stage_ran_once_and_dvc_records_them_all(repo):
     assert set(stages) == set(timed) and len(stages) == len(set(stages)), set(stages) ^ set(timed)
     assert "Running stage" not in log  # DVC's per-stage lines are left out, as in one dvc repro
     assert "didn't change, skipping" not in log  # each DVC process looked at its own stages only
-    # the end of `make toy`: what `cmt-bench summary` prints, from this process
+    # the end of `make toy`: what `cmt-bench summary` prints, from this process, and only there (the report
+    # stage leaves it to the end); DVC's advice once, not once per DVC process; no MLflow store INFO lines
     assert "report: reports/smoke/report.md" in log and "where the time went" in log
+    assert log.count("report: reports/smoke/report.md") == 1 and log.count("claim 1 (ECT)") == 1, log
+    assert log.count("To track the changes with git, run:") == 1 and log.count("git add") == 1, log
+    assert log.index("git add") < log.index("report: reports/smoke/report.md")
+    assert "Creating initial MLflow database tables" not in log
 
 
 def test_every_training_run_took_the_products_route_compute_matmul_forces(repo):
