@@ -110,8 +110,9 @@ def _dvc(args: list[str], env: dict, lock: threading.Lock,
 
     def forward() -> None:
         for line in proc.stdout:
+            text = line.rstrip("\n")
             with lock:
-                if not DVC_STAGE_LINES.fullmatch(line.rstrip("\n")) and not advice.take(line.rstrip("\n")):
+                if not DVC_STAGE_LINES.fullmatch(text) and not advice.take(text):
                     sys.stdout.write(line)
                     sys.stdout.flush()
     thread = threading.Thread(target=forward, daemon=True)
